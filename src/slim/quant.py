@@ -1,0 +1,122 @@
+"""Weight quantizers as pure torch functions.
+
+All quantizers are symmetric with integer levels qmin..qmax = -2^(b-1)..2^(b-1)-1 and a step
+(scale) per tensor or per group along the input dimension. Scales are rounded to fp16 before
+the codes are computed, so what is stored on disk is exactly what the in-memory model uses.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def qrange(bits: int) -> tuple[int, int]:
+    """Integer range of a symmetric b-bit quantizer."""
+    return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+
+
+def round_scale(scale: torch.Tensor) -> torch.Tensor:
+    """Round scales to fp16 (the stored precision), keeping them positive."""
+    s = scale.to(torch.float16).float()
+    return torch.where(s > 0, s, torch.full_like(s, 1e-8).to(torch.float16).float())
+
+
+def quantize_codes(w: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
+    """round(w / scale) clamped to the b-bit range, as int8 codes. `scale` broadcasts against w."""
+    qmin, qmax = qrange(bits)
+    return torch.clamp(torch.round(w / scale), qmin, qmax).to(torch.int8)
+
+
+def fake_quant(w: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
+    """Quantize then dequantize with the exact forward quantizer."""
+    return quantize_codes(w, scale, bits).float() * scale
+
+
+# ---------------------------------------------------------------- per-tensor scales
+
+
+def absmax_scale(w: torch.Tensor, bits: int) -> torch.Tensor:
+    """AbsMax: the largest magnitude maps to qmax."""
+    return round_scale(w.abs().max().float() / qrange(bits)[1])
+
+
+def slim_quant_scale(
+    values: torch.Tensor, bits: int, levels: int = 3, points: int = 24
+) -> tuple[torch.Tensor, float, float]:
+    """SLiM-Quant: one per-tensor clipping value alpha that minimizes the expected squared error.
+
+    The error of each candidate alpha is integrated over a histogram of the (non-pruned) weight
+    values, using the *same* rounding and clamping as `quantize_codes` (the official code models a
+    floor quantizer with step alpha/2^b but applies round(w/(alpha/7)) clamped to [-8, 7]). The search
+    is multi-grid: a coarse grid over (0, max|w|], then finer grids around the best point.
+    Returns (scale, alpha, relative squared error on the exact values).
+    """
+    v = values.detach().flatten().float()
+    qmin, qmax = qrange(bits)
+    amax = float(v.abs().max()) if v.numel() else 0.0
+    if amax == 0.0:
+        return round_scale(torch.tensor(1.0)), 0.0, 0.0
+    bins = max(512, min(v.numel() // 1000, 20000))
+    hist = torch.histc(v, bins=bins, min=-amax, max=amax)
+    edges = torch.linspace(-amax, amax, bins + 1)
+    centers = (edges[:-1] + edges[1:]) / 2
+
+    def err(alphas: torch.Tensor) -> torch.Tensor:
+        step = (alphas / qmax)[:, None]
+        q = torch.clamp(torch.round(centers[None, :] / step), qmin, qmax) * step
+        return ((q - centers[None, :]) ** 2 * hist[None, :]).sum(1)
+
+    lo, hi = amax / points, amax
+    best = amax
+    for _ in range(levels):
+        grid = torch.linspace(lo, hi, points)
+        e = err(grid)
+        i = int(torch.argmin(e))
+        best = float(grid[i])
+        width = (hi - lo) / (points - 1)
+        lo, hi = max(best - width, amax * 1e-4), min(best + width, amax)
+    scale = round_scale(torch.tensor(best / qmax))
+    rel = float(((fake_quant(v, scale, bits) - v) ** 2).sum() / (v**2).sum().clamp_min(1e-30))
+    return scale, best, rel
+
+
+# ---------------------------------------------------------------- grouped scales
+
+
+def n_groups(d_in: int, group_size: int) -> int:
+    return math.ceil(d_in / group_size)
+
+
+def expand_groups(scale: torch.Tensor, d_in: int, group_size: int) -> torch.Tensor:
+    """(rows, n_groups) group scales -> (rows, d_in), the last group possibly shorter."""
+    return scale.repeat_interleave(group_size, dim=-1)[..., :d_in]
+
+
+def group_absmax_scale(w: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
+    """AbsMax per group of `group_size` consecutive input columns (a shorter last group if needed)."""
+    rows, d_in = w.shape
+    g = n_groups(d_in, group_size)
+    pad = g * group_size - d_in
+    a = torch.nn.functional.pad(w.abs().float(), (0, pad)).view(rows, g, group_size).amax(-1)
+    return round_scale(a / qrange(bits)[1])
+
+
+# ---------------------------------------------------------------- activations
+
+
+FP8_FORMATS = {"e4m3": (torch.float8_e4m3fn, 448.0), "e5m2": (torch.float8_e5m2, 57344.0)}
+
+
+def fp8_fake_quant(x: torch.Tensor) -> torch.Tensor:
+    """FP8 per-tensor input quantization: E4M3 when the tensor's range fits it, else E5M2.
+
+    A scale is applied only when even E5M2's range is exceeded (then absmax maps to its max).
+    Simulated (quantize + dequantize) so it runs on any device.
+    """
+    amax = float(x.detach().abs().max()) if x.numel() else 0.0
+    fmt = "e4m3" if amax <= FP8_FORMATS["e4m3"][1] else "e5m2"
+    dtype, fmax = FP8_FORMATS[fmt]
+    scale = max(amax / fmax, 1.0)
+    return ((x / scale).to(dtype).to(x.dtype)) * scale
