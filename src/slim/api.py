@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .compress import compress_model
+from .pipeline import compress_model
 from .config import CompressConfig
 from .data import calibration_ids, read_texts
 from .models import check_compressible, family_of, load_model

@@ -37,10 +37,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--quant", dest="quant.method", help="slim (default) | slim-o | absmax | group-absmax | none")
     g.add_argument("--bits", dest="quant.bits", type=int, help="weight bits: 2, 4 (default) or 8")
     g.add_argument("--group-size", dest="quant.group_size", type=int, help="group-absmax group size (128)")
+    g.add_argument("--error-feedback", dest="quant.error_feedback", action=argparse.BooleanOptionalAction,
+                   default=None, help="OPTQ-style column updates with the input Gram matrix (default off)")
     g = c.add_argument_group("adapters")
     g.add_argument("--adapter", dest="adapter.method", help="slim (default) | naive | fullcov | none")
     g.add_argument("--rank", dest="adapter.rank", type=float, help="ratio of min(d_out, d_in) if < 1, else a rank (0.1)")
     g.add_argument("--rank-pad", dest="adapter.pad_to", type=int, help="round ranks up to a multiple (1 = off)")
+    g.add_argument("--refit-rounds", dest="adapter.refit_rounds", type=int,
+                   help="re-fit adapters to the re-quantized weights' error, up to N rounds (0)")
     g.add_argument("--adapter-quant", dest="adapter.quantize", action=argparse.BooleanOptionalAction,
                    default=None, help="4-bit group adapters, SLiM-LoRA^Q (default on)")
     g.add_argument("--adapter-bits", dest="adapter.bits", type=int, help="adapter bits (4)")

@@ -83,6 +83,8 @@ class QuantConfig:
     group_size: int = 128  # used by group-absmax
     outlier_fraction: float = 0.01  # slim-o: share of input channels scaled up
     outlier_factor: float = 2.0  # slim-o: factor applied to those weight columns
+    error_feedback: bool = False  # OPTQ-style column updates with the Gram matrix (needs H)
+    damping: float = 0.01  # error feedback: relative damping of H
 
     def __post_init__(self) -> None:
         if self.method not in QUANT_METHODS:
@@ -91,6 +93,8 @@ class QuantConfig:
             raise ConfigError(f"quant.bits={self.bits} is not supported; choose from {SUPPORTED_BITS}")
         if self.group_size < 1:
             raise ConfigError(f"quant.group_size must be >= 1, got {self.group_size}")
+        if self.damping < 0:
+            raise ConfigError(f"quant.damping must be >= 0, got {self.damping}")
         if not (0.0 <= self.outlier_fraction < 1.0) or self.outlier_factor <= 0:
             raise ConfigError("quant.outlier_fraction must be in [0, 1) and quant.outlier_factor > 0")
 
@@ -106,8 +110,11 @@ class AdapterConfig:
     bits: int = 4
     group_size: int = 128
     damping: float = 0.01  # fullcov: relative damping of the Gram matrix
+    refit_rounds: int = 0  # alternate: re-fit the adapters to the re-quantized weights' error
 
     def __post_init__(self) -> None:
+        if self.refit_rounds < 0:
+            raise ConfigError(f"adapter.refit_rounds must be >= 0, got {self.refit_rounds}")
         if self.method not in ADAPTER_METHODS:
             raise ConfigError(
                 f"adapter.method: unknown adapter {self.method!r}; choose from {ADAPTER_METHODS}"
@@ -165,7 +172,7 @@ class CompressConfig:
 
     @property
     def needs_gram(self) -> bool:
-        return self.adapter.method == "fullcov"
+        return self.adapter.method == "fullcov" or self.quant.error_feedback
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -45,10 +45,14 @@ def sqrt_and_inv_sqrt(h: torch.Tensor, damping: float) -> tuple[torch.Tensor, to
 
 
 def fullcov_adapter(
-    err: torch.Tensor, gram: torch.Tensor, rank: int, damping: float = 0.01
+    err: torch.Tensor, gram: torch.Tensor, rank: int, damping: float = 0.01,
+    roots: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rank-r correction optimal for the calibration output error ||X (E - B A)^T||_F."""
-    s_half, s_inv = sqrt_and_inv_sqrt(gram, damping)
+    """Rank-r correction optimal for the calibration output error ||X (E - B A)^T||_F.
+
+    `roots` = sqrt_and_inv_sqrt(gram, damping) may be passed to reuse it across calls.
+    """
+    s_half, s_inv = roots if roots is not None else sqrt_and_inv_sqrt(gram, damping)
     u, s, vh = _truncated(err.double() @ s_half, rank)
     a = (s[:, None] * vh) @ s_inv
     return a.float(), u.float()

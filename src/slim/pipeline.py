@@ -54,15 +54,7 @@ def compress_model(
     for i in bar:
         block = layers[i].to(device)
         linears = find_linears(block)
-        stats = {k: InputStats.empty(lin.in_features, cfg.needs_gram, device) for k, lin in linears.items()}
-        hooks = [
-            lin.register_forward_hook(lambda _m, inp, _o, s=stats[k]: s.add(inp[0])) for k, lin in linears.items()
-        ]
-        try:
-            run_block(block, hidden, kwargs, device, keep=False)
-        finally:
-            for h in hooks:
-                h.remove()
+        stats = _collect_stats(block, linears, hidden, kwargs, device, cfg.needs_gram)
         for k, lin in linears.items():
             full = f"{prefix}.{i}.{k}"
             mask = None if masks is None else masks.get(full)
@@ -79,6 +71,35 @@ def compress_model(
     elapsed = time.perf_counter() - t0
     log.info("compressed %d blocks in %.1f s", len(layers), elapsed)
     return {"compress_seconds": elapsed, "layers": per_layer, **size_report(model)}
+
+
+def _collect_stats(
+    block: nn.Module, linears: dict[str, nn.Linear], hidden: list[torch.Tensor], kwargs: list[dict[str, Any]],
+    device: str, with_gram: bool,
+) -> dict[str, InputStats]:
+    """Input statistics of every linear in one pass; linears fed the same tensor (q/k/v) share one."""
+    stats = {k: InputStats.empty(lin.in_features, with_gram, device) for k, lin in linears.items()}
+    owner: dict[str, str] = {}
+    last: dict[str, Any] = {"x": None, "name": None}
+
+    def make_hook(k: str):
+        def hook(_m: nn.Module, inp: tuple, _o: torch.Tensor) -> None:
+            x = inp[0]
+            if k not in owner:
+                owner[k] = owner[last["name"]] if last["x"] is x else k
+            if owner[k] == k:
+                stats[k].add(x)
+            last["x"], last["name"] = x, k
+
+        return hook
+
+    hooks = [lin.register_forward_hook(make_hook(k)) for k, lin in linears.items()]
+    try:
+        run_block(block, hidden, kwargs, device, keep=False)
+    finally:
+        for h in hooks:
+            h.remove()
+    return {k: stats[owner.get(k, k)] for k in linears}
 
 
 def size_report(model: nn.Module) -> dict[str, Any]:

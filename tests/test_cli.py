@@ -1,0 +1,86 @@
+import json
+
+import pytest
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from slim.cli import main
+
+FAST = ["--calib-samples", "4", "--calib-seqlen", "64", "-q"]
+
+
+def test_compress_eval_info(tiny_llama_dir, shared_data, tmp_path, capsys):
+    out = tmp_path / "ck"
+    rc = main(["compress", str(tiny_llama_dir), "--out", str(out), *FAST, "--data-dir", str(shared_data),
+               "--eval", "--eval-dense", "--eval-seqlen", "64", "--eval-limit", "2"])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "compressed ppl" in printed and "dense ppl" in printed and "bits/weight" in printed
+    res = json.loads((out / "results.json").read_text())
+    assert res["compressed"]["windows"] == 2 and res["dense"]["ppl"] > 1
+    meta = json.loads((out / "slim_config.json").read_text())
+    assert meta["calibration_data"]["files"]  # data hashes recorded
+    assert meta["config"]["calib"]["n_samples"] == 4
+    assert main(["eval", str(out), "--seqlen", "64", "--limit", "2", "--data-dir", str(shared_data),
+                 "--out", str(tmp_path / "e.json"), "-q"]) == 0
+    again = json.loads((tmp_path / "e.json").read_text())
+    assert again["ppl"] == pytest.approx(res["compressed"]["ppl"], rel=1e-6)
+    assert main(["info", str(out)]) == 0
+    assert '"bits_per_weight"' in capsys.readouterr().out
+
+
+def test_config_file_and_flags(tiny_llama_dir, shared_data, tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("sparsity:\n  pattern: '0.5'\nadapter:\n  method: naive\n  quantize: false\n")
+    out = tmp_path / "ck"
+    assert main(["compress", str(tiny_llama_dir), "--out", str(out), "--config", str(cfg), "--rank", "4",
+                 *FAST, "--data-dir", str(shared_data)]) == 0
+    meta = json.loads((out / "slim_config.json").read_text())["config"]
+    assert meta["sparsity"]["pattern"] == "0.5" and meta["adapter"]["method"] == "naive"
+    assert meta["adapter"]["rank"] == 4 and meta["adapter"]["quantize"] is False
+
+
+@pytest.mark.parametrize("args,msg", [
+    (["--sparsity", "4:4"], "1 <= N < M"),
+    (["--bits", "5"], "not supported"),
+    (["--calib-data", "/nonexistent/c4.jsonl"], "does not exist"),
+    (["--quant", "nf4"], "unknown quantizer"),
+])
+def test_bad_flags_fail_fast(tiny_llama_dir, shared_data, tmp_path, capsys, args, msg):
+    rc = main(["compress", str(tiny_llama_dir), "--out", str(tmp_path / "o"), *args, "--data-dir", str(shared_data)])
+    assert rc == 2
+    assert msg in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_unknown_yaml_key(tiny_llama_dir, tmp_path, capsys):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("adapter:\n  rnak: 0.2\n")
+    assert main(["compress", str(tiny_llama_dir), "--out", str(tmp_path / "o"), "--config", str(cfg)]) == 2
+    assert "adapter.rnak" in capsys.readouterr().err
+
+
+def test_existing_output_and_unknown_option(tiny_llama_dir, tmp_path, capsys):
+    (tmp_path / "o").mkdir()
+    assert main(["compress", str(tiny_llama_dir), "--out", str(tmp_path / "o")]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        main(["compress", "--out", str(tmp_path / "x"), "--sparsty", "2:4"])
+    assert e.value.code == 2
+
+
+def test_unsupported_architecture_cli(tmp_path, smollm2_tokenizer_dir, shared_data, capsys):
+    d = tmp_path / "gpt2"
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64)).save_pretrained(d)
+    assert main(["compress", str(d), "--out", str(tmp_path / "o"), "--data-dir", str(shared_data)]) == 2
+    assert "not supported" in capsys.readouterr().err
+
+
+def test_missing_data(tiny_llama_dir, tmp_path, capsys):
+    empty = tmp_path / "data"
+    empty.mkdir()
+    assert main(["compress", str(tiny_llama_dir), "--out", str(tmp_path / "o"), "--data-dir", str(empty)]) == 2
+    assert "is missing" in capsys.readouterr().err
+    (tmp_path / "e.jsonl").write_text("")
+    assert main(["compress", str(tiny_llama_dir), "--out", str(tmp_path / "o"), "--calib-data",
+                 str(tmp_path / "e.jsonl")]) == 2
+    assert "empty" in capsys.readouterr().err

@@ -1,0 +1,133 @@
+"""Integration on tiny random models: compress -> save -> load -> identical logits, and bad input."""
+
+import json
+
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel
+
+import slim
+from conftest import tiny_model
+from slim.checkpoint import CheckpointError, OutputExistsError, check_output_dir
+from slim.pipeline import compress_model
+from slim.config import CompressConfig, ConfigError
+from slim.models import UnsupportedModelError
+from slim.packed import SlimLinear
+
+CAL = {"calib": {"n_samples": 8, "seqlen": 32, "batch_size": 4}}
+
+
+def _ids(vocab=256, n=8, seqlen=32):
+    return torch.randint(0, vocab, (n, seqlen), generator=torch.Generator().manual_seed(1))
+
+
+@pytest.mark.parametrize("kind", ["llama", "opt", "qwen2"])
+@pytest.mark.parametrize("over", [{}, {"sparsity": {"pattern": "0.5"}, "adapter": {"method": "fullcov"}}])
+def test_compress_save_load_identical(kind, over, tmp_path):
+    model = tiny_model(kind)
+    ids = _ids()
+    cfg = CompressConfig.from_dict({**CAL, **over})
+    report = compress_model(model, ids, cfg, progress=False)
+    n_lin = sum(isinstance(m, SlimLinear) for m in model.modules())
+    assert n_lin == len(report["layers"]) > 0
+    assert all(not isinstance(m, torch.nn.Linear) for m in model.model.modules())  # every block linear swapped
+    logits = model(ids).logits
+    slim.save(model, tmp_path / "ck", meta={"config": cfg.to_dict(), "report": report})
+    again = slim.load(tmp_path / "ck")
+    assert torch.equal(again(ids).logits, logits)
+    meta = json.loads((tmp_path / "ck" / "slim_config.json").read_text())
+    assert meta["format"] == "slim" and meta["config"]["sparsity"]["pattern"] == cfg.sparsity.pattern
+    assert "torch" in meta["versions"]
+
+
+def test_adapters_bring_model_closer_to_dense():
+    ids = _ids()
+    dense = tiny_model("llama")
+    ref = dense(ids).logits
+    errs = {}
+    for method in ("none", "slim"):
+        m = tiny_model("llama")
+        compress_model(m, ids, CompressConfig.from_dict({**CAL, "adapter": {"method": method}}), progress=False)
+        errs[method] = float((m(ids).logits.detach() - ref.detach()).pow(2).mean())
+    assert errs["slim"] < errs["none"]
+
+
+def test_later_blocks_see_compressed_outputs(monkeypatch):
+    """Block i+1's statistics come from the already compressed block i."""
+    import slim.pipeline as c
+
+    seen = []
+    orig = c.run_block
+
+    def spy(block, hidden, kwargs, device, keep=True):
+        seen.append((any(isinstance(m, SlimLinear) for m in block.modules()), keep))
+        return orig(block, hidden, kwargs, device, keep)
+
+    monkeypatch.setattr(c, "run_block", spy)
+    compress_model(tiny_model("llama"), _ids(), CompressConfig.from_dict(CAL), progress=False)
+    assert seen == [(False, False), (True, True), (False, False), (True, True)]
+
+
+def test_unsupported_architecture():
+    m = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64))
+    with pytest.raises(UnsupportedModelError, match="supported model types: llama, mistral, opt"):
+        compress_model(m, _ids(64), CompressConfig.from_dict(CAL), progress=False)
+
+
+def test_width_not_divisible_by_m_fails_before_work():
+    m = tiny_model("llama")
+    with pytest.raises(ConfigError, match="divisible by M=3"):
+        compress_model(m, _ids(), CompressConfig.from_dict({**CAL, "sparsity": {"pattern": "2:3"}}), progress=False)
+    assert not any(isinstance(x, SlimLinear) for x in m.modules())
+
+
+def test_output_dir_rules(tmp_path):
+    (tmp_path / "exists").mkdir()
+    with pytest.raises(OutputExistsError, match="--overwrite"):
+        check_output_dir(tmp_path / "exists", overwrite=False)
+    check_output_dir(tmp_path / "exists", overwrite=True)
+
+
+def test_interrupted_save_leaves_nothing(tmp_path, monkeypatch):
+    model = tiny_model("llama")
+    compress_model(model, _ids(), CompressConfig.from_dict(CAL), progress=False)
+    import slim.checkpoint as ck
+
+    def boom(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ck, "write_json", boom)
+    with pytest.raises(KeyboardInterrupt):
+        slim.save(model, tmp_path / "ck")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_overwrite_replaces(tmp_path):
+    model = tiny_model("llama")
+    compress_model(model, _ids(), CompressConfig.from_dict(CAL), progress=False)
+    slim.save(model, tmp_path / "ck")
+    with pytest.raises(OutputExistsError):
+        slim.save(model, tmp_path / "ck")
+    slim.save(model, tmp_path / "ck", overwrite=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ck"]
+
+
+def test_load_rejects_foreign_and_corrupt(tmp_path):
+    with pytest.raises(CheckpointError, match="not a directory"):
+        slim.load(tmp_path / "missing")
+    (tmp_path / "hf").mkdir()
+    tiny_model("llama").save_pretrained(tmp_path / "hf")
+    with pytest.raises(CheckpointError, match="not a slim checkpoint"):
+        slim.load(tmp_path / "hf")
+    model = tiny_model("llama")
+    compress_model(model, _ids(), CompressConfig.from_dict(CAL), progress=False)
+    slim.save(model, tmp_path / "ck")
+    (tmp_path / "ck" / "model.safetensors").write_bytes(b"garbage")
+    with pytest.raises(CheckpointError, match="cannot read"):
+        slim.load(tmp_path / "ck")
+    (tmp_path / "ck" / "slim_config.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="not valid JSON"):
+        slim.load(tmp_path / "ck")
+    (tmp_path / "ck" / "slim_config.json").write_text(json.dumps({"format": "slim", "format_version": 99}))
+    with pytest.raises(CheckpointError, match="upgrade slim"):
+        slim.load(tmp_path / "ck")

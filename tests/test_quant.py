@@ -1,0 +1,71 @@
+import pytest
+import torch
+
+from slim.quant import (
+    absmax_scale, expand_groups, fake_quant, fp8_fake_quant, group_absmax_scale, qrange, quantize_codes,
+    slim_quant_scale,
+)
+
+
+def heavy_tailed(n=200_000, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.distributions.StudentT(3.0).sample((n,)) * 0.02 if seed is None else (
+        torch.randn(n, generator=g) * 0.02 * torch.exp(torch.randn(n, generator=g) * 0.5))
+
+
+def exact_err(v, scale, bits):
+    return float(((fake_quant(v, scale, bits) - v) ** 2).sum())
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_codes_in_range(bits):
+    w = torch.randn(64, 64)
+    s = absmax_scale(w, bits)
+    c = quantize_codes(w, s, bits)
+    lo, hi = qrange(bits)
+    assert c.dtype == torch.int8 and int(c.min()) >= lo and int(c.max()) <= hi
+    assert int(c.abs().max()) == hi  # absmax maps the largest magnitude to qmax
+
+
+def test_slim_quant_beats_absmax_and_matches_exact_grid():
+    """The histogram objective uses the forward quantizer, so its alpha is (near) the exact optimum."""
+    v = heavy_tailed()
+    scale, alpha, rel = slim_quant_scale(v, 4)
+    e_slim = exact_err(v, scale, 4)
+    assert e_slim < 0.7 * exact_err(v, absmax_scale(v, 4), 4)
+    amax = float(v.abs().max())
+    grid = torch.linspace(amax / 200, amax, 400)
+    best = min(exact_err(v, torch.tensor(a / 7), 4) for a in grid.tolist())
+    assert e_slim <= best * 1.02
+    assert abs(rel - e_slim / float((v**2).sum())) < 1e-6
+    assert alpha == pytest.approx(float(scale) * 7, rel=1e-2)
+
+
+def test_slim_quant_zero_tensor():
+    scale, alpha, rel = slim_quant_scale(torch.zeros(100), 4)
+    assert alpha == 0.0 and rel == 0.0 and float(scale) > 0
+
+
+def test_group_absmax_remainder_group():
+    w = torch.randn(3, 576)  # 576 = 4 * 128 + 64: the last group is shorter
+    s = group_absmax_scale(w, 4, 128)
+    assert s.shape == (3, 5)
+    full = expand_groups(s, 576, 128)
+    assert full.shape == w.shape
+    assert torch.allclose(s[:, 4], (w[:, 512:].abs().amax(1) / 7).half().float())
+    assert (quantize_codes(w, full, 4).abs() <= 8).all()
+
+
+def test_group_beats_tensor_absmax():
+    w = torch.randn(32, 512) * torch.exp(torch.randn(1, 512))
+    g = fake_quant(w, expand_groups(group_absmax_scale(w, 4, 128), 512, 128), 4)
+    t = fake_quant(w, absmax_scale(w, 4), 4)
+    assert ((g - w) ** 2).sum() < ((t - w) ** 2).sum()
+
+
+def test_fp8_formats():
+    small = torch.randn(100) * 10
+    y = fp8_fake_quant(small)
+    assert torch.allclose(y, small.to(torch.float8_e4m3fn).float())
+    big = torch.randn(100) * 1000  # beyond E4M3's 448: E5M2
+    assert torch.allclose(fp8_fake_quant(big), big.to(torch.float8_e5m2).float())
