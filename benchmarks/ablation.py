@@ -42,6 +42,8 @@ ROWS: dict[str, tuple[str, dict]] = {
     "fullcov+refit": ("1 + 3", merge(FULLCOV, REFIT)),
     "fullcov+ef": ("1 + 2", merge(FULLCOV, EF)),
     "best": ("1 + 2 + 3", merge(merge(FULLCOV, EF), REFIT)),
+    "best+sparsegpt-mask": ("1 + 2 + 3 with SparseGPT's 2:4 mask", merge(merge(merge(FULLCOV, EF), REFIT),
+                                                                         {"sparsity": {"method": "sparsegpt"}})),
 }
 
 
@@ -127,7 +129,9 @@ def main() -> int:
         ev = perplexity(model, ids, 2048, args.limit)
         row.update({"ppl": ev["ppl"], "eval_seconds": ev["seconds"]})
         res["eval"] = {"windows": ev["windows"], "seqlen": ev["seqlen"]}
-        res["rows"][name] = row
+        # merge into the file as it is now, so several workers on different rows can share it
+        latest = json.loads(rfile.read_text()) if rfile.exists() else {"rows": {}}
+        res["rows"] = {**latest.get("rows", {}), **res["rows"], name: row}
         write_json(rfile, res)
         (out / "README.md").write_text(table(res))
         print(f"[{name}] ppl {row['ppl']:.3f}  compress {row.get('compress_seconds', 0):.0f}s", flush=True)

@@ -1,6 +1,6 @@
 import torch
-
 from conftest import correlated_inputs
+
 from slim.lowrank import fullcov_adapter, naive_adapter, output_error, slim_adapter
 from slim.stats import InputStats
 

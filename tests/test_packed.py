@@ -1,7 +1,7 @@
 import pytest
 import torch
-
 from conftest import correlated_inputs
+
 from slim.config import CompressConfig
 from slim.packed import SlimLinear, index_bits, pack_bits, pack_codes, unpack_bits, unpack_codes
 from slim.solver import compress_weight

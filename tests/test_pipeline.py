@@ -4,15 +4,15 @@ import json
 
 import pytest
 import torch
+from conftest import tiny_model
 from transformers import GPT2Config, GPT2LMHeadModel
 
 import slim
-from conftest import tiny_model
 from slim.checkpoint import CheckpointError, OutputExistsError, check_output_dir
-from slim.pipeline import compress_model
 from slim.config import CompressConfig, ConfigError
 from slim.models import UnsupportedModelError
 from slim.packed import SlimLinear
+from slim.pipeline import compress_model
 
 CAL = {"calib": {"n_samples": 8, "seqlen": 32, "batch_size": 4}}
 
@@ -131,3 +131,63 @@ def test_load_rejects_foreign_and_corrupt(tmp_path):
     (tmp_path / "ck" / "slim_config.json").write_text(json.dumps({"format": "slim", "format_version": 99}))
     with pytest.raises(CheckpointError, match="upgrade slim"):
         slim.load(tmp_path / "ck")
+
+
+def test_fp8_inputs_option_roundtrip(tmp_path):
+    ids = _ids()
+    model = tiny_model("llama")
+    compress_model(model, ids, CompressConfig.from_dict({**CAL, "fp8_inputs": True}), progress=False)
+    layers = [m for m in model.modules() if isinstance(m, SlimLinear)]
+    assert all(m.layout.fp8_inputs for m in layers)
+    x = torch.randn(3, layers[0].in_features) * 3
+    layer = layers[0]
+    exact = torch.nn.functional.linear(x, layer.effective_weight())
+    y = layer(x)
+    assert not torch.equal(y, exact) and torch.allclose(y, exact, rtol=0.1, atol=0.1)
+    slim.save(model, tmp_path / "ck")
+    assert torch.equal(slim.load(tmp_path / "ck")(ids).logits, model(ids).logits)
+
+
+@pytest.mark.gpu
+def test_cuda_compress_matches_reload(tmp_path):
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    ids = _ids()
+    model = tiny_model("llama")
+    compress_model(model, ids, CompressConfig.from_dict({**CAL, "device": "cuda"}), progress=False)
+    assert all(p.device.type == "cpu" for p in model.parameters())  # blocks go back to the CPU
+    model = model.cuda()
+    logits = model(ids.cuda()).logits
+    slim.save(model.cpu(), tmp_path / "ck")
+    again = slim.load(tmp_path / "ck", device="cuda")
+    assert torch.equal(again(ids.cuda()).logits, logits)
+
+
+def test_mask_file(tmp_path, tiny_llama_dir, shared_data):
+    """Precomputed (MaskLLM-style) masks are used as given, and bad ones are rejected before work."""
+    from safetensors.torch import save_file
+
+    from slim.api import check_masks, load_masks
+    from slim.models import find_linears, get_layers
+    from slim.prune import nm_mask
+
+    model = tiny_model("llama")
+    masks = {}
+    for i, block in enumerate(get_layers(model)):
+        for k, lin in find_linears(block).items():
+            masks[f"model.layers.{i}.{k}"] = nm_mask(torch.rand_like(lin.weight), 2, 4)
+    save_file({k + ".mask": v.to(torch.uint8) for k, v in masks.items()}, str(tmp_path / "m.safetensors"))
+    loaded = load_masks(tmp_path / "m.safetensors")
+    cfg = CompressConfig.from_dict(CAL)
+    check_masks(model, loaded, cfg)
+    compress_model(model, _ids(), cfg, progress=False, masks=loaded)
+    for name, mod in model.named_modules():
+        if isinstance(mod, SlimLinear):
+            assert torch.equal(mod.mask(), masks[name])
+    bad = dict(loaded)
+    bad["model.layers.0.mlp.up_proj"] = torch.ones_like(bad["model.layers.0.mlp.up_proj"])
+    with pytest.raises(ConfigError, match="not 2:4"):
+        check_masks(tiny_model("llama"), bad, cfg)
+    del bad["model.layers.0.mlp.up_proj"]
+    with pytest.raises(ConfigError, match="no mask for model.layers.0.mlp.up_proj"):
+        check_masks(tiny_model("llama"), bad, cfg)

@@ -2,7 +2,13 @@ import pytest
 import torch
 
 from slim.quant import (
-    absmax_scale, expand_groups, fake_quant, fp8_fake_quant, group_absmax_scale, qrange, quantize_codes,
+    absmax_scale,
+    expand_groups,
+    fake_quant,
+    fp8_fake_quant,
+    group_absmax_scale,
+    qrange,
+    quantize_codes,
     slim_quant_scale,
 )
 

@@ -91,7 +91,7 @@ def run_block(
 ) -> list[torch.Tensor]:
     """Run one block over every calibration batch; returns the outputs on CPU (or nothing)."""
     outs = []
-    for h, kw in zip(hidden, kwargs):
+    for h, kw in zip(hidden, kwargs, strict=True):
         out = block(h.to(device), **_to(kw, device))
         out = out[0] if isinstance(out, (tuple, list)) else out
         if keep:

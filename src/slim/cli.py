@@ -32,7 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--preset", choices=sorted(PRESETS), help="a named recipe; flags and --config override it")
     g = c.add_argument_group("sparsity")
     g.add_argument("--sparsity", dest="sparsity.pattern", help="'2:4' (default), any 'N:M', a ratio '0.5', or 'none'")
-    g.add_argument("--mask", dest="sparsity.method", help="mask method: wanda (default) | magnitude")
+    g.add_argument("--mask", dest="sparsity.method", help="mask method: wanda (default) | magnitude | sparsegpt")
+    g.add_argument("--mask-file", help="precomputed masks (safetensors, one bool tensor per linear, e.g. MaskLLM)")
     g = c.add_argument_group("quantization")
     g.add_argument("--quant", dest="quant.method", help="slim (default) | slim-o | absmax | group-absmax | none")
     g.add_argument("--bits", dest="quant.bits", type=int, help="weight bits: 2, 4 (default) or 8")
@@ -41,7 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
                    default=None, help="OPTQ-style column updates with the input Gram matrix (default off)")
     g = c.add_argument_group("adapters")
     g.add_argument("--adapter", dest="adapter.method", help="slim (default) | naive | fullcov | none")
-    g.add_argument("--rank", dest="adapter.rank", type=float, help="ratio of min(d_out, d_in) if < 1, else a rank (0.1)")
+    g.add_argument("--rank", dest="adapter.rank", type=float,
+                   help="ratio of min(d_out, d_in) if < 1, else a rank (0.1)")
     g.add_argument("--rank-pad", dest="adapter.pad_to", type=int, help="round ranks up to a multiple (1 = off)")
     g.add_argument("--refit-rounds", dest="adapter.refit_rounds", type=int,
                    help="re-fit adapters to the re-quantized weights' error, up to N rounds (0)")
@@ -50,7 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--adapter-bits", dest="adapter.bits", type=int, help="adapter bits (4)")
     g.add_argument("--adapter-group-size", dest="adapter.group_size", type=int, help="adapter group size (128)")
     g = c.add_argument_group("calibration")
-    g.add_argument("--calib-data", dest="calib.data", help="'c4' (bundled sample), a .jsonl/.txt file or folder, or a hub id")
+    g.add_argument("--calib-data", dest="calib.data",
+                   help="'c4' (bundled sample), a .jsonl/.txt file or folder, or a hub id")
     g.add_argument("--calib-samples", dest="calib.n_samples", type=int, help="number of windows (128)")
     g.add_argument("--calib-seqlen", dest="calib.seqlen", type=int, help="tokens per window (512 on CPU)")
     g.add_argument("--seed", dest="calib.seed", type=int, help="the one seed (0)")
@@ -86,7 +89,7 @@ def config_from_args(args: argparse.Namespace) -> CompressConfig:
     if args.config:
         d = merge(d, load_yaml_config(args.config))
     for key, val in vars(args).items():
-        if val is None or key in ("model",):
+        if val is None or key in ("model", "mask_file"):
             continue
         if "." in key:
             sec, name = key.split(".", 1)
@@ -102,7 +105,7 @@ def _fmt_bytes(n: float) -> str:
 
 def cmd_compress(args: argparse.Namespace) -> int:
     from . import checkpoint, data, evaluate, models
-    from .api import compress
+    from .api import compress, load_masks
 
     cfg = config_from_args(args)
     out = checkpoint.check_output_dir(args.out, args.overwrite)
@@ -121,11 +124,16 @@ def cmd_compress(args: argparse.Namespace) -> int:
     ids = None
     if args.eval_dense:
         ids, prov = data.wikitext2_ids(tok, args.data_dir)
-        results["dense"] = evaluate.perplexity(model, ids, args.eval_seqlen, args.eval_limit, cfg.device, not args.quiet)
+        results["dense"] = evaluate.perplexity(
+            model, ids, args.eval_seqlen, args.eval_limit, cfg.device, not args.quiet
+        )
         results["eval_data"] = prov
         print(f"slim: dense WikiText-2 ppl {results['dense']['ppl']:.3f}")
     t0 = time.perf_counter()
-    model, tok, meta = compress(model, cfg, tok, data_dir=args.data_dir, progress=not args.quiet)
+    masks = load_masks(args.mask_file) if args.mask_file else None
+    model, tok, meta = compress(model, cfg, tok, data_dir=args.data_dir, progress=not args.quiet, masks=masks)
+    if args.mask_file:
+        meta["mask_file"] = {"path": args.mask_file, "sha256": data.sha256(args.mask_file)}
     meta["source"] = source
     meta["command"] = "slim " + " ".join(sys.argv[1:])
     elapsed = time.perf_counter() - t0

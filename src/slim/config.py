@@ -10,7 +10,7 @@ from typing import Any
 
 import yaml
 
-MASK_METHODS = ("wanda", "magnitude")
+MASK_METHODS = ("wanda", "magnitude", "sparsegpt")
 QUANT_METHODS = ("slim", "slim-o", "absmax", "group-absmax", "none")
 ADAPTER_METHODS = ("slim", "naive", "fullcov", "none")
 SUPPORTED_BITS = (2, 4, 8)
@@ -172,7 +172,7 @@ class CompressConfig:
 
     @property
     def needs_gram(self) -> bool:
-        return self.adapter.method == "fullcov" or self.quant.error_feedback
+        return self.adapter.method == "fullcov" or self.quant.error_feedback or self.sparsity.method == "sparsegpt"
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

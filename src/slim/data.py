@@ -95,7 +95,9 @@ def _hub_texts(name: str) -> list[str]:
     try:
         from datasets import load_dataset
     except ImportError:
-        raise DataError(f"{name!r} is neither a local file nor folder; hub datasets need `pip install datasets`") from None
+        raise DataError(
+            f"{name!r} is neither a local file nor folder; hub datasets need `pip install datasets`"
+        ) from None
     ds = load_dataset(name, split="train")
     return [t for t in ds["text"] if t.strip()]
 

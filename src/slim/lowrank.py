@@ -24,7 +24,9 @@ def naive_adapter(err: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Ten
     return (s[:, None] * vh).float(), u.float()
 
 
-def slim_adapter(err: torch.Tensor, rms: torch.Tensor, rank: int, eps: float = 1e-8) -> tuple[torch.Tensor, torch.Tensor]:
+def slim_adapter(
+    err: torch.Tensor, rms: torch.Tensor, rank: int, eps: float = 1e-8
+) -> tuple[torch.Tensor, torch.Tensor]:
     """SLiM-LoRA: SVD of E diag(d), d = RMS of each input channel, then undo the scaling on A."""
     d = rms.double().clamp_min(eps * float(rms.max().clamp_min(eps)))
     u, s, vh = _truncated(err.double() * d[None, :], rank)

@@ -1,8 +1,11 @@
-"""OPTQ/GPTQ-style column-by-column quantization with error feedback, under a fixed sparsity mask.
+"""OPTQ/GPTQ-style column-by-column quantization with error feedback, with a fixed or chosen mask.
 
 Pure function: it knows only torch and the per-column quantizer it is given. Columns are processed
 in blocks; each column's rounding (and pruning) error is spread over the columns not yet processed,
-weighted by the inverse Hessian H = E[x^T x], so later columns compensate for earlier ones.
+weighted by the inverse Hessian H = E[x^T x], so later columns compensate for earlier ones. When no
+mask is given and a pattern is, the mask is chosen on the fly as SparseGPT does: by the OBS
+saliency w^2 / [H^-1]_jj^2 of the error-updated weights (per group of M columns for N:M, per row
+within each column block for a ratio, so every row keeps the same count).
 """
 
 from __future__ import annotations
@@ -30,38 +33,61 @@ def inverse_hessian_cholesky(h: torch.Tensor, damping: float = 0.01) -> torch.Te
     raise torch.linalg.LinAlgError("Hessian is not positive definite even after heavy damping")
 
 
+def _keep_top(scores: torch.Tensor, k: int) -> torch.Tensor:
+    idx = scores.topk(k, dim=1).indices
+    return torch.zeros_like(scores, dtype=torch.bool).scatter_(1, idx, True)
+
+
 def optq(
     w: torch.Tensor,
-    h: torch.Tensor,
+    h: torch.Tensor | None,
     quantize_column: Callable[[torch.Tensor, int], torch.Tensor],
     mask: torch.Tensor | None = None,
     damping: float = 0.01,
     block_size: int = 128,
     hinv_chol: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Return the dense fake-quantized weight (pruned entries exactly zero) after error feedback.
+    nm: tuple[int, int] | None = None,
+    ratio: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return (dense fake-quantized weight with pruned entries exactly zero, mask used).
 
-    quantize_column(col, j) maps column j (d_out,) to its quantized-dequantized values; pruned entries
-    (mask False) are set to zero and their error is compensated like rounding error. Pass `hinv_chol`
-    (from `inverse_hessian_cholesky`) to reuse the factorization across calls on the same layer.
+    quantize_column(col, j) maps column j (d_out,) to its quantized-dequantized values. With `mask`
+    None and `nm` or `ratio` given, the mask is chosen during the pass (SparseGPT); with neither,
+    nothing is pruned. Pass `hinv_chol` (from `inverse_hessian_cholesky`) to reuse the factorization.
     """
     w = w.double().clone()
     d_out, d_in = w.shape
     u = hinv_chol if hinv_chol is not None else inverse_hessian_cholesky(h, damping)
+    choose = mask is None and (nm is not None or ratio is not None)
+    if mask is None:
+        mask = torch.ones_like(w, dtype=torch.bool)
+    else:
+        mask = mask.clone()
+    if nm is not None and choose and block_size % nm[1]:
+        block_size = nm[1] * max(1, block_size // nm[1])
+    total_keep = d_in - int(d_in * ratio) if ratio is not None else d_in
+    kept_so_far = 0
     q = torch.zeros_like(w)
     for b0 in range(0, d_in, block_size):
         b1 = min(b0 + block_size, d_in)
         wb = w[:, b0:b1].clone()
         err = torch.zeros_like(wb)
         ub = u[b0:b1, b0:b1]
+        d = torch.diagonal(ub)
+        if choose and ratio is not None:
+            # per-row budget for this block, spread so that the whole row keeps exactly total_keep
+            k = round(total_keep * b1 / d_in) - kept_so_far
+            kept_so_far += k
+            mask[:, b0:b1] = _keep_top(wb**2 / d[None, :] ** 2, k)
         for j in range(b1 - b0):
+            if choose and nm is not None and j % nm[1] == 0:
+                n, m = nm
+                mask[:, b0 + j : b0 + j + m] = _keep_top(wb[:, j : j + m] ** 2 / d[None, j : j + m] ** 2, n)
             col = wb[:, j]
-            qc = quantize_column(col.float(), b0 + j).double()
-            if mask is not None:
-                qc = qc * mask[:, b0 + j]
+            qc = quantize_column(col.float(), b0 + j).double() * mask[:, b0 + j]
             q[:, b0 + j] = qc
             e = (col - qc) / ub[j, j]
             wb[:, j:] -= e[:, None] * ub[j, j:][None, :]
             err[:, j] = e
         w[:, b1:] -= err @ u[b0:b1, b1:]
-    return q.float()
+    return q.float(), mask

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from .optq import optq
+
 
 def saliency(w: torch.Tensor, sum_sq: torch.Tensor | None, method: str) -> torch.Tensor:
     """Per-weight importance: |W| (magnitude) or |W| * ||x_j||_2 (Wanda)."""
@@ -49,3 +51,17 @@ def make_mask(
     if kind == "unstructured":
         return unstructured_mask(score, ratio)
     raise ValueError(f"unknown sparsity kind {kind!r}")
+
+
+def sparsegpt_mask(
+    w: torch.Tensor, gram: torch.Tensor, kind: str, n: int = 2, m: int = 4, ratio: float = 0.5,
+    damping: float = 0.01, hinv_chol: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """SparseGPT's mask: chosen column block by column block by OBS saliency with error feedback."""
+    if kind == "dense":
+        return torch.ones_like(w, dtype=torch.bool)
+    _, mask = optq(
+        w, gram, lambda c, j: c, None, damping, hinv_chol=hinv_chol,
+        nm=(n, m) if kind == "nm" else None, ratio=ratio if kind == "unstructured" else None,
+    )
+    return mask

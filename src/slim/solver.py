@@ -10,9 +10,14 @@ from .config import AdapterConfig, CompressConfig, QuantConfig
 from .lowrank import fullcov_adapter, naive_adapter, output_error, slim_adapter, sqrt_and_inv_sqrt
 from .optq import inverse_hessian_cholesky, optq
 from .packed import CompressedWeight
-from .prune import make_mask
+from .prune import make_mask, sparsegpt_mask
 from .quant import (
-    absmax_scale, expand_groups, fake_quant, group_absmax_scale, quantize_codes, slim_quant_scale,
+    absmax_scale,
+    expand_groups,
+    fake_quant,
+    group_absmax_scale,
+    quantize_codes,
+    slim_quant_scale,
 )
 from .stats import InputStats
 
@@ -61,7 +66,7 @@ def quantize_masked(
     if q.error_feedback and hinv_chol is None:
         hinv_chol = inverse_hessian_cholesky(gram, q.damping)
     if q.method == "none":
-        dense = optq(w, gram, lambda c, j: c, mask, hinv_chol=hinv_chol) if q.error_feedback else w * mask
+        dense = optq(w, gram, lambda c, j: c, mask, hinv_chol=hinv_chol)[0] if q.error_feedback else w * mask
         return QuantResult(None, None, 0, dense, {})
     scale, gsize, info = fit_scale(w, mask, q)
     full = scale if gsize == 0 else expand_groups(scale, w.shape[1], gsize)
@@ -72,7 +77,7 @@ def quantize_masked(
         else:
             def col_fn(c: torch.Tensor, j: int) -> torch.Tensor:
                 return fake_quant(c, full[:, j], q.bits)
-        target = optq(w, gram, col_fn, mask, hinv_chol=hinv_chol)
+        target = optq(w, gram, col_fn, mask, hinv_chol=hinv_chol)[0]
     else:
         target = w * mask
     codes = quantize_codes(target, full, q.bits)
@@ -114,16 +119,18 @@ def compress_weight(
         w = w * input_scale[None, :]
         stats = stats.scaled(input_scale)
     n, m = sp.nm if sp.kind == "nm" else (0, 0)
-    if mask is None:
-        mask = make_mask(w, stats.sum_sq, sp.kind, sp.method, n, m, sp.ratio)
     gram, rms = stats.mean_gram, stats.rms
+    # factorizations of H are computed once per layer and reused by every pass
+    chol = inverse_hessian_cholesky(gram, q.damping) if q.error_feedback or sp.method == "sparsegpt" else None
+    if mask is None and sp.method == "sparsegpt":
+        mask = sparsegpt_mask(w, gram, sp.kind, n, m, sp.ratio, q.damping, hinv_chol=chol)
+    elif mask is None:
+        mask = make_mask(w, stats.sum_sq, sp.kind, sp.method, n, m, sp.ratio)
     base = max(output_error(w, gram, rms), 1e-30)
 
     def rel(err: torch.Tensor) -> float:
         return output_error(err, gram, rms) / base
 
-    # factorizations of H are computed once per layer and reused by every round
-    chol = inverse_hessian_cholesky(gram, q.damping) if q.error_feedback else None
     roots = sqrt_and_inv_sqrt(gram, ad.damping) if ad.method == "fullcov" and gram is not None else None
 
     def quantize(target: torch.Tensor) -> QuantResult:
