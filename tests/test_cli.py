@@ -23,7 +23,7 @@ def test_compress_eval_info(tiny_llama_dir, shared_data, tmp_path, capsys):
     assert main(["eval", str(out), "--seqlen", "64", "--limit", "2", "--data-dir", str(shared_data),
                  "--out", str(tmp_path / "e.json"), "-q"]) == 0
     again = json.loads((tmp_path / "e.json").read_text())
-    assert again["ppl"] == pytest.approx(res["compressed"]["ppl"], rel=1e-6)
+    assert again["wikitext2"]["ppl"] == pytest.approx(res["compressed"]["ppl"], rel=1e-6)
     assert main(["info", str(out)]) == 0
     assert '"bits_per_weight"' in capsys.readouterr().out
 
@@ -84,3 +84,15 @@ def test_missing_data(tiny_llama_dir, tmp_path, capsys):
     assert main(["compress", str(tiny_llama_dir), "--out", str(tmp_path / "o"), "--calib-data",
                  str(tmp_path / "e.jsonl")]) == 2
     assert "empty" in capsys.readouterr().err
+
+
+def test_eval_tasks_on_checkpoint(tiny_llama_dir, shared_data, tmp_path, capsys):
+    pytest.importorskip("lm_eval")
+    out = tmp_path / "ck"
+    assert main(["compress", str(tiny_llama_dir), "--out", str(out), *FAST, "--data-dir", str(shared_data)]) == 0
+    assert main(["eval", str(out), "--tasks", "piqa,winogrande", "--limit", "3", "--no-ppl", "--data-dir",
+                 str(shared_data), "--out", str(tmp_path / "z.json"), "-q"]) == 0
+    z = json.loads((tmp_path / "z.json").read_text())["zeroshot"]
+    assert set(z["tasks"]) == {"piqa", "winogrande"} and 0 <= z["mean_acc"] <= 1
+    assert "acc_norm" in z["tasks"]["piqa"] and z["data"]["piqa"]["sha256"]
+    assert "mean" in capsys.readouterr().out

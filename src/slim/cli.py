@@ -74,6 +74,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--device", default="cpu")
     e.add_argument("--data-dir")
     e.add_argument("--out", help="write the result JSON here")
+    e.add_argument("--tasks", help="zero-shot tasks through lm-eval, comma-separated: piqa,arc_easy,arc_challenge,"
+                   "winogrande,openbookqa[,mmlu] (needs the [eval] extra)")
+    e.add_argument("--batch-size", type=int, default=8, help="zero-shot batch size (8)")
+    e.add_argument("--no-ppl", action="store_true", help="skip WikiText-2 perplexity")
     e.add_argument("-q", "--quiet", action="store_true")
 
     i = sub.add_parser("info", help="summarize a slim checkpoint (layers, sizes, recipe)")
@@ -173,14 +177,31 @@ def cmd_eval(args: argparse.Namespace) -> int:
     else:
         model, tok, _ = models.load_model(args.model)
         kind = "dense model"
-    ids, prov = data.wikitext2_ids(tok, args.data_dir)
-    res = evaluate.perplexity(model.to(args.device), ids, args.seqlen, args.limit, args.device, not args.quiet)
-    res.update({"model": args.model or models.DEFAULT_MODEL, "kind": kind, "eval_data": prov,
-                "versions": checkpoint.versions()})
+    model = model.to(args.device)
+    res: dict[str, Any] = {"model": args.model or models.DEFAULT_MODEL, "kind": kind, "versions": checkpoint.versions()}
+    name = f"{res['model']} ({kind})"
+    if not args.no_ppl:
+        ids, prov = data.wikitext2_ids(tok, args.data_dir)
+        res["wikitext2"] = evaluate.perplexity(model, ids, args.seqlen, args.limit, args.device, not args.quiet)
+        res["wikitext2"]["data"] = prov
+        w = res["wikitext2"]
+        print(f"{name}: WikiText-2 ppl {w['ppl']:.3f} over {w['windows']} x {w['seqlen']} tokens "
+              f"in {w['seconds']:.0f} s")
+    if args.tasks:
+        from .zeroshot import evaluate_tasks
+
+        t0 = time.perf_counter()
+        zs = evaluate_tasks(model, tok, [t.strip() for t in args.tasks.split(",") if t.strip()], args.data_dir,
+                            args.limit, args.batch_size, args.device)
+        zs["seconds"] = time.perf_counter() - t0
+        res["zeroshot"] = zs
+        print(f"{name}: 0-shot accuracy ({'all docs' if args.limit is None else f'{args.limit} docs/task'})")
+        for t, v in zs["tasks"].items():
+            norm = f"  acc_norm {v['acc_norm']:.4f}" if "acc_norm" in v else ""
+            print(f"  {t:14s} acc {v['acc']:.4f} ± {v.get('acc_stderr', 0):.4f}{norm}")
+        print(f"  {'mean':14s} acc {zs['mean_acc']:.4f}")
     if args.out:
         checkpoint.write_json(Path(args.out), res)
-    print(f"{res['model']} ({kind}): WikiText-2 ppl {res['ppl']:.3f} over {res['windows']} x {res['seqlen']} "
-          f"tokens in {res['seconds']:.0f} s")
     return 0
 
 
@@ -210,6 +231,9 @@ def main(argv: list[str] | None = None) -> int:
         return {"compress": cmd_compress, "eval": cmd_eval, "info": cmd_info}[args.command](args)
     except (ConfigError, DataError, CheckpointError, OutputExistsError, UnsupportedModelError,
             FileNotFoundError) as e:
+        print(f"slim: error: {e}", file=sys.stderr)
+        return 2
+    except ImportError as e:  # optional extras
         print(f"slim: error: {e}", file=sys.stderr)
         return 2
 

@@ -141,6 +141,7 @@ def compress_weight(
 
     qr = quantize(w)
     info = dict(qr.info)
+    info["err_metric"] = "gram" if gram is not None else "diag"  # tr(E H E^T), or its diagonal approximation
     info["rel_err_compressed"] = rel(w - qr.dense)
     rank = ad.rank_for(*w.shape) if ad.method != "none" else 0
     a = b = None
