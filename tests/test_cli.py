@@ -96,3 +96,18 @@ def test_eval_tasks_on_checkpoint(tiny_llama_dir, shared_data, tmp_path, capsys)
     assert set(z["tasks"]) == {"piqa", "winogrande"} and 0 <= z["mean_acc"] <= 1
     assert "acc_norm" in z["tasks"]["piqa"] and z["data"]["piqa"]["sha256"]
     assert "mean" in capsys.readouterr().out
+
+
+def test_report_from_checkpoint_and_eval(tiny_llama_dir, shared_data, tmp_path):
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "ck"
+    assert main(["compress", str(tiny_llama_dir), "--out", str(out), *FAST, "--data-dir", str(shared_data),
+                 "--eval", "--eval-dense", "--eval-seqlen", "64", "--eval-limit", "1"]) == 0
+    (tmp_path / "z.json").write_text(json.dumps({"model": str(out), "kind": "slim checkpoint", "zeroshot": {
+        "tasks": {"piqa": {"acc": 0.5}}, "mean_acc": 0.5}}))
+    assert main(["report", str(out), str(tmp_path / "z.json"), "--out", str(tmp_path / "rep")]) == 0
+    text = (tmp_path / "rep" / "report.md").read_text()
+    assert "| dense |" in text and "| ck |" in text and "0.5000" in text
+    for png in ("pareto_ppl.png", "pareto_acc.png", "layer_error_ck.png"):
+        assert (tmp_path / "rep" / png).stat().st_size > 1000
+    assert main(["report", str(tmp_path / "nothing.json"), "--out", str(tmp_path / "r2")]) == 2

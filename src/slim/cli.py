@@ -80,6 +80,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--no-ppl", action="store_true", help="skip WikiText-2 perplexity")
     e.add_argument("-q", "--quiet", action="store_true")
 
+    r = sub.add_parser("report", help="markdown report with plots from result files and checkpoint dirs")
+    r.add_argument("inputs", nargs="+", help="results.json files, `slim eval --out` files, checkpoint dirs")
+    r.add_argument("--out", required=True, help="report directory (report.md + PNGs)")
+    r.add_argument("--title", default="slim report")
+
     i = sub.add_parser("info", help="summarize a slim checkpoint (layers, sizes, recipe)")
     i.add_argument("path")
     return ap
@@ -217,6 +222,17 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from .report import write_report
+
+    try:
+        path = write_report(args.inputs, args.out, args.title)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    print(f"wrote {path}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     from .checkpoint import CheckpointError, OutputExistsError
     from .data import DataError
@@ -228,7 +244,8 @@ def main(argv: list[str] | None = None) -> int:
     for noisy in ("httpx", "urllib3", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
-        return {"compress": cmd_compress, "eval": cmd_eval, "info": cmd_info}[args.command](args)
+        commands = {"compress": cmd_compress, "eval": cmd_eval, "info": cmd_info, "report": cmd_report}
+        return commands[args.command](args)
     except (ConfigError, DataError, CheckpointError, OutputExistsError, UnsupportedModelError,
             FileNotFoundError) as e:
         print(f"slim: error: {e}", file=sys.stderr)
