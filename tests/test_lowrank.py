@@ -49,3 +49,15 @@ def test_output_error_matches_direct():
     x, err, st = _setup()
     direct = float((x.double() @ err.double().T).pow(2).sum()) / x.shape[0]
     assert abs(output_error(err, st.mean_gram) - direct) / direct < 1e-6
+
+
+def test_truncated_matches_full_svd():
+    from slim.lowrank import _truncated
+
+    for shape in ((300, 120), (120, 300)):
+        m = torch.randn(*shape, dtype=torch.float64) @ torch.diag(torch.logspace(0, -2, shape[1], dtype=torch.float64))
+        u, s, vh = _truncated(m, 10)
+        uf, sf, vhf = torch.linalg.svd(m, full_matrices=False)
+        assert torch.allclose(s, sf[:10], rtol=1e-10)
+        assert torch.allclose((u * s) @ vh, (uf[:, :10] * sf[:10]) @ vhf[:10], atol=1e-10)
+        assert torch.allclose(u.T @ u, torch.eye(10, dtype=torch.float64), atol=1e-8)

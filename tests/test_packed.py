@@ -39,6 +39,7 @@ def _compress(d_out, d_in, **over):
     {"sparsity": {"pattern": "none"}, "quant": {"method": "absmax", "bits": 8}},
     {"quant": {"method": "none"}, "adapter": {"method": "none"}},
     {"quant": {"method": "slim-o"}, "adapter": {"method": "fullcov"}},
+    {"quant": {"method": "slim-group", "error_feedback": True}, "adapter": {"refit_rounds": 2}},
 ])
 def test_slimlinear_reproduces_compressed_weight(over):
     w, st, cfg, cw = _compress(48, 64, **over)

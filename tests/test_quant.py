@@ -75,3 +75,20 @@ def test_fp8_formats():
     assert torch.allclose(y, small.to(torch.float8_e4m3fn).float())
     big = torch.randn(100) * 1000  # beyond E4M3's 448: E5M2
     assert torch.allclose(fp8_fake_quant(big), big.to(torch.float8_e5m2).float())
+
+
+def test_group_slim_beats_group_absmax_and_tensor_slim():
+    from slim.quant import group_slim_scale
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(64, 576, generator=g) * torch.exp(torch.randn(1, 576, generator=g))
+    w[0, 3] = 40.0  # an outlier
+    mask = torch.rand(64, 576, generator=g) > 0.5
+    s = group_slim_scale(w, mask, 4, 128)
+    assert s.shape == (64, 5)
+    e_slim = ((fake_quant(w * mask, expand_groups(s, 576, 128), 4) - w * mask) ** 2).sum()
+    e_absmax = ((fake_quant(w * mask, expand_groups(group_absmax_scale(w * mask, 4, 128), 576, 128), 4) - w * mask)
+                ** 2).sum()
+    t, _, _ = slim_quant_scale(w[mask], 4)
+    e_tensor = ((fake_quant(w * mask, t, 4) - w * mask) ** 2).sum()
+    assert e_slim < e_absmax and e_slim < e_tensor

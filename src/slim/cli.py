@@ -35,9 +35,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--mask", dest="sparsity.method", help="mask method: wanda (default) | magnitude | sparsegpt")
     g.add_argument("--mask-file", help="precomputed masks (safetensors, one bool tensor per linear, e.g. MaskLLM)")
     g = c.add_argument_group("quantization")
-    g.add_argument("--quant", dest="quant.method", help="slim (default) | slim-o | absmax | group-absmax | none")
+    g.add_argument("--quant", dest="quant.method",
+                   help="slim (default) | slim-o | slim-group | absmax | group-absmax | none")
     g.add_argument("--bits", dest="quant.bits", type=int, help="weight bits: 2, 4 (default) or 8")
-    g.add_argument("--group-size", dest="quant.group_size", type=int, help="group-absmax group size (128)")
+    g.add_argument("--group-size", dest="quant.group_size", type=int, help="group size of group-absmax / slim-group (128)")
     g.add_argument("--error-feedback", dest="quant.error_feedback", action=argparse.BooleanOptionalAction,
                    default=None, help="OPTQ-style column updates with the input Gram matrix (default off)")
     g = c.add_argument_group("adapters")

@@ -11,7 +11,7 @@ from typing import Any
 import yaml
 
 MASK_METHODS = ("wanda", "magnitude", "sparsegpt")
-QUANT_METHODS = ("slim", "slim-o", "absmax", "group-absmax", "none")
+QUANT_METHODS = ("slim", "slim-o", "slim-group", "absmax", "group-absmax", "none")
 ADAPTER_METHODS = ("slim", "naive", "fullcov", "none")
 SUPPORTED_BITS = (2, 4, 8)
 
@@ -80,7 +80,7 @@ class QuantConfig:
 
     method: str = "slim"
     bits: int = 4
-    group_size: int = 128  # used by group-absmax
+    group_size: int = 128  # used by group-absmax and slim-group
     outlier_fraction: float = 0.01  # slim-o: share of input channels scaled up
     outlier_factor: float = 2.0  # slim-o: factor applied to those weight columns
     error_feedback: bool = False  # OPTQ-style column updates with the Gram matrix (needs H)

@@ -103,6 +103,33 @@ def group_absmax_scale(w: torch.Tensor, bits: int, group_size: int) -> torch.Ten
     return round_scale(a / qrange(bits)[1])
 
 
+def group_slim_scale(
+    w: torch.Tensor, mask: torch.Tensor, bits: int, group_size: int, points: int = 24, levels: int = 2
+) -> torch.Tensor:
+    """SLiM-Quant with a scale per group of input columns: each group's clipping value minimizes the
+    exact squared error of the forward quantizer over its kept weights (coarse-to-fine search over
+    fractions of the group's absmax). A shorter last group covers widths not divisible by the size."""
+    rows, d_in = w.shape
+    g = n_groups(d_in, group_size)
+    pad = g * group_size - d_in
+    wm = torch.nn.functional.pad((w * mask).float(), (0, pad)).view(rows, g, group_size)
+    amax = wm.abs().amax(-1).clamp_min(1e-12)  # (rows, g)
+    qmin, qmax = qrange(bits)
+    lo = torch.full_like(amax, 1.0 / points)
+    hi = torch.ones_like(amax)
+    best = torch.ones_like(amax)
+    for _ in range(levels):
+        fr = lo[..., None] + (hi - lo)[..., None] * torch.linspace(0, 1, points)  # (rows, g, P)
+        step = (fr * amax[..., None] / qmax)[..., None]  # (rows, g, P, 1)
+        x = wm[:, :, None, :]
+        err = ((torch.clamp(torch.round(x / step), qmin, qmax) * step - x) ** 2).sum(-1)
+        i = err.argmin(-1, keepdim=True)
+        best = fr.gather(-1, i)[..., 0]
+        width = (hi - lo) / (points - 1)
+        lo, hi = (best - width).clamp_min(1e-3), (best + width).clamp_max(1.0)
+    return round_scale(best * amax / qmax)
+
+
 # ---------------------------------------------------------------- activations
 
 

@@ -16,6 +16,7 @@ from .quant import (
     expand_groups,
     fake_quant,
     group_absmax_scale,
+    group_slim_scale,
     quantize_codes,
     slim_quant_scale,
 )
@@ -53,6 +54,8 @@ def fit_scale(w: torch.Tensor, mask: torch.Tensor, q: QuantConfig) -> tuple[torc
         return absmax_scale(w * mask, q.bits), 0, {}
     if q.method == "group-absmax":
         return group_absmax_scale(w * mask, q.bits, q.group_size), q.group_size, {}
+    if q.method == "slim-group":
+        return group_slim_scale(w, mask, q.bits, q.group_size), q.group_size, {}
     raise ValueError(f"unknown quantizer {q.method!r}")
 
 
