@@ -38,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--quant", dest="quant.method",
                    help="slim (default) | slim-o | slim-group | absmax | group-absmax | none")
     g.add_argument("--bits", dest="quant.bits", type=int, help="weight bits: 2, 4 (default) or 8")
-    g.add_argument("--group-size", dest="quant.group_size", type=int, help="group size of group-absmax / slim-group (128)")
+    g.add_argument("--group-size", dest="quant.group_size", type=int, help="group size (128)")
     g.add_argument("--error-feedback", dest="quant.error_feedback", action=argparse.BooleanOptionalAction,
                    default=None, help="OPTQ-style column updates with the input Gram matrix (default off)")
     g = c.add_argument_group("adapters")
