@@ -191,3 +191,31 @@ def test_mask_file(tmp_path, tiny_llama_dir, shared_data):
     del bad["model.layers.0.mlp.up_proj"]
     with pytest.raises(ConfigError, match="no mask for model.layers.0.mlp.up_proj"):
         check_masks(tiny_model("llama"), bad, cfg)
+
+
+def test_groups_and_true_sequential():
+    """q/k/v and gate/up share inputs; true-sequential sees o_proj's inputs behind compressed q/k/v."""
+    from slim.capture import capture_block_inputs
+    from slim.models import find_linears, get_layers
+    from slim.pipeline import _collect_stats
+
+    model = tiny_model("llama")
+    hidden, kwargs = capture_block_inputs(model, _ids(), 4)
+    block = get_layers(model)[0]
+    stats, groups = _collect_stats(block, find_linears(block), hidden, kwargs, "cpu", False)
+    assert groups == [["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], ["self_attn.o_proj"],
+                      ["mlp.gate_proj", "mlp.up_proj"], ["mlp.down_proj"]]
+    assert stats["self_attn.q_proj"] is stats["self_attn.v_proj"]
+    part, _ = _collect_stats(block, find_linears(block), hidden, kwargs, "cpu", False, only=["self_attn.o_proj"])
+    assert torch.allclose(part["self_attn.o_proj"].sum_sq, stats["self_attn.o_proj"].sum_sq)
+    assert part["self_attn.o_proj"].n_tokens == stats["self_attn.o_proj"].n_tokens
+
+    ids = _ids()
+    out = {}
+    for ts in (False, True):
+        m = tiny_model("llama")
+        rep = compress_model(m, ids, CompressConfig.from_dict({**CAL, "true_sequential": ts}), progress=False)
+        out[ts] = (m(ids).logits.detach(), rep)
+    assert not torch.equal(out[False][0], out[True][0])  # o_proj/down_proj saw different inputs
+    q = "model.layers.0.self_attn.q_proj"
+    assert out[False][1]["layers"][q]["rel_err_final"] == out[True][1]["layers"][q]["rel_err_final"]

@@ -62,6 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--fp8-inputs", dest="fp8_inputs", action="store_true", default=None,
                    help="FP8 per-tensor input quantization (off by default)")
     c.add_argument("--device", dest="device", help="cpu (default) or cuda")
+    c.add_argument("--true-sequential", dest="true_sequential", action="store_true", default=None,
+                   help="within a block, calibrate each layer group on the outputs of the compressed ones")
     c.add_argument("--data-dir", help="data folder (default: $SLIM_DATA_DIR or ../shared/data)")
     c.add_argument("--eval", action="store_true", help="WikiText-2 perplexity of the compressed model afterwards")
     c.add_argument("--eval-dense", action="store_true", help="also the dense model's perplexity, before compressing")
@@ -104,7 +106,7 @@ def config_from_args(args: argparse.Namespace) -> CompressConfig:
         if "." in key:
             sec, name = key.split(".", 1)
             d.setdefault(sec, {})[name] = val
-        elif key in ("fp8_inputs", "device"):
+        elif key in ("fp8_inputs", "device", "true_sequential"):
             d[key] = val
     return CompressConfig.from_dict(d)
 

@@ -164,6 +164,7 @@ class CompressConfig:
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
     calib: CalibConfig = field(default_factory=CalibConfig)
     fp8_inputs: bool = False  # FP8 per-tensor input quantization (simulated on CPU)
+    true_sequential: bool = False  # re-measure each group's inputs behind the already compressed groups
     device: str = "cpu"
 
     def __post_init__(self) -> None:

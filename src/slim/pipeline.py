@@ -54,15 +54,19 @@ def compress_model(
     for i in bar:
         block = layers[i].to(device)
         linears = find_linears(block)
-        stats = _collect_stats(block, linears, hidden, kwargs, device, cfg.needs_gram)
-        for k, lin in linears.items():
-            full = f"{prefix}.{i}.{k}"
-            mask = None if masks is None else masks.get(full)
-            cw = compress_weight(lin.weight.data, stats[k], cfg, mask=mask)
-            bias = None if lin.bias is None else lin.bias.data.detach().cpu()
-            new = SlimLinear.from_compressed(cw, bias, kind, n, m, fp8_inputs=fp8)
-            set_submodule(block, k, new.to(device))
-            per_layer[full] = {"shape": list(lin.weight.shape), **cw.info}
+        stats, groups = _collect_stats(block, linears, hidden, kwargs, device, cfg.needs_gram)
+        for gi, group in enumerate(groups):
+            if cfg.true_sequential and gi > 0:  # re-measure this group's inputs behind compressed groups
+                stats.update(_collect_stats(block, linears, hidden, kwargs, device, cfg.needs_gram, only=group)[0])
+            for k in group:
+                lin = linears[k]
+                full = f"{prefix}.{i}.{k}"
+                mask = None if masks is None else masks.get(full)
+                cw = compress_weight(lin.weight.data, stats[k], cfg, mask=mask)
+                bias = None if lin.bias is None else lin.bias.data.detach().cpu()
+                new = SlimLinear.from_compressed(cw, bias, kind, n, m, fp8_inputs=fp8)
+                set_submodule(block, k, new.to(device))
+                per_layer[full] = {"shape": list(lin.weight.shape), **cw.info}
         del stats
         hidden = run_block(block, hidden, kwargs, device)
         layers[i] = block.to("cpu")
@@ -73,13 +77,23 @@ def compress_model(
     return {"compress_seconds": elapsed, "layers": per_layer, **size_report(model)}
 
 
+class _GroupInputsSeen(Exception):
+    """Stops a block's forward once the inputs of the linears being measured have been seen."""
+
+
 def _collect_stats(
     block: nn.Module, linears: dict[str, nn.Linear], hidden: list[torch.Tensor], kwargs: list[dict[str, Any]],
-    device: str, with_gram: bool,
-) -> dict[str, InputStats]:
-    """Input statistics of every linear in one pass; linears fed the same tensor (q/k/v) share one."""
-    stats = {k: InputStats.empty(lin.in_features, with_gram, device) for k, lin in linears.items()}
+    device: str, with_gram: bool, only: list[str] | None = None,
+) -> tuple[dict[str, InputStats], list[list[str]]]:
+    """Input statistics of the block's linears (or of `only`, one group, stopping the forward there).
+
+    Linears fed the same tensor (q/k/v, gate/up) form a group and share one InputStats. Returns the
+    statistics and the groups in execution order.
+    """
+    names = list(linears) if only is None else list(only)
+    stats = {k: InputStats.empty(linears[k].in_features, with_gram, device) for k in names}
     owner: dict[str, str] = {}
+    order: list[str] = []
     last: dict[str, Any] = {"x": None, "name": None}
 
     def make_hook(k: str):
@@ -87,19 +101,36 @@ def _collect_stats(
             x = inp[0]
             if k not in owner:
                 owner[k] = owner[last["name"]] if last["x"] is x else k
-            if owner[k] == k:
+                order.append(k)
+            if owner[k] == k and k in stats:
                 stats[k].add(x)
+                if only is not None:
+                    raise _GroupInputsSeen
             last["x"], last["name"] = x, k
 
         return hook
 
     hooks = [lin.register_forward_hook(make_hook(k)) for k, lin in linears.items()]
     try:
-        run_block(block, hidden, kwargs, device, keep=False)
+        if only is None:
+            run_block(block, hidden, kwargs, device, keep=False)
+        else:
+            for h, kw in zip(hidden, kwargs, strict=True):
+                try:
+                    run_block(block, [h], [kw], device, keep=False)
+                except _GroupInputsSeen:
+                    pass
+                last["x"] = None
     finally:
         for h in hooks:
             h.remove()
-    return {k: stats[owner.get(k, k)] for k in linears}
+    groups: list[list[str]] = []
+    for k in order:
+        if owner[k] == k:
+            groups.append([k])
+        else:
+            next(g for g in groups if g[0] == owner[k]).append(k)
+    return {k: stats[owner.get(k, k)] for k in names}, groups
 
 
 def size_report(model: nn.Module) -> dict[str, Any]:
