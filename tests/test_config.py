@@ -49,3 +49,12 @@ def test_rank_rules():
 def test_roundtrip_dict():
     c = CompressConfig.from_dict({"sparsity": {"pattern": "0.5"}, "adapter": {"method": "naive"}})
     assert CompressConfig.from_dict(c.to_dict()) == c
+
+
+def test_paper_preset_is_explicit():
+    from slim.config import PRESETS
+
+    p = CompressConfig.from_dict(PRESETS["paper"])
+    assert (p.adapter.method, p.adapter.refit_rounds, p.quant.error_feedback, p.true_sequential) == (
+        "slim", 0, False, False)
+    assert not p.needs_gram

@@ -232,7 +232,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     # The paper's headline recipe (SLiM-LoRA^Q): Wanda 2:4, SLiM-Quant 4-bit, diagonal-saliency adapters.
     "paper": {
         "sparsity": {"pattern": "2:4", "method": "wanda"},
-        "quant": {"method": "slim", "bits": 4},
-        "adapter": {"method": "slim", "rank": 0.1, "quantize": True},
+        "quant": {"method": "slim", "bits": 4, "error_feedback": False},
+        "adapter": {"method": "slim", "rank": 0.1, "pad_to": 1, "quantize": True, "bits": 4, "group_size": 128,
+                    "refit_rounds": 0},
+        "true_sequential": False,
     },
 }
