@@ -28,6 +28,7 @@ from slim.pipeline import compress_model
 FULLCOV = {"adapter": {"method": "fullcov"}}
 EF = {"quant": {"error_feedback": True}}
 REFIT = {"adapter": {"refit_rounds": 3}}
+BEST = merge(merge(FULLCOV, EF), REFIT)
 
 # name -> (description, overrides on top of the paper preset); "dense" is the uncompressed model
 ROWS: dict[str, tuple[str, dict]] = {
@@ -41,9 +42,10 @@ ROWS: dict[str, tuple[str, dict]] = {
     "refit": ("3. alternating refit (<= 3 rounds)", REFIT),
     "fullcov+refit": ("1 + 3", merge(FULLCOV, REFIT)),
     "fullcov+ef": ("1 + 2", merge(FULLCOV, EF)),
-    "best": ("1 + 2 + 3", merge(merge(FULLCOV, EF), REFIT)),
-    "best+sparsegpt-mask": ("1 + 2 + 3 with SparseGPT's 2:4 mask", merge(merge(merge(FULLCOV, EF), REFIT),
-                                                                         {"sparsity": {"method": "sparsegpt"}})),
+    "best": ("1 + 2 + 3", BEST),
+    "best+sparsegpt-mask": ("1 + 2 + 3 with SparseGPT's 2:4 mask", merge(BEST, {"sparsity": {"method": "sparsegpt"}})),
+    "best+true-sequential": ("1 + 2 + 3, true-sequential within blocks", merge(BEST, {"true_sequential": True})),
+    "slim-group": ("4. SLiM-Quant with group-128 scales (+0.125 bit/weight)", {"quant": {"method": "slim-group"}}),
 }
 
 
