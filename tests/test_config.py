@@ -3,12 +3,13 @@ import pytest
 from slim.config import AdapterConfig, CompressConfig, ConfigError, parse_pattern
 
 
-def test_defaults_are_paper_headline():
+def test_defaults_are_the_ablation_winner_on_the_paper_budget():
     c = CompressConfig()
     assert (c.sparsity.pattern, c.sparsity.method) == ("2:4", "wanda")
-    assert (c.quant.method, c.quant.bits) == ("slim", 4)
-    assert (c.adapter.method, c.adapter.rank, c.adapter.quantize) == ("slim", 0.1, True)
+    assert (c.quant.method, c.quant.bits, c.quant.error_feedback) == ("slim", 4, True)
+    assert (c.adapter.method, c.adapter.rank, c.adapter.quantize, c.adapter.refit_rounds) == ("fullcov", 0.1, True, 3)
     assert (c.calib.n_samples, c.calib.seqlen, c.calib.seed) == (128, 512, 0)
+    assert c.needs_gram
 
 
 @pytest.mark.parametrize("pattern,expect", [

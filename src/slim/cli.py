@@ -29,7 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--out", required=True, help="output checkpoint directory (must not exist)")
     c.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     c.add_argument("--config", help="YAML file with sections sparsity/quant/adapter/calib (unknown keys rejected)")
-    c.add_argument("--preset", choices=sorted(PRESETS), help="a named recipe; flags and --config override it")
+    c.add_argument("--preset", choices=sorted(PRESETS),
+                   help="a named recipe ('paper': the SLiM paper's); flags and --config override it")
     g = c.add_argument_group("sparsity")
     g.add_argument("--sparsity", dest="sparsity.pattern", help="'2:4' (default), any 'N:M', a ratio '0.5', or 'none'")
     g.add_argument("--mask", dest="sparsity.method", help="mask method: wanda (default) | magnitude | sparsegpt")
@@ -40,14 +41,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--bits", dest="quant.bits", type=int, help="weight bits: 2, 4 (default) or 8")
     g.add_argument("--group-size", dest="quant.group_size", type=int, help="group size (128)")
     g.add_argument("--error-feedback", dest="quant.error_feedback", action=argparse.BooleanOptionalAction,
-                   default=None, help="OPTQ-style column updates with the input Gram matrix (default off)")
+                   default=None, help="OPTQ-style column updates with the input Gram matrix (default on)")
     g = c.add_argument_group("adapters")
-    g.add_argument("--adapter", dest="adapter.method", help="slim (default) | naive | fullcov | none")
+    g.add_argument("--adapter", dest="adapter.method", help="fullcov (default) | slim | naive | none")
     g.add_argument("--rank", dest="adapter.rank", type=float,
                    help="ratio of min(d_out, d_in) if < 1, else a rank (0.1)")
     g.add_argument("--rank-pad", dest="adapter.pad_to", type=int, help="round ranks up to a multiple (1 = off)")
     g.add_argument("--refit-rounds", dest="adapter.refit_rounds", type=int,
-                   help="re-fit adapters to the re-quantized weights' error, up to N rounds (0)")
+                   help="re-fit adapters to the re-quantized weights' error, up to N rounds (3)")
     g.add_argument("--adapter-quant", dest="adapter.quantize", action=argparse.BooleanOptionalAction,
                    default=None, help="4-bit group adapters, SLiM-LoRA^Q (default on)")
     g.add_argument("--adapter-bits", dest="adapter.bits", type=int, help="adapter bits (4)")
@@ -125,8 +126,9 @@ def cmd_compress(args: argparse.Namespace) -> int:
         data.wikitext2_rows(args.data_dir)  # fail now, not after compressing
     data.read_texts(cfg.calib.data, args.data_dir)
     print(f"slim: recipe sparsity={cfg.sparsity.pattern}/{cfg.sparsity.method} quant={cfg.quant.method}"
-          f"/{cfg.quant.bits}b adapter={cfg.adapter.method}/rank {cfg.adapter.rank}"
-          f"{'/q' + str(cfg.adapter.bits) if cfg.adapter.quantize else ''}; calibration "
+          f"/{cfg.quant.bits}b{' +error-feedback' if cfg.quant.error_feedback else ''} adapter={cfg.adapter.method}"
+          f"/rank {cfg.adapter.rank}{'/q' + str(cfg.adapter.bits) if cfg.adapter.quantize else ''}"
+          f"{f'/refit {cfg.adapter.refit_rounds}' if cfg.adapter.refit_rounds else ''}; calibration "
           f"{cfg.calib.n_samples} x {cfg.calib.seqlen} tokens from {cfg.calib.data}, seed {cfg.calib.seed}"
           + (" (seqlen 512 is the CPU default; the paper uses 2048)" if cfg.calib.seqlen == 512 else ""))
     model, tok, source = models.load_model(args.model)

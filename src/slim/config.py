@@ -83,7 +83,7 @@ class QuantConfig:
     group_size: int = 128  # used by group-absmax and slim-group
     outlier_fraction: float = 0.01  # slim-o: share of input channels scaled up
     outlier_factor: float = 2.0  # slim-o: factor applied to those weight columns
-    error_feedback: bool = False  # OPTQ-style column updates with the Gram matrix (needs H)
+    error_feedback: bool = True  # OPTQ-style column updates with the Gram matrix (paper: False)
     damping: float = 0.01  # error feedback: relative damping of H
 
     def __post_init__(self) -> None:
@@ -103,14 +103,14 @@ class QuantConfig:
 class AdapterConfig:
     """Closed-form low-rank adapters that absorb the compression error."""
 
-    method: str = "slim"
+    method: str = "fullcov"  # paper: "slim"
     rank: float = 0.1  # < 1: ratio of min(d_out, d_in); >= 1: absolute rank
     pad_to: int = 1  # round the rank up to a multiple of this (official code: 128)
     quantize: bool = True  # SLiM-LoRA^Q: 4-bit group AbsMax adapters
     bits: int = 4
     group_size: int = 128
     damping: float = 0.01  # fullcov: relative damping of the Gram matrix
-    refit_rounds: int = 0  # alternate: re-fit the adapters to the re-quantized weights' error
+    refit_rounds: int = 3  # alternate: re-fit the adapters to the re-quantized weights' error (paper: 0)
 
     def __post_init__(self) -> None:
         if self.refit_rounds < 0:
@@ -228,6 +228,9 @@ def merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+# The defaults are slim's own recipe (full-covariance adapters, OPTQ error feedback, alternating refit):
+# on SmolLM2-135M it cuts the paper recipe's WikiText-2 gap to dense by 74% at the same bits per weight
+# (docs/results/ablation). The paper's recipe stays available by name.
 PRESETS: dict[str, dict[str, Any]] = {
     # The paper's headline recipe (SLiM-LoRA^Q): Wanda 2:4, SLiM-Quant 4-bit, diagonal-saliency adapters.
     "paper": {
