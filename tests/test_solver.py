@@ -58,7 +58,8 @@ def test_refit_rounds_never_increase_error():
 
 def test_error_feedback_lowers_error_before_adapters():
     w, x, st = _layer(2)
-    plain = compress_weight(w, st, CompressConfig.from_dict({"adapter": {"method": "none"}}))
+    plain = compress_weight(w, st, CompressConfig.from_dict({"adapter": {"method": "none"},
+                                                             "quant": {"error_feedback": False}}))
     ef = compress_weight(w, st, CompressConfig.from_dict({"adapter": {"method": "none"},
                                                           "quant": {"error_feedback": True}}))
     assert torch.equal(plain.mask, ef.mask)  # same Wanda mask, better values
