@@ -106,32 +106,13 @@ def write_report(paths: list[str | Path], out: str | Path, title: str = "slim re
 
     pts = [(n, m["bits_per_weight"], m["ppl"]) for n, m in methods.items() if m.get("ppl") and m.get("bits_per_weight")]
     if pts:
-        fig, ax = plt.subplots(figsize=(7, 4.5))
-        for n, b, ppl in pts:
-            ax.scatter(b, ppl, s=40)
-            ax.annotate(n, (b, ppl), textcoords="offset points", xytext=(5, 3), fontsize=8)
-        ax.set_xlabel("bits per weight of the linear layers (as stored)")
-        ax.set_ylabel("WikiText-2 perplexity (lower is better)")
-        ax.set_yscale("log")
-        ax.set_title("Perplexity against storage")
-        ax.grid(True, alpha=0.3)
-        fig.tight_layout()
-        fig.savefig(out / "pareto_ppl.png", dpi=120)
-        plt.close(fig)
+        _scatter(plt, pts, "WikiText-2 perplexity (lower is better)", "Perplexity against storage",
+                 out / "pareto_ppl.png", log_y=True)
         lines += ["", "![perplexity vs bits per weight](pareto_ppl.png)"]
-    acc_pts = [(n, m["bits_per_weight"], m["mean_acc"]) for n, m in methods.items() if m.get("mean_acc") is not None]
+    acc_pts = [(n, m["bits_per_weight"], 100 * m["mean_acc"]) for n, m in methods.items()
+               if m.get("mean_acc") is not None]
     if acc_pts:
-        fig, ax = plt.subplots(figsize=(7, 4.5))
-        for n, b, a in acc_pts:
-            ax.scatter(b, 100 * a, s=40)
-            ax.annotate(n, (b, 100 * a), textcoords="offset points", xytext=(5, 3), fontsize=8)
-        ax.set_xlabel("bits per weight of the linear layers (as stored)")
-        ax.set_ylabel("mean 0-shot accuracy (%)")
-        ax.set_title("Accuracy against storage")
-        ax.grid(True, alpha=0.3)
-        fig.tight_layout()
-        fig.savefig(out / "pareto_acc.png", dpi=120)
-        plt.close(fig)
+        _scatter(plt, acc_pts, "mean 0-shot accuracy (%)", "Accuracy against storage", out / "pareto_acc.png")
         lines += ["", "![accuracy vs bits per weight](pareto_acc.png)"]
     for name, lay in layers.items():
         names = list(lay)
@@ -161,3 +142,22 @@ def write_report(paths: list[str | Path], out: str | Path, title: str = "slim re
     report = out / "report.md"
     report.write_text("\n".join(lines) + "\n")
     return report
+
+
+def _scatter(
+    plt, pts: list[tuple[str, float, float]], ylabel: str, title: str, path: Path, log_y: bool = False
+) -> None:
+    """One labelled point per method against bits per weight."""
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for n, x, y in pts:
+        ax.scatter(x, y, s=40)
+        ax.annotate(n, (x, y), textcoords="offset points", xytext=(5, 3), fontsize=8)
+    ax.set_xlabel("bits per weight of the linear layers (as stored)")
+    ax.set_ylabel(ylabel)
+    if log_y:
+        ax.set_yscale("log")
+    ax.set_title(title)
+    ax.grid(True, alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
