@@ -11,7 +11,6 @@ import logging
 import os
 import platform
 import shutil
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +19,7 @@ from safetensors.torch import load_model, save_model
 from torch import nn
 
 from . import __version__
+from .models import set_submodule
 from .packed import FORMAT_VERSION, Layout, SlimLinear
 
 log = logging.getLogger(__name__)
@@ -159,8 +159,6 @@ def load(path: str | os.PathLike, device: str = "cpu") -> nn.Module:
             model.get_submodule(name)
         except AttributeError:
             raise CheckpointError(f"{CONFIG_NAME} names layer {name!r} that the model does not have") from None
-        from .models import set_submodule
-
         set_submodule(model, name, SlimLinear(Layout.from_dict(layout), dtype=dtype))
     try:
         missing, unexpected = load_model(model, str(weights), strict=False)
@@ -186,7 +184,3 @@ def load_tokenizer(path: str | os.PathLike):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(path)
-
-
-def python_cmd() -> str:
-    return " ".join(sys.argv)
