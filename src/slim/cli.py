@@ -33,17 +33,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a named recipe ('paper': the SLiM paper's); flags and --config override it")
     g = c.add_argument_group("sparsity")
     g.add_argument("--sparsity", dest="sparsity.pattern", help="'2:4' (default), any 'N:M', a ratio '0.5', or 'none'")
-    g.add_argument("--mask", dest="sparsity.method", help="mask method: wanda (default) | magnitude | sparsegpt")
+    g.add_argument("--mask", dest="sparsity.method", help="mask method: wanda (default) | magnitude | sparsegpt | jsq")
     g.add_argument("--mask-file", help="precomputed masks (safetensors, one bool tensor per linear, e.g. MaskLLM)")
     g = c.add_argument_group("quantization")
     g.add_argument("--quant", dest="quant.method",
-                   help="slim (default) | slim-o | slim-group | absmax | group-absmax | none")
+                   help="slim (default) | slim-o | slim-group | absmax | group-absmax | gptq | awq | none")
     g.add_argument("--bits", dest="quant.bits", type=int, help="weight bits: 2, 4 (default) or 8")
-    g.add_argument("--group-size", dest="quant.group_size", type=int, help="group size (128)")
+    g.add_argument("--group-size", dest="quant.group_size", type=int, help="group size (128; gptq: 0 = per tensor)")
     g.add_argument("--error-feedback", dest="quant.error_feedback", action=argparse.BooleanOptionalAction,
                    default=None, help="OPTQ-style column updates with the input Gram matrix (default on)")
+    g.add_argument("--act-order", dest="quant.act_order", action="store_true", default=None,
+                   help="error feedback in order of decreasing input energy (GPTQ act-order; static groups)")
     g = c.add_argument_group("adapters")
-    g.add_argument("--adapter", dest="adapter.method", help="fullcov (default) | slim | naive | none")
+    g.add_argument("--adapter", dest="adapter.method", help="fullcov (default) | slim | naive | l2qer | none")
     g.add_argument("--rank", dest="adapter.rank", type=float,
                    help="ratio of min(d_out, d_in) if < 1, else a rank (0.1)")
     g.add_argument("--rank-pad", dest="adapter.pad_to", type=int, help="round ranks up to a multiple (1 = off)")

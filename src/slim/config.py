@@ -10,9 +10,10 @@ from typing import Any
 
 import yaml
 
-MASK_METHODS = ("wanda", "magnitude", "sparsegpt")
-QUANT_METHODS = ("slim", "slim-o", "slim-group", "absmax", "group-absmax", "none")
-ADAPTER_METHODS = ("slim", "naive", "fullcov", "none")
+MASK_METHODS = ("wanda", "magnitude", "sparsegpt", "jsq")
+QUANT_METHODS = ("slim", "slim-o", "slim-group", "absmax", "group-absmax", "gptq", "awq", "none")
+ADAPTER_METHODS = ("slim", "naive", "fullcov", "l2qer", "none")
+GROUPED_QUANT = ("slim-group", "group-absmax", "awq")  # need group_size >= 1 (gptq: 0 = per tensor)
 SUPPORTED_BITS = (2, 4, 8)
 
 
@@ -26,11 +27,15 @@ class SparsityConfig:
 
     pattern: str = "2:4"  # "N:M", a ratio in (0, 1) such as "0.5", or "none"
     method: str = "wanda"
+    jsq_mixing: float = 2.1  # JSQ: weight of its activation-range term in the pruning metric
+    jsq_clip: float = 0.01  # JSQ: share of extreme input entries clipped before taking statistics
 
     def __post_init__(self) -> None:
         parse_pattern(self.pattern)
         if self.method not in MASK_METHODS:
             raise ConfigError(f"sparsity.method: unknown mask method {self.method!r}; choose from {MASK_METHODS}")
+        if self.jsq_mixing < 0 or not (0.0 <= self.jsq_clip < 1.0):
+            raise ConfigError("sparsity.jsq_mixing must be >= 0 and sparsity.jsq_clip in [0, 1)")
 
     @property
     def kind(self) -> str:
@@ -80,19 +85,28 @@ class QuantConfig:
 
     method: str = "slim"
     bits: int = 4
-    group_size: int = 128  # used by group-absmax and slim-group
+    group_size: int = 128  # group-absmax, slim-group, awq, gptq (gptq: 0 = one scale per tensor)
     outlier_fraction: float = 0.01  # slim-o: share of input channels scaled up
     outlier_factor: float = 2.0  # slim-o: factor applied to those weight columns
     error_feedback: bool = True  # OPTQ-style column updates with the Gram matrix (paper: False)
     damping: float = 0.01  # error feedback: relative damping of H
+    act_order: bool = False  # error feedback: columns in order of decreasing H_jj (GPTQ's act-order)
+    awq_grid: int = 20  # awq: points of the scale-exponent grid and of the clipping grid
 
     def __post_init__(self) -> None:
         if self.method not in QUANT_METHODS:
             raise ConfigError(f"quant.method: unknown quantizer {self.method!r}; choose from {QUANT_METHODS}")
         if self.method != "none" and self.bits not in SUPPORTED_BITS:
             raise ConfigError(f"quant.bits={self.bits} is not supported; choose from {SUPPORTED_BITS}")
-        if self.group_size < 1:
-            raise ConfigError(f"quant.group_size must be >= 1, got {self.group_size}")
+        if self.group_size < 0 or (self.group_size == 0 and self.method in GROUPED_QUANT):
+            raise ConfigError(
+                f"quant.group_size must be >= 1 for {self.method!r} (0 means per tensor, for gptq only), "
+                f"got {self.group_size}"
+            )
+        if self.act_order and not self.error_feedback:
+            raise ConfigError("quant.act_order orders the error-feedback pass: it needs quant.error_feedback")
+        if self.awq_grid < 2:
+            raise ConfigError(f"quant.awq_grid must be >= 2, got {self.awq_grid}")
         if self.damping < 0:
             raise ConfigError(f"quant.damping must be >= 0, got {self.damping}")
         if not (0.0 <= self.outlier_fraction < 1.0) or self.outlier_factor <= 0:
@@ -173,7 +187,8 @@ class CompressConfig:
 
     @property
     def needs_gram(self) -> bool:
-        return self.adapter.method == "fullcov" or self.quant.error_feedback or self.sparsity.method == "sparsegpt"
+        return (self.adapter.method == "fullcov" or self.quant.error_feedback or self.sparsity.method == "sparsegpt"
+                or self.quant.method == "awq")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -241,3 +256,40 @@ PRESETS: dict[str, dict[str, Any]] = {
         "true_sequential": False,
     },
 }
+
+
+def _baseline(sparsity: str, quant: dict[str, Any], adapter: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A compared method's recipe, spelled out so slim's own defaults (error feedback, refit) never leak in."""
+    return {
+        "sparsity": {"method": sparsity},
+        "quant": {"error_feedback": False, "act_order": False, **quant},
+        "adapter": {"method": "none", "refit_rounds": 0, **(adapter or {})},
+        "true_sequential": False,
+    }
+
+
+_FP16_ADAPTER = {"rank": 0.1, "pad_to": 1, "quantize": False}
+
+# The methods the paper compares against (its Tables 1-2 and 10-14), each to its own recipe; the sparsity
+# pattern is left to --sparsity (2:4 by default). See docs/baselines.md.
+PRESETS.update({
+    "magnitude-absmax": _baseline("magnitude", {"method": "absmax", "bits": 4}),
+    "magnitude-group-absmax": _baseline("magnitude", {"method": "group-absmax", "bits": 4, "group_size": 128}),
+    "wanda-absmax": _baseline("wanda", {"method": "absmax", "bits": 4}),
+    "wanda-group-absmax": _baseline("wanda", {"method": "group-absmax", "bits": 4, "group_size": 128}),
+    "wanda-awq": _baseline("wanda", {"method": "awq", "bits": 4, "group_size": 128, "awq_grid": 20}),
+    "wanda-gptq": _baseline("wanda", {"method": "gptq", "bits": 4, "group_size": 128, "error_feedback": True,
+                                      "damping": 0.01}),
+    "sparsegpt-optq": _baseline("sparsegpt", {"method": "gptq", "bits": 4, "group_size": 128,
+                                              "error_feedback": True, "damping": 0.01}),
+    "sparsegpt-optq-tensor": _baseline("sparsegpt", {"method": "gptq", "bits": 4, "group_size": 0,
+                                                     "error_feedback": True, "damping": 0.01}),
+    "jsq": _baseline("jsq", {"method": "group-absmax", "bits": 4, "group_size": 128}),
+    "l2qer": _baseline("wanda", {"method": "group-absmax", "bits": 4, "group_size": 128},
+                       {"method": "l2qer", **_FP16_ADAPTER}),
+    "naive-lora-group-absmax": _baseline("wanda", {"method": "group-absmax", "bits": 4, "group_size": 128},
+                                         {"method": "naive", **_FP16_ADAPTER}),
+    "naive-lora": _baseline("wanda", {"method": "slim", "bits": 4}, {"method": "naive", **_FP16_ADAPTER}),
+    "slim-lora": _baseline("wanda", {"method": "slim", "bits": 4}, {"method": "slim", **_FP16_ADAPTER}),
+    "slim-quant-o": _baseline("wanda", {"method": "slim-o", "bits": 4}),
+})

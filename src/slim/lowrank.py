@@ -76,7 +76,7 @@ def output_error(err: torch.Tensor, gram: torch.Tensor | None = None, rms: torch
     """Calibration-weighted squared error tr(E H E^T) (or its diagonal approximation from the RMS)."""
     e = err.double()
     if gram is not None:
-        return float(torch.einsum("ij,jk,ik->", e, gram.double(), e))
+        return float(((e @ gram.double()) * e).sum())
     if rms is not None:
         return float(((e * rms.double()[None, :]) ** 2).sum())
     return float((e**2).sum())

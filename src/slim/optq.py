@@ -48,12 +48,15 @@ def optq(
     hinv_chol: torch.Tensor | None = None,
     nm: tuple[int, int] | None = None,
     ratio: float | None = None,
+    on_block: Callable[[int, int, torch.Tensor], None] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Return (dense fake-quantized weight with pruned entries exactly zero, mask used).
 
     quantize_column(col, j) maps column j (d_out,) to its quantized-dequantized values. With `mask`
     None and `nm` or `ratio` given, the mask is chosen during the pass (SparseGPT); with neither,
     nothing is pruned. Pass `hinv_chol` (from `inverse_hessian_cholesky`) to reuse the factorization.
+    `on_block(b0, b1, cur)` is called at the start of each column block with the current (error-updated)
+    values of columns b0.. onwards, so a quantizer can fit group parameters there as GPTQ does.
     """
     w = w.double().clone()
     d_out, d_in = w.shape
@@ -79,15 +82,19 @@ def optq(
             k = round(total_keep * b1 / d_in) - kept_so_far
             kept_so_far += k
             mask[:, b0:b1] = _keep_top(wb**2 / d[None, :] ** 2, k)
+        if on_block is not None:
+            on_block(b0, b1, torch.cat([wb, w[:, b1:]], dim=1).float())
+        keep = None if choose and nm is not None else mask[:, b0:b1].double()
         for j in range(b1 - b0):
             if choose and nm is not None and j % nm[1] == 0:
                 n, m = nm
                 mask[:, b0 + j : b0 + j + m] = _keep_top(wb[:, j : j + m] ** 2 / d[None, j : j + m] ** 2, n)
+                keep = mask[:, b0:b1].double()
             col = wb[:, j]
-            qc = quantize_column(col.float(), b0 + j).double() * mask[:, b0 + j]
+            qc = quantize_column(col.float(), b0 + j).double().mul_(keep[:, j])
             q[:, b0 + j] = qc
-            e = (col - qc) / ub[j, j]
-            wb[:, j:] -= e[:, None] * ub[j, j:][None, :]
+            e = (col - qc).div_(ub[j, j])
+            wb[:, j:].addr_(e, ub[j, j:], alpha=-1)
             err[:, j] = e
         w[:, b1:] -= err @ u[b0:b1, b1:]
     return q.float(), mask

@@ -6,7 +6,9 @@ On-disk/in-memory layout (format 1), all row-major, little-endian bit order insi
   indices   uint8 (d_out, ceil(keep*ib/8))    N:M only: position of each kept value inside its
             group of M, ib = 2 bits for M = 4 (1, 2, 4 or 8 bits in general)
   bitmask   uint8 (d_out, ceil(d_in/8))       unstructured only: 1 bit per weight (1 = kept)
-  scale     fp16 () or (d_out, n_groups)      step of the symmetric quantizer
+  scale     fp16 () or (d_out, n_groups)      step of the quantizer
+  zero      uint8 (d_out, ceil(n_groups*bits/8)) asymmetric (AWQ) only: each group's zero point in
+            the same code space, packed like the values; a weight is (code - zero) * scale
   lora_A    (r, d_in), lora_B (d_out, r)      adapters dW = lora_B @ lora_A; fp16, or packed codes
             with lora_A_scale / lora_B_scale  group scales along each one's input dimension
   input_scale fp16 (d_in)                     SLiM-Quant^O: the layer computes with x / input_scale
@@ -90,6 +92,7 @@ class Layout:
     keep: int = 0  # kept weights per row
     bits: int = 4  # 0: weights stored as fp16
     group_size: int = 0  # 0: one scale per tensor
+    zero_point: bool = False  # asymmetric groups (AWQ): a packed zero point per group
     rank: int = 0
     adapter_bits: int = 0  # 0: fp16 adapters
     adapter_group: int = 128
@@ -115,6 +118,7 @@ class CompressedWeight:
     scale: torch.Tensor | None  # () or (d_out, n_groups)
     bits: int
     group_size: int
+    zero: torch.Tensor | None = None  # int8 (d_out, n_groups) zero points in code space (asymmetric)
     lora_A: torch.Tensor | None = None  # (r, d_in) float, already quantized-dequantized if adapter_bits
     lora_B: torch.Tensor | None = None
     adapter_codes: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -129,8 +133,12 @@ class CompressedWeight:
         if self.codes is None:
             assert self.dense_values is not None
             return self.dense_values.float() * self.mask
-        s = self.scale if self.group_size == 0 else expand_groups(self.scale, self.mask.shape[1], self.group_size)
-        return self.codes.float() * s * self.mask
+        d_in = self.mask.shape[1]
+        s = self.scale if self.group_size == 0 else expand_groups(self.scale, d_in, self.group_size)
+        c = self.codes.float()
+        if self.zero is not None:
+            c = c - expand_groups(self.zero.float(), d_in, self.group_size)
+        return c * s * self.mask
 
 
 # ---------------------------------------------------------------- the module
@@ -151,6 +159,11 @@ class SlimLinear(nn.Module):
             self.register_buffer("values", torch.zeros(L.d_out, math.ceil(L.keep * L.bits / 8), dtype=u8))
             sshape = () if L.group_size == 0 else (L.d_out, n_groups(L.d_in, L.group_size))
             self.register_buffer("scale", torch.ones(sshape, dtype=torch.float16))
+            if L.zero_point:
+                if L.group_size == 0:
+                    raise ValueError("asymmetric (zero-point) weights need a group size")
+                g = n_groups(L.d_in, L.group_size)
+                self.register_buffer("zero", torch.zeros(L.d_out, math.ceil(g * L.bits / 8), dtype=u8))
         else:
             self.register_buffer("values", torch.zeros(L.d_out, L.keep, dtype=torch.float16))
         if L.sparsity == "nm":
@@ -189,7 +202,8 @@ class SlimLinear(nn.Module):
         rank = 0 if cw.lora_A is None else cw.lora_A.shape[0]
         layout = Layout(
             d_in=d_in, d_out=d_out, sparsity=sparsity, n=n, m=m, keep=keep, bits=cw.bits,
-            group_size=cw.group_size, rank=rank, adapter_bits=cw.adapter_bits if rank else 0,
+            group_size=cw.group_size, zero_point=cw.zero is not None, rank=rank,
+            adapter_bits=cw.adapter_bits if rank else 0,
             adapter_group=cw.adapter_group, input_scale=cw.input_scale is not None, fp8_inputs=fp8_inputs,
             bias=bias is not None,
         )
@@ -202,6 +216,8 @@ class SlimLinear(nn.Module):
         if cw.bits:
             mod.values.copy_(pack_codes(cw.codes.gather(1, pos), cw.bits))
             mod.scale.copy_(cw.scale.to(torch.float16))
+            if cw.zero is not None:
+                mod.zero.copy_(pack_codes(cw.zero, cw.bits))
         else:
             mod.values.copy_(cw.dense_values.gather(1, pos).to(torch.float16))
         if sparsity == "nm":
@@ -267,6 +283,10 @@ class SlimLinear(nn.Module):
         L = self.layout
         if L.bits:
             vals = unpack_codes(self.values, L.bits, L.keep).float()
+            if L.zero_point:
+                zero = unpack_codes(self.zero, L.bits, n_groups(L.d_in, L.group_size)).float()
+                pos = self.kept_positions()
+                vals = vals - zero.gather(1, pos // L.group_size)
         else:
             vals = self.values.float()
         w = torch.zeros(L.d_out, L.d_in, device=self.values.device)

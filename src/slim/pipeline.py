@@ -44,6 +44,7 @@ def compress_model(
     fp8 = cfg.fp8_inputs
     kind = cfg.sparsity.kind
     n, m = cfg.sparsity.nm if kind == "nm" else (0, 0)
+    jsq_clip = cfg.sparsity.jsq_clip if cfg.sparsity.method == "jsq" and masks is None else None
     log.info(
         "calibrating on %d x %d tokens (seed %d)%s", calib_ids.shape[0], calib_ids.shape[1], cfg.calib.seed,
         "; CPU default seqlen is 512 (the paper uses 2048)" if device == "cpu" else "",
@@ -54,15 +55,16 @@ def compress_model(
     for i in bar:
         block = layers[i].to(device)
         linears = find_linears(block)
-        stats, groups = _collect_stats(block, linears, hidden, kwargs, device, cfg.needs_gram)
+        stats, groups = _collect_stats(block, linears, hidden, kwargs, device, cfg.needs_gram, jsq_clip=jsq_clip)
         for gi, group in enumerate(groups):
             if cfg.true_sequential and gi > 0:  # re-measure this group's inputs behind compressed groups
-                stats.update(_collect_stats(block, linears, hidden, kwargs, device, cfg.needs_gram, only=group)[0])
+                stats.update(_collect_stats(block, linears, hidden, kwargs, device, cfg.needs_gram, only=group,
+                                            jsq_clip=jsq_clip)[0])
             for k in group:
                 lin = linears[k]
                 full = f"{prefix}.{i}.{k}"
                 mask = None if masks is None else masks.get(full)
-                cw = compress_weight(lin.weight.data, stats[k], cfg, mask=mask)
+                cw = compress_weight(lin.weight.data, stats[k], cfg, mask=mask, name=k)
                 bias = None if lin.bias is None else lin.bias.data.detach().cpu()
                 new = SlimLinear.from_compressed(cw, bias, kind, n, m, fp8_inputs=fp8)
                 set_submodule(block, k, new.to(device))
@@ -83,7 +85,7 @@ class _GroupInputsSeen(Exception):
 
 def _collect_stats(
     block: nn.Module, linears: dict[str, nn.Linear], hidden: list[torch.Tensor], kwargs: list[dict[str, Any]],
-    device: str, with_gram: bool, only: list[str] | None = None,
+    device: str, with_gram: bool, only: list[str] | None = None, jsq_clip: float | None = None,
 ) -> tuple[dict[str, InputStats], list[list[str]]]:
     """Input statistics of the block's linears (or of `only`, one group, stopping the forward there).
 
@@ -91,7 +93,7 @@ def _collect_stats(
     statistics and the groups in execution order.
     """
     names = list(linears) if only is None else list(only)
-    stats = {k: InputStats.empty(linears[k].in_features, with_gram, device) for k in names}
+    stats = {k: InputStats.empty(linears[k].in_features, with_gram, device, jsq_clip) for k in names}
     owner: dict[str, str] = {}
     order: list[str] = []
     last: dict[str, Any] = {"x": None, "name": None}

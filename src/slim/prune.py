@@ -45,7 +45,13 @@ def make_mask(
     """Mask for one weight matrix: kind is 'nm', 'unstructured' or 'dense'."""
     if kind == "dense":
         return torch.ones_like(w, dtype=torch.bool)
-    score = saliency(w, sum_sq, method)
+    return make_mask_from_score(saliency(w, sum_sq, method), kind, n, m, ratio)
+
+
+def make_mask_from_score(score: torch.Tensor, kind: str, n: int = 2, m: int = 4, ratio: float = 0.5) -> torch.Tensor:
+    """Keep the highest scores under the pattern (N:M groups, or the same count in every row)."""
+    if kind == "dense":
+        return torch.ones_like(score, dtype=torch.bool)
     if kind == "nm":
         return nm_mask(score, n, m)
     if kind == "unstructured":

@@ -1,8 +1,10 @@
 """Weight quantizers as pure torch functions.
 
-All quantizers are symmetric with integer levels qmin..qmax = -2^(b-1)..2^(b-1)-1 and a step
-(scale) per tensor or per group along the input dimension. Scales are rounded to fp16 before
-the codes are computed, so what is stored on disk is exactly what the in-memory model uses.
+Integer levels are qmin..qmax = -2^(b-1)..2^(b-1)-1 with a step (scale) per tensor or per group
+along the input dimension. Symmetric quantizers map w to round(w / scale); asymmetric ones (AWQ)
+add an integer zero point per group, stored in the same signed code space: code = round(w / scale)
++ zero, value = (code - zero) * scale. Scales are rounded to fp16 before the codes are computed,
+so what is stored on disk is exactly what the in-memory model uses.
 """
 
 from __future__ import annotations
@@ -23,15 +25,25 @@ def round_scale(scale: torch.Tensor) -> torch.Tensor:
     return torch.where(s > 0, s, torch.full_like(s, 1e-8).to(torch.float16).float())
 
 
-def quantize_codes(w: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
-    """round(w / scale) clamped to the b-bit range, as int8 codes. `scale` broadcasts against w."""
+def quantize_codes(
+    w: torch.Tensor, scale: torch.Tensor, bits: int, zero: torch.Tensor | None = None
+) -> torch.Tensor:
+    """round(w / scale) (+ zero) clamped to the b-bit range, as int8 codes. `scale`/`zero` broadcast."""
     qmin, qmax = qrange(bits)
-    return torch.clamp(torch.round(w / scale), qmin, qmax).to(torch.int8)
+    q = torch.round(w / scale)
+    if zero is not None:
+        q = q + zero
+    return torch.clamp(q, qmin, qmax).to(torch.int8)
 
 
-def fake_quant(w: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
-    """Quantize then dequantize with the exact forward quantizer."""
-    return quantize_codes(w, scale, bits).float() * scale
+def fake_quant(w: torch.Tensor, scale: torch.Tensor, bits: int, zero: torch.Tensor | None = None) -> torch.Tensor:
+    """Quantize then dequantize with the exact forward quantizer (the codes stay in float: they are small
+    integers, exact in any float format, and this runs once per column inside error-feedback loops)."""
+    qmin, qmax = qrange(bits)
+    q = torch.round(w / scale)
+    if zero is None:
+        return q.clamp_(qmin, qmax).mul_(scale)
+    return q.add_(zero).clamp_(qmin, qmax).sub_(zero).mul_(scale)
 
 
 # ---------------------------------------------------------------- per-tensor scales
@@ -128,6 +140,36 @@ def group_slim_scale(
         width = (hi - lo) / (points - 1)
         lo, hi = (best - width).clamp_min(1e-3), (best + width).clamp_max(1.0)
     return round_scale(best * amax / qmax)
+
+
+def grouped(w: torch.Tensor, group_size: int) -> torch.Tensor:
+    """(rows, d_in) -> (rows, n_groups, group_size), zero-padding a shorter last group."""
+    rows, d_in = w.shape
+    g = n_groups(d_in, group_size)
+    return torch.nn.functional.pad(w.float(), (0, g * group_size - d_in)).view(rows, g, group_size)
+
+
+def gptq_scale(w: torch.Tensor, bits: int) -> torch.Tensor:
+    """GPTQ's symmetric rule along the last dim: step 2 * max|w| / (2^b - 1) with levels -2^(b-1)..2^(b-1)-1,
+    so the largest magnitude is clipped by one half step on the positive side."""
+    amax = w.abs().float().amax(-1)
+    amax = torch.where(amax > 0, amax, torch.ones_like(amax))
+    return round_scale(2 * amax / (2**bits - 1))
+
+
+def minmax_asym_params(
+    wg: torch.Tensor, bits: int, clip: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Asymmetric (zero-point) parameters over the last dim, as AWQ computes them: step (max - min) /
+    (2^b - 1) and zero -round(min / step), shifted into the signed code space. `clip` (same shape as the
+    result) first clamps w to [-clip, clip] (AWQ's clipping search)."""
+    if clip is not None:
+        wg = torch.maximum(torch.minimum(wg, clip[..., None]), -clip[..., None])
+    mx, mn = wg.amax(-1), wg.amin(-1)
+    scale = round_scale(((mx - mn).clamp_min(1e-5)) / (2**bits - 1))
+    qmin, qmax = qrange(bits)
+    zero = (-torch.round(mn / scale)).clamp(0, 2**bits - 1) + qmin
+    return scale, zero.clamp(qmin, qmax)
 
 
 # ---------------------------------------------------------------- activations

@@ -6,17 +6,20 @@ from dataclasses import dataclass
 
 import torch
 
+from .baselines import awq_search, jsq_score
 from .config import AdapterConfig, CompressConfig, QuantConfig
 from .lowrank import fullcov_adapter, naive_adapter, output_error, slim_adapter, sqrt_and_inv_sqrt
 from .optq import inverse_hessian_cholesky, optq
 from .packed import CompressedWeight
-from .prune import make_mask, sparsegpt_mask
+from .prune import make_mask, make_mask_from_score, sparsegpt_mask
 from .quant import (
     absmax_scale,
     expand_groups,
     fake_quant,
+    gptq_scale,
     group_absmax_scale,
     group_slim_scale,
+    grouped,
     quantize_codes,
     slim_quant_scale,
 )
@@ -43,6 +46,34 @@ class QuantResult:
     group_size: int
     dense: torch.Tensor  # M * Q(W) as floats
     info: dict
+    mask: torch.Tensor | None = None  # the mask used (chosen in the pass for SparseGPT + OPTQ)
+    zero: torch.Tensor | None = None  # asymmetric zero points (AWQ)
+
+
+@dataclass
+class Feedback:
+    """What the error-feedback pass reuses across calls for one layer: the Cholesky factor of H^-1
+    (of the permuted H under act-order) and the column order."""
+
+    chol: torch.Tensor
+    perm: torch.Tensor | None = None
+
+    @classmethod
+    def build(cls, gram: torch.Tensor, damping: float, act_order: bool) -> Feedback:
+        if not act_order:
+            return cls(inverse_hessian_cholesky(gram, damping))
+        perm = torch.argsort(torch.diagonal(gram), descending=True)
+        return cls(inverse_hessian_cholesky(gram[perm][:, perm], damping), perm)
+
+
+@dataclass
+class FixedParams:
+    """Quantizer parameters fitted outside `quantize_masked` (AWQ's search)."""
+
+    scale: torch.Tensor  # (rows, n_groups)
+    zero: torch.Tensor | None
+    clip: torch.Tensor | None  # (rows, n_groups) clamp bound applied before rounding
+    group_size: int
 
 
 def fit_scale(w: torch.Tensor, mask: torch.Tensor, q: QuantConfig) -> tuple[torch.Tensor, int, dict]:
@@ -56,35 +87,98 @@ def fit_scale(w: torch.Tensor, mask: torch.Tensor, q: QuantConfig) -> tuple[torc
         return group_absmax_scale(w * mask, q.bits, q.group_size), q.group_size, {}
     if q.method == "slim-group":
         return group_slim_scale(w, mask, q.bits, q.group_size), q.group_size, {}
-    raise ValueError(f"unknown quantizer {q.method!r}")
+    if q.method == "gptq":
+        if q.group_size == 0:
+            return gptq_scale((w * mask).flatten(), q.bits), 0, {}
+        return gptq_scale(grouped(w * mask, q.group_size), q.bits), q.group_size, {}
+    raise ValueError(f"quantizer {q.method!r} has no stand-alone scale fit")
+
+
+def _ef_pass(
+    w: torch.Tensor, gram: torch.Tensor, col_fn, mask: torch.Tensor | None, fb: Feedback, q: QuantConfig,
+    choose: tuple[str, int, int, float] | None = None, on_block=None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One OPTQ pass (columns permuted under act-order, and put back)."""
+    nm = ratio = None
+    if choose is not None:
+        kind, n, m, r = choose
+        nm, ratio = ((n, m), None) if kind == "nm" else (None, r)
+    if fb.perm is None:
+        return optq(w, gram, col_fn, mask, q.damping, hinv_chol=fb.chol, nm=nm, ratio=ratio, on_block=on_block)
+    if choose is not None:
+        raise ValueError("act-order cannot be combined with choosing the mask in the same pass (SparseGPT)")
+    perm, inv = fb.perm, torch.argsort(fb.perm)
+    out, used = optq(
+        w[:, perm], None, lambda c, j: col_fn(c, int(perm[j])), None if mask is None else mask[:, perm],
+        q.damping, hinv_chol=fb.chol,
+    )
+    return out[:, inv], used[:, inv]
 
 
 def quantize_masked(
-    w: torch.Tensor, mask: torch.Tensor, q: QuantConfig, gram: torch.Tensor | None = None,
-    hinv_chol: torch.Tensor | None = None,
+    w: torch.Tensor, mask: torch.Tensor | None, q: QuantConfig, gram: torch.Tensor | None = None,
+    fb: Feedback | None = None, params: FixedParams | None = None,
+    choose: tuple[str, int, int, float] | None = None,
 ) -> QuantResult:
-    """Quantize M * W: round-to-nearest, or OPTQ error feedback when q.error_feedback (needs gram)."""
+    """Quantize M * W: round-to-nearest, or OPTQ error feedback when q.error_feedback (needs gram).
+
+    With `mask` None and `choose` = (kind, n, m, ratio), the mask is chosen inside the error-feedback
+    pass (SparseGPT + OPTQ in one pass). GPTQ's group scales are fitted lazily during that pass, on the
+    error-updated weights at the start of each column block (static groups, from W, under act-order).
+    """
     if q.error_feedback and gram is None:
         raise ValueError("error feedback needs the Gram matrix of the layer inputs")
-    if q.error_feedback and hinv_chol is None:
-        hinv_chol = inverse_hessian_cholesky(gram, q.damping)
+    if q.error_feedback and fb is None:
+        fb = Feedback.build(gram, q.damping, q.act_order)
+    if mask is None and (choose is None or not q.error_feedback):
+        raise ValueError("quantize_masked needs a mask, or `choose` with error feedback")
     if q.method == "none":
-        dense = optq(w, gram, lambda c, j: c, mask, hinv_chol=hinv_chol)[0] if q.error_feedback else w * mask
-        return QuantResult(None, None, 0, dense, {})
-    scale, gsize, info = fit_scale(w, mask, q)
-    full = scale if gsize == 0 else expand_groups(scale, w.shape[1], gsize)
-    if q.error_feedback:
-        if gsize == 0:
-            def col_fn(c: torch.Tensor, j: int) -> torch.Tensor:
-                return fake_quant(c, scale, q.bits)
-        else:
-            def col_fn(c: torch.Tensor, j: int) -> torch.Tensor:
-                return fake_quant(c, full[:, j], q.bits)
-        target = optq(w, gram, col_fn, mask, hinv_chol=hinv_chol)[0]
+        if not q.error_feedback:
+            return QuantResult(None, None, 0, w * mask, {}, mask)
+        dense, used = _ef_pass(w, gram, lambda c, j: c, mask, fb, q, choose)
+        return QuantResult(None, None, 0, dense, {}, used)
+    d_in = w.shape[1]
+    info: dict = {}
+    zero = clip = None
+    on_block = None
+    fit_on = mask if mask is not None else torch.ones_like(w, dtype=torch.bool)
+    if params is not None:
+        scale, gsize, zero, clip = params.scale, params.group_size, params.zero, params.clip
+    elif q.method == "gptq" and q.error_feedback and q.group_size and fb.perm is None:
+        gsize = q.group_size
+        scale = torch.ones(w.shape[0], -(-d_in // gsize))
+
+        def on_block(b0: int, b1: int, cur: torch.Tensor) -> None:
+            for g0 in range(-(-b0 // gsize) * gsize, b1, gsize):
+                vals = cur[:, g0 - b0 : g0 - b0 + gsize]
+                if mask is not None:
+                    vals = vals * mask[:, g0 : g0 + gsize]
+                scale[:, g0 // gsize] = gptq_scale(vals, q.bits)
     else:
-        target = w * mask
-    codes = quantize_codes(target, full, q.bits)
-    return QuantResult(codes, scale, gsize, codes.float() * full * mask, info)
+        scale, gsize, info = fit_scale(w, fit_on, q)
+
+    def full(t: torch.Tensor | None) -> torch.Tensor | None:
+        return t if t is None or gsize == 0 else expand_groups(t, d_in, gsize)
+
+    def clamp(t: torch.Tensor, j: slice | int) -> torch.Tensor:
+        if clip is None:
+            return t
+        c = full(clip)[:, j]
+        return torch.maximum(torch.minimum(t, c), -c)
+
+    if q.error_feedback:
+        def col_fn(c: torch.Tensor, j: int) -> torch.Tensor:
+            s_j = scale if gsize == 0 else scale[:, j // gsize]
+            z_j = None if zero is None else zero[:, j // gsize]
+            return fake_quant(clamp(c, j), s_j, q.bits, z_j)
+
+        target, mask = _ef_pass(w, gram, col_fn, mask, fb, q, choose, on_block)
+    else:
+        target = clamp(w * mask, slice(None))
+    sf, zf = full(scale), full(zero)
+    codes = quantize_codes(target, sf, q.bits, zf)
+    dense = (codes.float() - (0 if zf is None else zf)) * sf * mask
+    return QuantResult(codes, scale, gsize, dense, info, mask, zero)
 
 
 def fit_adapter(
@@ -96,6 +190,8 @@ def fit_adapter(
         return naive_adapter(err, rank)
     if ad.method == "slim":
         return slim_adapter(err, stats.rms, rank)
+    if ad.method == "l2qer":  # L2QER: the same closed form, scaled by the mean input magnitude
+        return slim_adapter(err, stats.mean_abs, rank)
     if gram is None:
         raise ValueError("fullcov adapters need the Gram matrix of the layer inputs")
     return fullcov_adapter(err, gram, rank, ad.damping, roots)
@@ -110,40 +206,71 @@ def quantize_grouped(t: torch.Tensor, bits: int, group: int) -> tuple[torch.Tens
 
 
 def compress_weight(
-    w: torch.Tensor, stats: InputStats, cfg: CompressConfig, mask: torch.Tensor | None = None
+    w: torch.Tensor, stats: InputStats, cfg: CompressConfig, mask: torch.Tensor | None = None, name: str = "",
 ) -> CompressedWeight:
-    """Compress one d_out x d_in weight with the configured mask, quantizer and adapter."""
+    """Compress one d_out x d_in weight with the configured mask, quantizer and adapter.
+
+    `name` is the linear's name inside its block (AWQ skips its clipping search for q/k projections).
+    """
     w = w.detach().float().cpu()
-    stats = InputStats(stats.sum_sq.cpu(), None if stats.gram is None else stats.gram.cpu(), stats.n_tokens)
+    stats = stats.to("cpu")
     sp, q, ad = cfg.sparsity, cfg.quant, cfg.adapter
-    input_scale = None
-    if q.method == "slim-o":
-        input_scale = outlier_scale(w, stats, q.outlier_fraction, q.outlier_factor)
-        w = w * input_scale[None, :]
-        stats = stats.scaled(input_scale)
     n, m = sp.nm if sp.kind == "nm" else (0, 0)
     gram, rms = stats.mean_gram, stats.rms
-    # factorizations of H are computed once per layer and reused by every pass
-    chol = inverse_hessian_cholesky(gram, q.damping) if q.error_feedback or sp.method == "sparsegpt" else None
-    if mask is None and sp.method == "sparsegpt":
-        mask = sparsegpt_mask(w, gram, sp.kind, n, m, sp.ratio, q.damping, hinv_chol=chol)
+    choose = None
+    if mask is None and sp.method == "sparsegpt" and q.error_feedback and q.method != "none" and not q.act_order:
+        choose = (sp.kind, n, m, sp.ratio)  # SparseGPT + OPTQ: mask and quantization in one pass
+    elif mask is None and sp.method == "sparsegpt":
+        mask = sparsegpt_mask(w, gram, sp.kind, n, m, sp.ratio, q.damping)
+    elif mask is None and sp.method == "jsq":
+        mask = make_mask_from_score(jsq_score(w, stats.jsq, sp.jsq_mixing), sp.kind, n, m, sp.ratio)
     elif mask is None:
         mask = make_mask(w, stats.sum_sq, sp.kind, sp.method, n, m, sp.ratio)
+    input_scale = None
+    params = None
+    info: dict = {}
+    if q.method == "slim-o":
+        input_scale = outlier_scale(w, stats, q.outlier_fraction, q.outlier_factor)
+    elif q.method == "awq":
+        if gram is None:
+            raise ValueError("AWQ needs the Gram matrix of the layer inputs")
+        clip = not any(t in name for t in ("q_proj", "k_proj"))
+        input_scale, scale, zero, clipv, info = awq_search(
+            w * mask, stats.mean_abs, gram, q.bits, q.group_size, q.awq_grid, clip=clip
+        )
+        params = FixedParams(scale, zero, clipv, q.group_size)
+    if input_scale is not None:
+        w = w * input_scale[None, :]
+        stats = stats.scaled(input_scale)
+        gram, rms = stats.mean_gram, stats.rms
+    cache = stats.cache
+
+    def cached(key: tuple, make):  # noqa: ANN001, ANN202 - a factorization shared within an input group
+        if key not in cache:
+            cache[key] = make()
+        return cache[key]
+
+    fb = None
+    if q.error_feedback:
+        fb = cached(("fb", q.damping, q.act_order), lambda: Feedback.build(gram, q.damping, q.act_order))
     base = max(output_error(w, gram, rms), 1e-30)
 
     def rel(err: torch.Tensor) -> float:
         return output_error(err, gram, rms) / base
 
-    roots = sqrt_and_inv_sqrt(gram, ad.damping) if ad.method == "fullcov" and gram is not None else None
+    roots = None
+    if ad.method == "fullcov" and gram is not None:
+        roots = cached(("roots", ad.damping), lambda: sqrt_and_inv_sqrt(gram, ad.damping))
 
     def quantize(target: torch.Tensor) -> QuantResult:
-        return quantize_masked(target, mask, q, gram, chol)
+        return quantize_masked(target, mask, q, gram, fb, params)
 
     def fit(err: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return fit_adapter(err, stats, gram, rank, ad, roots)
 
-    qr = quantize(w)
-    info = dict(qr.info)
+    qr = quantize_masked(w, mask, q, gram, fb, params, choose)
+    mask = qr.mask
+    info.update(qr.info)
     info["err_metric"] = "gram" if gram is not None else "diag"  # tr(E H E^T), or its diagonal approximation
     info["rel_err_compressed"] = rel(w - qr.dense)
     rank = ad.rank_for(*w.shape) if ad.method != "none" else 0
@@ -181,7 +308,8 @@ def compress_weight(
         info["rank"] = rank
     cw = CompressedWeight(
         mask, qr.codes, qr.dense if qr.codes is None else None, qr.scale, q.bits if qr.codes is not None else 0,
-        qr.group_size, lora_A=a, lora_B=b, adapter_group=ad.group_size, input_scale=input_scale, info=info,
+        qr.group_size, zero=qr.zero, lora_A=a, lora_B=b, adapter_group=ad.group_size, input_scale=input_scale,
+        info=info,
     )
     if adapter_q is not None:
         cw.adapter_codes, cw.adapter_scales = adapter_q
