@@ -92,9 +92,11 @@ def test_eval_tasks_on_checkpoint(tiny_llama_dir, shared_data, tmp_path, capsys)
     assert main(["compress", str(tiny_llama_dir), "--out", str(out), *FAST, "--data-dir", str(shared_data)]) == 0
     assert main(["eval", str(out), "--tasks", "piqa,winogrande", "--limit", "3", "--no-ppl", "--data-dir",
                  str(shared_data), "--out", str(tmp_path / "z.json"), "-q"]) == 0
-    z = json.loads((tmp_path / "z.json").read_text())["zeroshot"]
+    res = json.loads((tmp_path / "z.json").read_text())
+    z = res["zeroshot"]
     assert set(z["tasks"]) == {"piqa", "winogrande"} and 0 <= z["mean_acc"] <= 1
-    assert "acc_norm" in z["tasks"]["piqa"] and z["data"]["piqa"]["sha256"]
+    assert "acc_norm" in z["tasks"]["piqa"] and z["data"]["piqa"]["sha256"] and z["tasks"]["piqa"]["n"] == 3
+    assert res["kind"] == "slim checkpoint" and 2 < res["bits_per_weight"] < 16 and res["config"]["sparsity"]
     assert "mean" in capsys.readouterr().out
 
 

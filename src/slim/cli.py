@@ -191,6 +191,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
         kind = "dense model"
     model = model.to(args.device)
     res: dict[str, Any] = {"model": args.model or models.DEFAULT_MODEL, "kind": kind, "versions": checkpoint.versions()}
+    if kind == "slim checkpoint":  # keep the result self-describing: what was evaluated, at what size
+        meta = checkpoint.read_slim_config(args.model)
+        res["config"] = meta.get("config")
+        res["bits_per_weight"] = meta.get("report", {}).get("bits_per_weight")
     name = f"{res['model']} ({kind})"
     if not args.no_ppl:
         ids, prov = data.wikitext2_ids(tok, args.data_dir)

@@ -58,6 +58,8 @@ def collect(paths: list[str | Path]) -> tuple[dict[str, dict[str, Any]], dict[st
         elif "wikitext2" in res or "zeroshot" in res:
             name = "dense" if res.get("kind") == "dense model" else Path(str(res.get("model"))).name
             m = methods.setdefault(name, {"bits_per_weight": 16.0} if name == "dense" else {})
+            if res.get("bits_per_weight"):
+                m["bits_per_weight"] = res["bits_per_weight"]
             if "wikitext2" in res:
                 m["ppl"] = res["wikitext2"]["ppl"]
             if "zeroshot" in res:

@@ -136,6 +136,7 @@ def evaluate_tasks(
         if name != "mmlu":
             r = res["results"][tnames[0]]
             per_task[name] = {k.split(",")[0]: v for k, v in r.items() if k.startswith(("acc", "acc_norm"))}
+            per_task[name]["n"] = res["n-samples"][tnames[0]]["effective"]
         else:  # MMLU: accuracy over all questions (lm-eval's group aggregates weighted by size)
             sizes = [res["n-samples"][t]["effective"] for t in tnames]
             acc = sum(res["results"][t]["acc,none"] * n for t, n in zip(tnames, sizes, strict=True)) / sum(sizes)
