@@ -87,3 +87,56 @@ def test_sparsegpt_mask_patterns_and_quality():
     for method in ("magnitude", "wanda"):
         mk = make_mask(w, st.sum_sq, "nm", method, 2, 4)
         assert out_err(x, w, sg.weight()) < out_err(x, w, w * mk)
+
+
+def test_greedy_rank_allocation_spends_the_uniform_budget_where_it_removes_most_error():
+    from slim.solver import allocate_ranks, error_spectrum
+
+    torch.manual_seed(0)
+    cfg = CompressConfig.from_dict({"sparsity": {"pattern": "0.5"},
+                                    "quant": {"method": "none", "error_feedback": False},
+                                    "adapter": {"method": "naive", "rank": 8, "refit_rounds": 0, "quantize": False}})
+    layers = {}
+    for k, decay in (("flat", 0.0), ("steep", 3.0), ("mid", 1.0)):  # equal shapes: equal cost per rank
+        u, _ = torch.linalg.qr(torch.randn(64, 64))
+        v, _ = torch.linalg.qr(torch.randn(96, 64))
+        w = (u * torch.exp(-decay * torch.linspace(0, 1, 64))) @ v.T
+        st = InputStats.empty(96, with_gram=False)
+        st.add(torch.randn(512, 96))
+        layers[k] = (w, st)
+    spectra = {k: error_spectrum(w, st, cfg, name=k) for k, (w, st) in layers.items()}
+    ranks = allocate_ranks(spectra, {k: (64, 96) for k in layers}, cfg.adapter)
+    assert sum(ranks.values()) == 3 * 8  # same parameter budget as uniform rank 8
+    assert set(ranks.values()) != {8}  # the spectra differ, so should the ranks
+
+    def total(rank_of):  # relative error left once a rank-r plain-SVD adapter absorbs each layer's error
+        from slim.lowrank import naive_adapter
+
+        out = 0.0
+        for k, (w, st) in layers.items():
+            err = w - compress_weight(w, st, cfg, name=k, rank=0).weight()
+            a, b = naive_adapter(err, rank_of[k]) if rank_of[k] else (torch.zeros(1, 96), torch.zeros(64, 1))
+            out += float(((err - b @ a) ** 2).sum() / (w**2).sum())
+            assert abs(float(((err - b @ a) ** 2).sum() / (w**2).sum()) - float(spectra[k][rank_of[k]:].sum())) < 1e-5
+        return out
+
+    assert total(ranks) < total(dict.fromkeys(layers, 8))
+
+
+def test_greedy_allocation_in_the_pipeline_keeps_the_adapter_budget():
+    from conftest import tiny_model
+
+    from slim.packed import SlimLinear
+    from slim.pipeline import compress_model
+
+    ids = torch.randint(0, 256, (8, 32), generator=torch.Generator().manual_seed(1))
+    params = {}
+    for alloc in ("uniform", "greedy"):
+        model = tiny_model("llama")
+        cfg = CompressConfig.from_dict({"adapter": {"allocation": alloc, "rank": 0.25},
+                                        "calib": {"n_samples": 8, "seqlen": 32, "batch_size": 4}})
+        compress_model(model, ids, cfg, progress=False)
+        ranks = [(m.layout.rank, m.layout.d_in + m.layout.d_out) for m in model.modules() if isinstance(m, SlimLinear)]
+        params[alloc] = sum(r * c for r, c in ranks)
+        assert torch.isfinite(model(ids).logits).all()
+    assert params["greedy"] <= params["uniform"]

@@ -49,6 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--rank", dest="adapter.rank", type=float,
                    help="ratio of min(d_out, d_in) if < 1, else a rank (0.1)")
     g.add_argument("--rank-pad", dest="adapter.pad_to", type=int, help="round ranks up to a multiple (1 = off)")
+    g.add_argument("--rank-allocation", dest="adapter.allocation", choices=["uniform", "greedy"],
+                   help="uniform ranks (default), or greedy: each block's adapter budget spread by error spectra")
     g.add_argument("--refit-rounds", dest="adapter.refit_rounds", type=int,
                    help="re-fit adapters to the re-quantized weights' error, up to N rounds (3)")
     g.add_argument("--adapter-quant", dest="adapter.quantize", action=argparse.BooleanOptionalAction,

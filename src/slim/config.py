@@ -125,8 +125,11 @@ class AdapterConfig:
     group_size: int = 128
     damping: float = 0.01  # fullcov: relative damping of the Gram matrix
     refit_rounds: int = 3  # alternate: re-fit the adapters to the re-quantized weights' error (paper: 0)
+    allocation: str = "uniform"  # or "greedy": the same parameter budget per block, spread by error spectra
 
     def __post_init__(self) -> None:
+        if self.allocation not in ("uniform", "greedy"):
+            raise ConfigError(f"adapter.allocation must be 'uniform' or 'greedy', got {self.allocation!r}")
         if self.refit_rounds < 0:
             raise ConfigError(f"adapter.refit_rounds must be >= 0, got {self.refit_rounds}")
         if self.method not in ADAPTER_METHODS:

@@ -14,7 +14,7 @@ from .capture import capture_block_inputs, run_block
 from .config import CompressConfig
 from .models import check_compressible, find_linears, get_layers, layers_prefix, set_submodule
 from .packed import SlimLinear
-from .solver import compress_weight
+from .solver import allocate_ranks, compress_weight, error_spectrum
 from .stats import InputStats
 
 log = logging.getLogger(__name__)
@@ -56,6 +56,11 @@ def compress_model(
         block = layers[i].to(device)
         linears = find_linears(block)
         stats, groups = _collect_stats(block, linears, hidden, kwargs, device, cfg.needs_gram, jsq_clip=jsq_clip)
+        ranks: dict[str, int] = {}
+        if cfg.adapter.allocation == "greedy" and cfg.adapter.method != "none":
+            spectra = {k: error_spectrum(lin.weight.data, stats[k], cfg, _mask(masks, f"{prefix}.{i}.{k}"), k)
+                       for k, lin in linears.items()}
+            ranks = allocate_ranks(spectra, {k: tuple(lin.weight.shape) for k, lin in linears.items()}, cfg.adapter)
         for gi, group in enumerate(groups):
             if cfg.true_sequential and gi > 0:  # re-measure this group's inputs behind compressed groups
                 stats.update(_collect_stats(block, linears, hidden, kwargs, device, cfg.needs_gram, only=group,
@@ -63,8 +68,7 @@ def compress_model(
             for k in group:
                 lin = linears[k]
                 full = f"{prefix}.{i}.{k}"
-                mask = None if masks is None else masks.get(full)
-                cw = compress_weight(lin.weight.data, stats[k], cfg, mask=mask, name=k)
+                cw = compress_weight(lin.weight.data, stats[k], cfg, mask=_mask(masks, full), name=k, rank=ranks.get(k))
                 bias = None if lin.bias is None else lin.bias.data.detach().cpu()
                 new = SlimLinear.from_compressed(cw, bias, kind, n, m, fp8_inputs=fp8)
                 set_submodule(block, k, new.to(device))
@@ -77,6 +81,10 @@ def compress_model(
     elapsed = time.perf_counter() - t0
     log.info("compressed %d blocks in %.1f s", len(layers), elapsed)
     return {"compress_seconds": elapsed, "layers": per_layer, **size_report(model)}
+
+
+def _mask(masks: dict[str, torch.Tensor] | None, name: str) -> torch.Tensor | None:
+    return None if masks is None else masks.get(name)
 
 
 class _GroupInputsSeen(Exception):

@@ -205,18 +205,30 @@ def quantize_grouped(t: torch.Tensor, bits: int, group: int) -> tuple[torch.Tens
     return codes, scale, codes.float() * full
 
 
-def compress_weight(
-    w: torch.Tensor, stats: InputStats, cfg: CompressConfig, mask: torch.Tensor | None = None, name: str = "",
-) -> CompressedWeight:
-    """Compress one d_out x d_in weight with the configured mask, quantizer and adapter.
+@dataclass
+class Prepared:
+    """One layer after its mask and first quantization, with what the adapter stage reuses."""
 
-    `name` is the linear's name inside its block (AWQ skips its clipping search for q/k projections).
-    """
+    w: torch.Tensor  # in the (possibly input-scaled) space the layer computes in
+    stats: InputStats
+    mask: torch.Tensor
+    fb: Feedback | None
+    params: FixedParams | None
+    roots: tuple[torch.Tensor, torch.Tensor] | None
+    input_scale: torch.Tensor | None
+    qr: QuantResult
+    info: dict
+
+
+def prepare_weight(
+    w: torch.Tensor, stats: InputStats, cfg: CompressConfig, mask: torch.Tensor | None = None, name: str = "",
+) -> Prepared:
+    """Mask, input scaling (SLiM-Quant^O, AWQ) and the first quantization of one weight."""
     w = w.detach().float().cpu()
     stats = stats.to("cpu")
     sp, q, ad = cfg.sparsity, cfg.quant, cfg.adapter
     n, m = sp.nm if sp.kind == "nm" else (0, 0)
-    gram, rms = stats.mean_gram, stats.rms
+    gram = stats.mean_gram
     choose = None
     if mask is None and sp.method == "sparsegpt" and q.error_feedback and q.method != "none" and not q.act_order:
         choose = (sp.kind, n, m, sp.ratio)  # SparseGPT + OPTQ: mask and quantization in one pass
@@ -242,7 +254,7 @@ def compress_weight(
     if input_scale is not None:
         w = w * input_scale[None, :]
         stats = stats.scaled(input_scale)
-        gram, rms = stats.mean_gram, stats.rms
+        gram = stats.mean_gram
     cache = stats.cache
 
     def cached(key: tuple, make):  # noqa: ANN001, ANN202 - a factorization shared within an input group
@@ -253,14 +265,75 @@ def compress_weight(
     fb = None
     if q.error_feedback:
         fb = cached(("fb", q.damping, q.act_order), lambda: Feedback.build(gram, q.damping, q.act_order))
+    roots = None
+    if ad.method == "fullcov" and gram is not None:
+        roots = cached(("roots", ad.damping), lambda: sqrt_and_inv_sqrt(gram, ad.damping))
+    qr = quantize_masked(w, mask, q, gram, fb, params, choose)
+    info.update(qr.info)
+    return Prepared(w, stats, qr.mask, fb, params, roots, input_scale, qr, info)
+
+
+def weighted(err: torch.Tensor, prep: Prepared, ad: AdapterConfig) -> torch.Tensor:
+    """The error as the adapter method sees it, E S, whose truncated SVD the adapter keeps."""
+    st = prep.stats
+    if ad.method == "fullcov":
+        return err.double() @ prep.roots[0]
+    d = {"slim": st.rms, "l2qer": st.mean_abs}.get(ad.method)
+    return err.double() if d is None else err.double() * d.double()[None, :]
+
+
+def error_spectrum(
+    w: torch.Tensor, stats: InputStats, cfg: CompressConfig, mask: torch.Tensor | None = None, name: str = "",
+) -> torch.Tensor:
+    """Squared singular values of the weighted compression error, relative to the weighted W, descending:
+    entry i is how much of the layer's (weighted) energy a rank-(i+1) adapter term wins back. The prepared
+    layer is kept in `stats.cache` for the `compress_weight` call that follows."""
+    prep = prepare_weight(w, stats, cfg, mask, name)
+    stats.cache[("prep", name)] = prep
+    m = weighted(prep.w - prep.qr.dense, prep, cfg.adapter)
+    g = m.T @ m if m.shape[0] >= m.shape[1] else m @ m.T
+    ev = torch.linalg.eigvalsh(g).flip(0).clamp_min(0)
+    base = float((weighted(prep.w, prep, cfg.adapter) ** 2).sum())
+    return ev / max(base, 1e-30)
+
+
+def allocate_ranks(
+    spectra: dict[str, torch.Tensor], shapes: dict[str, tuple[int, int]], ad: AdapterConfig
+) -> dict[str, int]:
+    """Spend the adapter parameters that uniform ranks would use, greedily where they remove the most
+    relative error per parameter (each rank of a d_out x d_in layer costs d_out + d_in parameters)."""
+    budget = sum(ad.rank_for(*shapes[k]) * sum(shapes[k]) for k in spectra)
+    items = []
+    for k, ev in spectra.items():
+        cost = sum(shapes[k])
+        items += [(float(g) / cost, k, cost) for g in ev[: min(shapes[k])]]
+    items.sort(key=lambda t: -t[0])
+    ranks = dict.fromkeys(spectra, 0)
+    for _, k, cost in items:
+        if cost <= budget:
+            ranks[k] += 1
+            budget -= cost
+    return ranks
+
+
+def compress_weight(
+    w: torch.Tensor, stats: InputStats, cfg: CompressConfig, mask: torch.Tensor | None = None, name: str = "",
+    rank: int | None = None,
+) -> CompressedWeight:
+    """Compress one d_out x d_in weight with the configured mask, quantizer and adapter.
+
+    `name` is the linear's name inside its block (AWQ skips its clipping search for q/k projections);
+    `rank` overrides the configured adapter rank (rank allocation).
+    """
+    q, ad = cfg.quant, cfg.adapter
+    prep = stats.cache.pop(("prep", name), None) or prepare_weight(w, stats, cfg, mask, name)
+    w, stats, mask, fb, params, roots = prep.w, prep.stats, prep.mask, prep.fb, prep.params, prep.roots
+    input_scale, qr, info = prep.input_scale, prep.qr, prep.info
+    gram, rms = stats.mean_gram, stats.rms
     base = max(output_error(w, gram, rms), 1e-30)
 
     def rel(err: torch.Tensor) -> float:
         return output_error(err, gram, rms) / base
-
-    roots = None
-    if ad.method == "fullcov" and gram is not None:
-        roots = cached(("roots", ad.damping), lambda: sqrt_and_inv_sqrt(gram, ad.damping))
 
     def quantize(target: torch.Tensor) -> QuantResult:
         return quantize_masked(target, mask, q, gram, fb, params)
@@ -268,12 +341,10 @@ def compress_weight(
     def fit(err: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return fit_adapter(err, stats, gram, rank, ad, roots)
 
-    qr = quantize_masked(w, mask, q, gram, fb, params, choose)
-    mask = qr.mask
-    info.update(qr.info)
     info["err_metric"] = "gram" if gram is not None else "diag"  # tr(E H E^T), or its diagonal approximation
     info["rel_err_compressed"] = rel(w - qr.dense)
-    rank = ad.rank_for(*w.shape) if ad.method != "none" else 0
+    if rank is None:
+        rank = ad.rank_for(*w.shape) if ad.method != "none" else 0
     a = b = None
     adapter_q = None
     if rank:
