@@ -17,22 +17,17 @@ from __future__ import annotations
 
 import torch
 
-from .quant import grouped, minmax_asym_params, round_scale
+from .lowrank import output_error
+from .quant import clamp_sym, fake_quant, grouped, minmax_asym_params, round_scale
 from .stats import JSQStats
 
 
 def _asym_dequant(wg: torch.Tensor, bits: int, clip: torch.Tensor | None = None) -> torch.Tensor:
     """Grouped (rows, G, g) weights quantized-dequantized with AWQ's asymmetric min/max quantizer."""
     scale, zero = minmax_asym_params(wg, bits, clip)
-    s, z = scale[..., None], zero[..., None]
     if clip is not None:
-        wg = torch.maximum(torch.minimum(wg, clip[..., None]), -clip[..., None])
-    lo, hi = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
-    return (torch.clamp(torch.round(wg / s) + z, lo, hi) - z) * s
-
-
-def _output_err(e: torch.Tensor, gram: torch.Tensor) -> float:
-    return float(((e.double() @ gram.double()) * e.double()).sum())
+        wg = clamp_sym(wg, clip[..., None])
+    return fake_quant(wg, scale[..., None], bits, zero[..., None])
 
 
 def awq_search(
@@ -53,7 +48,7 @@ def awq_search(
         s = x.pow(a).clamp_min(1e-4)
         s = round_scale(s / (s.max() * s.min()).sqrt())
         deq = _asym_dequant(grouped(w * s, group_size), bits).reshape(rows, -1)[:, :d_in] / s
-        e = _output_err(deq - w, gram)
+        e = output_error(deq - w, gram)
         if e < best[0]:
             best = (e, s, a)
     _, s, alpha = best

@@ -193,6 +193,11 @@ class CompressConfig:
         return (self.adapter.method == "fullcov" or self.quant.error_feedback or self.sparsity.method == "sparsegpt"
                 or self.quant.method == "awq")
 
+    @property
+    def needs_abs(self) -> bool:
+        """Whether mean input magnitudes are needed (AWQ's scales, L2QER's adapters)."""
+        return self.quant.method == "awq" or self.adapter.method == "l2qer"
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 

@@ -55,7 +55,8 @@ def compress_model(
     for i in bar:
         block = layers[i].to(device)
         linears = find_linears(block)
-        stats, groups = _collect_stats(block, linears, hidden, kwargs, device, cfg.needs_gram, jsq_clip=jsq_clip)
+        stats, groups = _collect_stats(block, linears, hidden, kwargs, device, cfg.needs_gram, jsq_clip=jsq_clip,
+                                       with_abs=cfg.needs_abs)
         ranks: dict[str, int] = {}
         if cfg.adapter.allocation == "greedy" and cfg.adapter.method != "none":
             spectra = {k: error_spectrum(lin.weight.data, stats[k], cfg, _mask(masks, f"{prefix}.{i}.{k}"), k)
@@ -64,7 +65,7 @@ def compress_model(
         for gi, group in enumerate(groups):
             if cfg.true_sequential and gi > 0:  # re-measure this group's inputs behind compressed groups
                 stats.update(_collect_stats(block, linears, hidden, kwargs, device, cfg.needs_gram, only=group,
-                                            jsq_clip=jsq_clip)[0])
+                                            jsq_clip=jsq_clip, with_abs=cfg.needs_abs)[0])
             for k in group:
                 lin = linears[k]
                 full = f"{prefix}.{i}.{k}"
@@ -94,6 +95,7 @@ class _GroupInputsSeen(Exception):
 def _collect_stats(
     block: nn.Module, linears: dict[str, nn.Linear], hidden: list[torch.Tensor], kwargs: list[dict[str, Any]],
     device: str, with_gram: bool, only: list[str] | None = None, jsq_clip: float | None = None,
+    with_abs: bool = True,
 ) -> tuple[dict[str, InputStats], list[list[str]]]:
     """Input statistics of the block's linears (or of `only`, one group, stopping the forward there).
 
@@ -101,7 +103,7 @@ def _collect_stats(
     statistics and the groups in execution order.
     """
     names = list(linears) if only is None else list(only)
-    stats = {k: InputStats.empty(linears[k].in_features, with_gram, device, jsq_clip) for k in names}
+    stats = {k: InputStats.empty(linears[k].in_features, with_gram, device, jsq_clip, with_abs) for k in names}
     owner: dict[str, str] = {}
     order: list[str] = []
     last: dict[str, Any] = {"x": None, "name": None}

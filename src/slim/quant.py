@@ -106,13 +106,21 @@ def expand_groups(scale: torch.Tensor, d_in: int, group_size: int) -> torch.Tens
     return scale.repeat_interleave(group_size, dim=-1)[..., :d_in]
 
 
-def group_absmax_scale(w: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
-    """AbsMax per group of `group_size` consecutive input columns (a shorter last group if needed)."""
+def grouped(w: torch.Tensor, group_size: int) -> torch.Tensor:
+    """(rows, d_in) -> (rows, n_groups, group_size), zero-padding a shorter last group."""
     rows, d_in = w.shape
     g = n_groups(d_in, group_size)
-    pad = g * group_size - d_in
-    a = torch.nn.functional.pad(w.abs().float(), (0, pad)).view(rows, g, group_size).amax(-1)
-    return round_scale(a / qrange(bits)[1])
+    return torch.nn.functional.pad(w.float(), (0, g * group_size - d_in)).view(rows, g, group_size)
+
+
+def clamp_sym(t: torch.Tensor, bound: torch.Tensor) -> torch.Tensor:
+    """Clamp t to [-bound, bound] elementwise (bound broadcasts against t)."""
+    return torch.maximum(torch.minimum(t, bound), -bound)
+
+
+def group_absmax_scale(w: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
+    """AbsMax per group of `group_size` consecutive input columns (a shorter last group if needed)."""
+    return round_scale(grouped(w.abs(), group_size).amax(-1) / qrange(bits)[1])
 
 
 def group_slim_scale(
@@ -121,10 +129,7 @@ def group_slim_scale(
     """SLiM-Quant with a scale per group of input columns: each group's clipping value minimizes the
     exact squared error of the forward quantizer over its kept weights (coarse-to-fine search over
     fractions of the group's absmax). A shorter last group covers widths not divisible by the size."""
-    rows, d_in = w.shape
-    g = n_groups(d_in, group_size)
-    pad = g * group_size - d_in
-    wm = torch.nn.functional.pad((w * mask).float(), (0, pad)).view(rows, g, group_size)
+    wm = grouped(w * mask, group_size)
     amax = wm.abs().amax(-1).clamp_min(1e-12)  # (rows, g)
     qmin, qmax = qrange(bits)
     lo = torch.full_like(amax, 1.0 / points)
@@ -142,13 +147,6 @@ def group_slim_scale(
     return round_scale(best * amax / qmax)
 
 
-def grouped(w: torch.Tensor, group_size: int) -> torch.Tensor:
-    """(rows, d_in) -> (rows, n_groups, group_size), zero-padding a shorter last group."""
-    rows, d_in = w.shape
-    g = n_groups(d_in, group_size)
-    return torch.nn.functional.pad(w.float(), (0, g * group_size - d_in)).view(rows, g, group_size)
-
-
 def gptq_scale(w: torch.Tensor, bits: int) -> torch.Tensor:
     """GPTQ's symmetric rule along the last dim: step 2 * max|w| / (2^b - 1) with levels -2^(b-1)..2^(b-1)-1,
     so the largest magnitude is clipped by one half step on the positive side."""
@@ -164,7 +162,7 @@ def minmax_asym_params(
     (2^b - 1) and zero -round(min / step), shifted into the signed code space. `clip` (same shape as the
     result) first clamps w to [-clip, clip] (AWQ's clipping search)."""
     if clip is not None:
-        wg = torch.maximum(torch.minimum(wg, clip[..., None]), -clip[..., None])
+        wg = clamp_sym(wg, clip[..., None])
     mx, mn = wg.amax(-1), wg.amin(-1)
     scale = round_scale(((mx - mn).clamp_min(1e-5)) / (2**bits - 1))
     qmin, qmax = qrange(bits)

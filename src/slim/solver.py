@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -14,6 +16,7 @@ from .packed import CompressedWeight
 from .prune import make_mask, make_mask_from_score, sparsegpt_mask
 from .quant import (
     absmax_scale,
+    clamp_sym,
     expand_groups,
     fake_quant,
     gptq_scale,
@@ -163,8 +166,7 @@ def quantize_masked(
     def clamp(t: torch.Tensor, j: slice | int) -> torch.Tensor:
         if clip is None:
             return t
-        c = full(clip)[:, j]
-        return torch.maximum(torch.minimum(t, c), -c)
+        return clamp_sym(t, full(clip)[:, j])
 
     if q.error_feedback:
         def col_fn(c: torch.Tensor, j: int) -> torch.Tensor:
@@ -181,6 +183,15 @@ def quantize_masked(
     return QuantResult(codes, scale, gsize, dense, info, mask, zero)
 
 
+def diag_weight(stats: InputStats, method: str) -> torch.Tensor | None:
+    """The per-input-channel weighting of the diagonal adapter methods (None for the others)."""
+    if method == "slim":
+        return stats.rms
+    if method == "l2qer":
+        return stats.mean_abs
+    return None
+
+
 def fit_adapter(
     err: torch.Tensor, stats: InputStats, gram: torch.Tensor | None, rank: int, ad: AdapterConfig,
     roots: tuple[torch.Tensor, torch.Tensor] | None = None,
@@ -188,10 +199,9 @@ def fit_adapter(
     """(A, B) with B @ A ~ err under the adapter method's weighting."""
     if ad.method == "naive":
         return naive_adapter(err, rank)
-    if ad.method == "slim":
-        return slim_adapter(err, stats.rms, rank)
-    if ad.method == "l2qer":  # L2QER: the same closed form, scaled by the mean input magnitude
-        return slim_adapter(err, stats.mean_abs, rank)
+    d = diag_weight(stats, ad.method)
+    if d is not None:  # SLiM-LoRA, or L2QER: the same closed form scaled by the mean input magnitude
+        return slim_adapter(err, d, rank)
     if gram is None:
         raise ValueError("fullcov adapters need the Gram matrix of the layer inputs")
     return fullcov_adapter(err, gram, rank, ad.damping, roots)
@@ -220,6 +230,14 @@ class Prepared:
     info: dict
 
 
+def _cached(stats: InputStats, key: tuple, make: Callable[[], Any]) -> Any:
+    """A factorization of the Gram matrix, computed once per InputStats and shared by the linears fed
+    the same input (q/k/v, gate/up)."""
+    if key not in stats.cache:
+        stats.cache[key] = make()
+    return stats.cache[key]
+
+
 def prepare_weight(
     w: torch.Tensor, stats: InputStats, cfg: CompressConfig, mask: torch.Tensor | None = None, name: str = "",
 ) -> Prepared:
@@ -233,7 +251,8 @@ def prepare_weight(
     if mask is None and sp.method == "sparsegpt" and q.error_feedback and q.method != "none" and not q.act_order:
         choose = (sp.kind, n, m, sp.ratio)  # SparseGPT + OPTQ: mask and quantization in one pass
     elif mask is None and sp.method == "sparsegpt":
-        mask = sparsegpt_mask(w, gram, sp.kind, n, m, sp.ratio, q.damping)
+        chol = _cached(stats, ("fb", q.damping, False), lambda: Feedback.build(gram, q.damping, False)).chol
+        mask = sparsegpt_mask(w, gram, sp.kind, n, m, sp.ratio, q.damping, hinv_chol=chol)
     elif mask is None and sp.method == "jsq":
         mask = make_mask_from_score(jsq_score(w, stats.jsq, sp.jsq_mixing), sp.kind, n, m, sp.ratio)
     elif mask is None:
@@ -255,19 +274,12 @@ def prepare_weight(
         w = w * input_scale[None, :]
         stats = stats.scaled(input_scale)
         gram = stats.mean_gram
-    cache = stats.cache
-
-    def cached(key: tuple, make):  # noqa: ANN001, ANN202 - a factorization shared within an input group
-        if key not in cache:
-            cache[key] = make()
-        return cache[key]
-
     fb = None
     if q.error_feedback:
-        fb = cached(("fb", q.damping, q.act_order), lambda: Feedback.build(gram, q.damping, q.act_order))
+        fb = _cached(stats, ("fb", q.damping, q.act_order), lambda: Feedback.build(gram, q.damping, q.act_order))
     roots = None
     if ad.method == "fullcov" and gram is not None:
-        roots = cached(("roots", ad.damping), lambda: sqrt_and_inv_sqrt(gram, ad.damping))
+        roots = _cached(stats, ("roots", ad.damping), lambda: sqrt_and_inv_sqrt(gram, ad.damping))
     qr = quantize_masked(w, mask, q, gram, fb, params, choose)
     info.update(qr.info)
     return Prepared(w, stats, qr.mask, fb, params, roots, input_scale, qr, info)
@@ -275,10 +287,9 @@ def prepare_weight(
 
 def weighted(err: torch.Tensor, prep: Prepared, ad: AdapterConfig) -> torch.Tensor:
     """The error as the adapter method sees it, E S, whose truncated SVD the adapter keeps."""
-    st = prep.stats
     if ad.method == "fullcov":
         return err.double() @ prep.roots[0]
-    d = {"slim": st.rms, "l2qer": st.mean_abs}.get(ad.method)
+    d = diag_weight(prep.stats, ad.method)
     return err.double() if d is None else err.double() * d.double()[None, :]
 
 

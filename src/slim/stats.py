@@ -63,12 +63,13 @@ class InputStats:
 
     @classmethod
     def empty(
-        cls, d_in: int, with_gram: bool, device: torch.device | str = "cpu", jsq_clip: float | None = None
+        cls, d_in: int, with_gram: bool, device: torch.device | str = "cpu", jsq_clip: float | None = None,
+        with_abs: bool = True,
     ) -> InputStats:
         gram = torch.zeros(d_in, d_in, dtype=torch.float64, device=device) if with_gram else None
         z = torch.zeros(d_in, dtype=torch.float64, device=device)
         jsq = JSQStats(jsq_clip, z.clone()) if jsq_clip is not None else None
-        return cls(z, gram, 0, z.clone(), jsq)
+        return cls(z, gram, 0, z.clone() if with_abs else None, jsq)
 
     def add(self, x: torch.Tensor) -> None:
         """Accumulate a batch of inputs (..., d_in)."""
