@@ -20,6 +20,7 @@ FULLCOV = {"adapter": {"method": "fullcov"}}
 EF = {"quant": {"error_feedback": True}}
 REFIT = {"adapter": {"refit_rounds": 3}}
 BEST = merge(merge(FULLCOV, EF), REFIT)
+GREEDY = {"adapter": {"allocation": "greedy"}}
 
 # name -> (description, overrides on top of the paper preset); "dense" is the uncompressed model
 ROWS: dict[str, tuple[str, dict]] = {
@@ -37,6 +38,8 @@ ROWS: dict[str, tuple[str, dict]] = {
     "best+sparsegpt-mask": ("1 + 2 + 3 with SparseGPT's 2:4 mask", merge(BEST, {"sparsity": {"method": "sparsegpt"}})),
     "best+true-sequential": ("1 + 2 + 3, true-sequential within blocks", merge(BEST, {"true_sequential": True})),
     "slim-group": ("4. SLiM-Quant with group-128 scales (+0.125 bit/weight)", {"quant": {"method": "slim-group"}}),
+    "greedy": ("5. greedy rank allocation by error spectrum (same adapter budget)", GREEDY),
+    "best+greedy": ("1 + 2 + 3 + 5", merge(BEST, GREEDY)),
 }
 
 
