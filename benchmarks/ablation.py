@@ -12,7 +12,12 @@ import argparse
 import sys
 from pathlib import Path
 
-from grid import describe_machine, run_grid  # benchmarks/ is on sys.path when run as a script
+from grid import (  # benchmarks/ is on sys.path when run as a script
+    add_common_args,
+    describe_machine,
+    run_grid,
+    with_calib,
+)
 
 from slim.config import PRESETS, CompressConfig, merge
 
@@ -65,18 +70,16 @@ def table(res: dict) -> str:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default=None, help="model (default: bundled SmolLM2-135M)")
-    ap.add_argument("--out", required=True, help="results directory")
+    add_common_args(ap)
     ap.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated rows from: {', '.join(ROWS)}")
-    ap.add_argument("--limit", type=int, default=None, help="perplexity windows (default: all)")
-    ap.add_argument("--data-dir", default=None)
     args = ap.parse_args()
     rows = [r.strip() for r in args.rows.split(",") if r.strip()]
     unknown = [r for r in rows if r not in ROWS]
     if unknown:
         ap.error(f"unknown rows {unknown}; choose from {list(ROWS)}")
-    base = CompressConfig.from_dict(PRESETS["paper"])
-    grid_rows = {n: (d, None if n == "dense" else merge(PRESETS["paper"], o)) for n, (d, o) in ROWS.items()}
+    paper = with_calib(PRESETS["paper"], args.calib_samples)
+    base = CompressConfig.from_dict(paper)
+    grid_rows = {n: (d, None if n == "dense" else merge(paper, o)) for n, (d, o) in ROWS.items()}
     res = run_grid(grid_rows, rows, Path(args.out), base, args.model, args.data_dir, args.limit, table)
     print(table(res))
     return 0

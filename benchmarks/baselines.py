@@ -18,7 +18,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from grid import describe_machine, run_grid  # benchmarks/ is on sys.path when run as a script
+from grid import (  # benchmarks/ is on sys.path when run as a script
+    add_common_args,
+    describe_machine,
+    run_grid,
+    with_calib,
+)
 
 from slim.config import PRESETS, CompressConfig, merge
 
@@ -68,12 +73,13 @@ TABLES: dict[str, tuple[str, str, dict]] = {  # key -> (title, sparsity pattern,
 }
 
 
-def all_rows() -> dict[str, tuple[str, dict[str, Any] | None]]:
+def all_rows(calib_samples: int | None = None) -> dict[str, tuple[str, dict[str, Any] | None]]:
     """Every row of every table: 'TABLE/method' -> (description, full config dict)."""
     rows: dict[str, tuple[str, dict[str, Any] | None]] = {"dense": ("dense model", None)}
     for key, (_, pattern, methods) in TABLES.items():
         for name, (prune, quant, cfg) in methods.items():
-            rows[f"{key}/{name}"] = (f"{prune} | {quant}", merge(cfg, {"sparsity": {"pattern": pattern}}))
+            cfg = with_calib(merge(cfg, {"sparsity": {"pattern": pattern}}), calib_samples)
+            rows[f"{key}/{name}"] = (f"{prune} | {quant}", cfg)
     return rows
 
 
@@ -101,18 +107,15 @@ def render(res: dict) -> str:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default=None, help="model (default: bundled SmolLM2-135M)")
-    ap.add_argument("--out", required=True, help="results directory")
+    add_common_args(ap)
     ap.add_argument("--tables", default=",".join(TABLES), help=f"tables from: {', '.join(TABLES)}")
     ap.add_argument("--rows", default=None, help="only these methods (comma-separated, e.g. jsq,wanda-awq)")
-    ap.add_argument("--limit", type=int, default=None, help="perplexity windows (default: all)")
-    ap.add_argument("--data-dir", default=None)
     args = ap.parse_args()
     tables = [t.strip() for t in args.tables.split(",") if t.strip()]
     bad = [t for t in tables if t not in TABLES]
     if bad:
         ap.error(f"unknown tables {bad}; choose from {list(TABLES)}")
-    rows = all_rows()
+    rows = all_rows(args.calib_samples)
     names = ["dense"] + [f"{t}/{n}" for t in tables for n in TABLES[t][2]]
     if args.rows:
         want = {r.strip() for r in args.rows.split(",") if r.strip()}
@@ -120,7 +123,7 @@ def main() -> int:
         if want - known:
             ap.error(f"unknown methods {sorted(want - known)}; choose from {sorted(known)}")
         names = ["dense"] + [n for n in names[1:] if n.split("/", 1)[1] in want]
-    base = CompressConfig.from_dict(PRESETS["paper"])
+    base = CompressConfig.from_dict(with_calib(PRESETS["paper"], args.calib_samples))
     res = run_grid(rows, names, Path(args.out), base, args.model, args.data_dir, args.limit, render)
     if res.get("rows"):
         print(render(res))

