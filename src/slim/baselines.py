@@ -24,9 +24,9 @@ from .stats import JSQStats
 
 def _asym_dequant(wg: torch.Tensor, bits: int, clip: torch.Tensor | None = None) -> torch.Tensor:
     """Grouped (rows, G, g) weights quantized-dequantized with AWQ's asymmetric min/max quantizer."""
-    scale, zero = minmax_asym_params(wg, bits, clip)
     if clip is not None:
         wg = clamp_sym(wg, clip[..., None])
+    scale, zero = minmax_asym_params(wg, bits)
     return fake_quant(wg, scale[..., None], bits, zero[..., None])
 
 
