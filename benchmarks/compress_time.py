@@ -60,17 +60,18 @@ def main() -> int:
     if bad:
         ap.error(f"unknown recipes {bad}; choose from {list(RECIPES)}")
     cfgs = {name: CompressConfig.from_dict(with_calib(RECIPES[name], args.calib_samples)) for name in set(order)}
-    if len({(c.calib.n_samples, c.calib.seqlen, c.calib.seed, c.calib.data) for c in cfgs.values()}) != 1:
+    if len({calib_label(c) for c in cfgs.values()}) != 1:
         ap.error("the recipes differ in calibration settings; timings would not be comparable")
     base = next(iter(cfgs.values()))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    _, tok, calib, prov = load_calibration(args.model, base, args.data_dir)
+    model, tok, calib, prov = load_calibration(args.model, base, args.data_dir)
     res = {"model": args.model or DEFAULT_MODEL_NAME, "machine": machine(),
            "versions": versions(), "calib_data": prov, "command": "python " + " ".join(sys.argv),
            "calib": calib_label(base), "runs": []}
     for i, name in enumerate(order):
-        model, tok, _ = load_model(args.model)
+        if model is None:  # each run starts from a fresh copy of the dense model
+            model, tok, _ = load_model(args.model)
         t0 = time.perf_counter()
         rep = compress_model(model, calib, cfgs[name])
         sec = time.perf_counter() - t0
@@ -81,6 +82,7 @@ def main() -> int:
             meta = {"config": cfgs[name].to_dict(), "calibration_data": prov, "report": rep,
                     "command": res["command"]}
             save(model, Path(args.save_dir) / f"{i + 1}-{name}", tok, meta, overwrite=True)
+        model = None
         summ = {}
         for r in dict.fromkeys(x["recipe"] for x in res["runs"]):
             s = [x["seconds"] for x in res["runs"] if x["recipe"] == r]
