@@ -80,7 +80,8 @@ def main() -> int:
     paper = with_calib(PRESETS["paper"], args.calib_samples)
     base = CompressConfig.from_dict(paper)
     grid_rows = {n: (d, None if n == "dense" else merge(paper, o)) for n, (d, o) in ROWS.items()}
-    res = run_grid(grid_rows, rows, Path(args.out), base, args.model, args.data_dir, args.limit, table)
+    res = run_grid(grid_rows, rows, Path(args.out), base, args.model, args.data_dir, args.limit, table,
+                   [Path(r) for r in args.reuse])
     print(table(res))
     return 0
 

@@ -99,9 +99,14 @@ def render(res: dict) -> str:
         for n, r in done:
             prune, quant, _ = methods[n]
             lim = f" ({r['limit']} windows)" if r.get("limit") else ""
+            lim += " *" if r.get("reused_from") else ""
             out.append(f"| {prune} | {quant} | {r['ppl']:.2f}{lim} | {r.get('compress_seconds', 0):.0f} | "
                        f"{r.get('bits_per_weight') or 16:.3f} |")
         out.append("")
+    reused = sorted({r["reused_from"] for r in res["rows"].values() if r.get("reused_from")})
+    if reused:
+        out.append("\\* measured once in another grid with the same recipe, model, calibration and evaluation "
+                   "windows, and taken from there (`--reuse`): " + "; ".join(f"`{x}`" for x in reused) + ".\n")
     return "\n".join(out) + "\n"
 
 
@@ -124,7 +129,8 @@ def main() -> int:
             ap.error(f"unknown methods {sorted(want - known)}; choose from {sorted(known)}")
         names = ["dense"] + [n for n in names[1:] if n.split("/", 1)[1] in want]
     base = CompressConfig.from_dict(with_calib(PRESETS["paper"], args.calib_samples))
-    res = run_grid(rows, names, Path(args.out), base, args.model, args.data_dir, args.limit, render)
+    res = run_grid(rows, names, Path(args.out), base, args.model, args.data_dir, args.limit, render,
+                   [Path(r) for r in args.reuse])
     if res.get("rows"):
         print(render(res))
     return 0

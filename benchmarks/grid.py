@@ -11,6 +11,7 @@ import argparse
 import json
 import os
 import platform
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -45,6 +46,19 @@ def machine() -> dict:
             "platform": platform.platform(), **versions()}
 
 
+def source_commit() -> str | None:
+    """The git commit the benchmark code ran from ('+dirty' with uncommitted changes), if it is a checkout."""
+    here = Path(__file__).resolve().parent
+    try:
+        head = subprocess.run(["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True, text=True,
+                              check=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(here), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, check=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return head + ("+dirty" if dirty else "")
+
+
 def describe_machine(m: dict) -> str:
     gpu = f", GPU {m['gpu']}" if m.get("gpu") else ""
     return (f"{m['cpu']}, {m['cores']} cores{gpu}, torch {m['torch']} ({m['torch_threads']} threads), "
@@ -68,6 +82,9 @@ def add_common_args(ap: argparse.ArgumentParser, with_eval: bool = True) -> None
     ap.add_argument("--out", required=True, help="results directory")
     if with_eval:
         ap.add_argument("--limit", type=positive_int, default=None, help="perplexity windows (default: all)")
+        ap.add_argument("--reuse", action="append", default=[], metavar="RESULTS_JSON",
+                        help="take a row from another grid's results.json instead of recomputing it when that row "
+                             "has the same recipe, model, calibration and evaluation windows (repeatable)")
     ap.add_argument("--data-dir", default=None, help="data directory (default: $SLIM_DATA_DIR, else ../shared/data)")
     ap.add_argument("--calib-samples", type=positive_int, default=None,
                     help="calibration windows instead of the recipes' 128, for quick checks (recorded in the results)")
@@ -91,13 +108,48 @@ def calib_label(base: CompressConfig) -> str:
     return f"{c.n_samples} x {c.seqlen} {c.data} tokens, seed {c.seed}"
 
 
+def save_row(out: Path, res: dict, name: str, row: dict, render: Callable[[dict], str]) -> None:
+    """Merge one row into OUT/results.json (rows other workers wrote meanwhile are kept) and re-render."""
+    rfile = out / "results.json"
+    latest = json.loads(rfile.read_text()) if rfile.exists() else {"rows": {}}
+    res["rows"] = {**latest.get("rows", {}), **res["rows"], name: row}
+    write_json(rfile, res)
+    (out / "README.md").write_text(render(res))
+
+
+def find_reusable(
+    cfg_dict: dict[str, Any] | None, limit: int | None, res: dict, files: list[Path],
+) -> tuple[dict, dict] | None:
+    """A row measured in another grid with the same recipe, model, calibration and evaluation windows.
+
+    Returns (row, that grid's evaluation settings) or None.
+    Recipes compare after filling defaults, so a file written before an option existed still matches.
+    The other grid must have run the same code: the caller names the files it trusts.
+    """
+    want = None if cfg_dict is None else CompressConfig.from_dict(cfg_dict).to_dict()
+    for f in files:
+        other = json.loads(Path(f).read_text())
+        if any(other.get(k) != res.get(k) for k in ("model", "calib", "calib_data")):
+            continue
+        if other.get("eval_data", {}).get("sha256") != res["eval_data"].get("sha256"):
+            continue
+        for name, row in other.get("rows", {}).items():
+            if row.get("limit") != limit or ("config" in row) != (want is not None):
+                continue
+            if want is None or CompressConfig.from_dict(row["config"]).to_dict() == want:
+                return {**row, "reused_from": f"{f}: {name}"}, other["eval"]
+    return None
+
+
 def run_grid(
     rows: dict[str, tuple[str, dict[str, Any] | None]], names: list[str], out: Path, base: CompressConfig,
     model_name: str | None, data_dir: str | None, limit: int | None, render: Callable[[dict], str],
+    reuse: list[Path] | None = None,
 ) -> dict:
     """Compress and evaluate each named row (config None = the dense model); returns the results dict.
 
-    A row already in OUT/results.json (with the same --limit setting) is skipped.
+    A row already in OUT/results.json (with the same --limit setting) is skipped; one found in a
+    --reuse file (see find_reusable) is copied with a note of where it came from.
     """
     out.mkdir(parents=True, exist_ok=True)
     rfile = out / "results.json"
@@ -119,9 +171,16 @@ def run_grid(
                 "calib_data": prov, "eval_data": eval_prov, "command": "python " + " ".join(sys.argv)})
     for k, name in enumerate(tqdm(todo, desc="grid rows", unit="row")):
         desc, cfg_dict = rows[name]
+        found = find_reusable(cfg_dict, limit, res, reuse or [])
+        if found is not None:
+            old, res["eval"] = found
+            print(f"[{name}] reused from {old['reused_from']}: ppl {old['ppl']:.3f}", flush=True)
+            save_row(out, res, name, {**old, "description": desc}, render)
+            continue
         if model is None:
             model, tok, _ = load_model(model_name)
-        row: dict[str, Any] = {"description": desc, "limit": limit}
+        row: dict[str, Any] = {"description": desc, "limit": limit, "command": res["command"],
+                               "commit": source_commit()}
         print(f"[{name}] ({k + 1}/{len(todo)}) {desc}", flush=True)
         if cfg_dict is not None:
             cfg = CompressConfig.from_dict(cfg_dict)
@@ -133,10 +192,7 @@ def run_grid(
         ev = perplexity(model, ids, 2048, limit)
         row.update({"ppl": ev["ppl"], "eval_seconds": ev["seconds"]})
         res["eval"] = {"windows": ev["windows"], "seqlen": ev["seqlen"]}
-        latest = json.loads(rfile.read_text()) if rfile.exists() else {"rows": {}}
-        res["rows"] = {**latest.get("rows", {}), **res["rows"], name: row}
-        write_json(rfile, res)
-        (out / "README.md").write_text(render(res))
+        save_row(out, res, name, row, render)
         print(f"[{name}] ppl {row['ppl']:.3f}  compress {row.get('compress_seconds', 0):.0f}s", flush=True)
         model = None  # the next row starts from a fresh copy of the dense model
     return res

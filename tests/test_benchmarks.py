@@ -30,6 +30,7 @@ def test_ablation_grid_resumes(bench, tiny_llama_dir, shared_data, tmp_path, cap
     assert set(res["rows"]) == {"dense", "no-adapter"}
     row = res["rows"]["no-adapter"]
     assert row["ppl"] > 0 and row["bits_per_weight"] < 4 and row["layers"]
+    assert "--rows dense,no-adapter" in row["command"] and "commit" in row  # each row says what made it
     assert "| no-adapter |" in (out / "README.md").read_text()
     first = (out / "results.json").read_text()
     capsys.readouterr()
@@ -46,14 +47,30 @@ def test_ablation_grid_resumes(bench, tiny_llama_dir, shared_data, tmp_path, cap
         bench("ablation", *common[:-1], "4", "--rows", "paper")
 
 
-def test_baselines_table(bench, tiny_llama_dir, shared_data, tmp_path):
+def test_baselines_table(bench, tiny_llama_dir, shared_data, tmp_path, capsys):
     out = tmp_path / "base"
-    assert bench("baselines", "--model", str(tiny_llama_dir), "--out", str(out), "--limit", "1", "--data-dir",
-                 str(shared_data), "--calib-samples", "8", "--tables", "2:4,quant", "--rows", "wanda-absmax") == 0
+    common = ("--model", str(tiny_llama_dir), "--limit", "1", "--data-dir", str(shared_data), "--tables", "2:4,quant")
+    assert bench("baselines", *common, "--out", str(out), "--calib-samples", "8", "--rows", "wanda-absmax") == 0
     res = json.loads((out / "results.json").read_text())
     assert set(res["rows"]) == {"dense", "2:4/wanda-absmax"}  # quant has no wanda-absmax row
     assert res["rows"]["2:4/wanda-absmax"]["config"]["sparsity"]["pattern"] == "2:4"
     assert "## 2:4 sparsity + 4-bit weights" in (out / "README.md").read_text()
+    capsys.readouterr()
+    # another grid takes the rows it shares with the first instead of recomputing them ...
+    out2 = tmp_path / "base2"
+    assert bench("baselines", *common, "--out", str(out2), "--calib-samples", "8", "--rows",
+                 "wanda-absmax,magnitude-absmax", "--reuse", str(out / "results.json")) == 0
+    assert capsys.readouterr().out.count("reused from") == 2
+    res2 = json.loads((out2 / "results.json").read_text())
+    row = res2["rows"]["2:4/wanda-absmax"]
+    assert row["reused_from"].endswith(": 2:4/wanda-absmax") and row["ppl"] == res["rows"]["2:4/wanda-absmax"]["ppl"]
+    assert "reused_from" not in res2["rows"]["2:4/magnitude-absmax"]
+    assert "--reuse" in (out2 / "README.md").read_text()
+    # ... but never a row calibrated differently
+    out3 = tmp_path / "base3"
+    assert bench("baselines", *common, "--out", str(out3), "--calib-samples", "4", "--rows", "wanda-absmax",
+                 "--reuse", str(out / "results.json")) == 0
+    assert "reused from" not in capsys.readouterr().out
 
 
 def test_ablation_rejects_unknown_row(bench, tmp_path):
