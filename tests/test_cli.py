@@ -110,6 +110,7 @@ def test_report_from_checkpoint_and_eval(tiny_llama_dir, shared_data, tmp_path):
     assert main(["report", str(out), str(tmp_path / "z.json"), "--out", str(tmp_path / "rep")]) == 0
     text = (tmp_path / "rep" / "report.md").read_text()
     assert "| dense |" in text and "| ck |" in text and "0.5000" in text
+    assert "| method | q_proj | k_proj |" in text  # per-layer-kind errors, comparable across methods
     for png in ("pareto_ppl.png", "pareto_acc.png", "layer_error_ck.png"):
         assert (tmp_path / "rep" / png).stat().st_size > 1000
     assert main(["report", str(tmp_path / "nothing.json"), "--out", str(tmp_path / "r2")]) == 2

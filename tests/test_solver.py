@@ -71,6 +71,11 @@ def test_info_error_is_the_real_output_error():
     cw = compress_weight(w, st, CompressConfig.from_dict({"adapter": {"method": "fullcov"}}))
     direct = out_err(x, w, _final(cw)) / float((x @ w.T).pow(2).sum())
     assert abs(cw.info["rel_err_final"] - direct) < 1e-4
+    # the diagonal metric every method reports: sum_j ||E[:, j]||^2 E[x_j^2] over the same for W
+    e, ms = w - _final(cw), x.pow(2).mean(0)
+    diag = float((e.pow(2) * ms).sum() / (w.pow(2) * ms).sum())
+    assert abs(cw.info["rel_err_final_diag"] - diag) < 1e-4 * diag
+    assert cw.info["rel_err_final_diag"] != cw.info["rel_err_final"]  # both exist, and differ
 
 
 def test_sparsegpt_mask_patterns_and_quality():

@@ -79,6 +79,27 @@ def _add_rows(methods: dict, layers: dict, res: dict) -> None:
             layers[name] = r["layers"]
 
 
+def diag_error(info: dict[str, Any]) -> float | None:
+    """A layer's final relative error in the diagonal metric, the one every method reports."""
+    if "rel_err_final_diag" in info:
+        return info["rel_err_final_diag"]
+    return info.get("rel_err_final") if info.get("err_metric", "diag") == "diag" else None
+
+
+def errors_by_kind(layers: dict[str, dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """method -> layer kind (q_proj, down_proj, ...) -> mean final relative error, diagonal metric."""
+    out: dict[str, dict[str, float]] = {}
+    for method, lay in layers.items():
+        sums: dict[str, list[float]] = {}
+        for name, info in lay.items():
+            e = diag_error(info)
+            if e is not None:
+                sums.setdefault(name.rsplit(".", 1)[-1], []).append(e)
+        if sums:
+            out[method] = {k: sum(v) / len(v) for k, v in sums.items()}
+    return out
+
+
 def _fmt(v: Any, spec: str = ".2f") -> str:
     return "" if v is None else format(v, spec)
 
@@ -105,6 +126,18 @@ def write_report(paths: list[str | Path], out: str | Path, title: str = "slim re
                  _fmt(m.get("compress_seconds"), ".0f"),
                  *[_fmt(m.get("tasks", {}).get(t), ".4f") for t in task_names], _fmt(m.get("mean_acc"), ".4f")]
         lines.append("| " + " | ".join(cells) + " |")
+
+    by_kind = errors_by_kind(layers)
+    if by_kind:
+        kinds = list(dict.fromkeys(k for v in by_kind.values() for k in v))
+        lines += ["", "Mean final relative output error per layer kind on the calibration data, "
+                  "||E diag(rms x)||^2 / ||W diag(rms x)||^2 (the diagonal metric, which every method reports; "
+                  "why one method beats another is usually visible here):", "",
+                  "| method | " + " | ".join(kinds) + " | mean | ppl |", "|" + "---|" * (len(kinds) + 3)]
+        for name, v in sorted(by_kind.items(), key=lambda kv: methods.get(kv[0], {}).get("ppl") or 1e9):
+            mean = sum(v.values()) / len(v)
+            lines.append(f"| {name} | " + " | ".join(_fmt(v.get(k), ".4f") for k in kinds)
+                         + f" | {mean:.4f} | {_fmt(methods.get(name, {}).get('ppl'))} |")
 
     pts = [(n, m["bits_per_weight"], m["ppl"]) for n, m in methods.items() if m.get("ppl") and m.get("bits_per_weight")]
     if pts:

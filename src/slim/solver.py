@@ -396,5 +396,10 @@ def compress_weight(
     if adapter_q is not None:
         cw.adapter_codes, cw.adapter_scales = adapter_q
         cw.adapter_bits = ad.bits
-    info["rel_err_final"] = rel(w - qr.dense - (b @ a if rank else 0))
+    final_err = w - qr.dense - (b @ a if rank else 0)
+    info["rel_err_final"] = rel(final_err)
+    # the diagonal metric as well, which every method has: errors of methods that collect the full
+    # Gram matrix and of those that do not can then be compared layer by layer
+    info["rel_err_final_diag"] = (info["rel_err_final"] if gram is None
+                                  else output_error(final_err, None, rms) / max(output_error(w, None, rms), 1e-30))
     return cw
