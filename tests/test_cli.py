@@ -114,3 +114,17 @@ def test_report_from_checkpoint_and_eval(tiny_llama_dir, shared_data, tmp_path):
     for png in ("pareto_ppl.png", "pareto_acc.png", "layer_error_ck.png"):
         assert (tmp_path / "rep" / png).stat().st_size > 1000
     assert main(["report", str(tmp_path / "nothing.json"), "--out", str(tmp_path / "r2")]) == 2
+
+
+def test_errors_by_kind_never_mixes_metrics():
+    from slim.report import errors_by_kind
+
+    layers = {
+        "wanda": {"b.0.q_proj": {"err_metric": "diag", "rel_err_final": 0.2},
+                  "b.1.q_proj": {"err_metric": "diag", "rel_err_final": 0.4}},
+        "sparsegpt": {"b.0.q_proj": {"err_metric": "gram", "rel_err_final": 0.1, "rel_err_final_diag": 0.3}},
+        "old-gram-run": {"b.0.q_proj": {"err_metric": "gram", "rel_err_final": 0.05}},  # no diagonal figure
+    }
+    diag = errors_by_kind(layers, "diag")
+    assert diag == {"wanda": {"q_proj": pytest.approx(0.3)}, "sparsegpt": {"q_proj": 0.3}}
+    assert errors_by_kind(layers, "gram") == {"sparsegpt": {"q_proj": 0.1}, "old-gram-run": {"q_proj": 0.05}}

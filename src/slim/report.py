@@ -79,20 +79,20 @@ def _add_rows(methods: dict, layers: dict, res: dict) -> None:
             layers[name] = r["layers"]
 
 
-def diag_error(info: dict[str, Any]) -> float | None:
-    """A layer's final relative error in the diagonal metric, the one every method reports."""
-    if "rel_err_final_diag" in info:
+def layer_error(info: dict[str, Any], metric: str) -> float | None:
+    """A layer's final relative error in one metric: 'diag' (every method reports it) or 'gram'."""
+    if metric == "diag" and "rel_err_final_diag" in info:
         return info["rel_err_final_diag"]
-    return info.get("rel_err_final") if info.get("err_metric", "diag") == "diag" else None
+    return info.get("rel_err_final") if info.get("err_metric", "diag") == metric else None
 
 
-def errors_by_kind(layers: dict[str, dict[str, Any]]) -> dict[str, dict[str, float]]:
-    """method -> layer kind (q_proj, down_proj, ...) -> mean final relative error, diagonal metric."""
+def errors_by_kind(layers: dict[str, dict[str, Any]], metric: str = "diag") -> dict[str, dict[str, float]]:
+    """method -> layer kind (q_proj, down_proj, ...) -> mean final relative error in `metric`."""
     out: dict[str, dict[str, float]] = {}
     for method, lay in layers.items():
         sums: dict[str, list[float]] = {}
         for name, info in lay.items():
-            e = diag_error(info)
+            e = layer_error(info, metric)
             if e is not None:
                 sums.setdefault(name.rsplit(".", 1)[-1], []).append(e)
         if sums:
@@ -127,12 +127,15 @@ def write_report(paths: list[str | Path], out: str | Path, title: str = "slim re
                  *[_fmt(m.get("tasks", {}).get(t), ".4f") for t in task_names], _fmt(m.get("mean_acc"), ".4f")]
         lines.append("| " + " | ".join(cells) + " |")
 
-    by_kind = errors_by_kind(layers)
-    if by_kind:
+    metrics = {"diag": "||E diag(rms x)||^2 / ||W diag(rms x)||^2, the diagonal metric every method reports",
+               "gram": "tr(E H E^T) / tr(W H W^T) with the full input Gram matrix H, for methods that collect it"}
+    for metric, formula in metrics.items():
+        by_kind = errors_by_kind(layers, metric)
+        if not by_kind or (metric == "gram" and len(by_kind) < 2):
+            continue
         kinds = list(dict.fromkeys(k for v in by_kind.values() for k in v))
-        lines += ["", "Mean final relative output error per layer kind on the calibration data, "
-                  "||E diag(rms x)||^2 / ||W diag(rms x)||^2 (the diagonal metric, which every method reports; "
-                  "why one method beats another is usually visible here):", "",
+        lines += ["", f"Mean final relative output error per layer kind on the calibration data, {formula} "
+                  "(why one method beats another is usually visible here):", "",
                   "| method | " + " | ".join(kinds) + " | mean | ppl |", "|" + "---|" * (len(kinds) + 3)]
         for name, v in sorted(by_kind.items(), key=lambda kv: methods.get(kv[0], {}).get("ppl") or 1e9):
             mean = sum(v.values()) / len(v)
