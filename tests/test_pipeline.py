@@ -219,3 +219,25 @@ def test_groups_and_true_sequential():
     assert not torch.equal(out[False][0], out[True][0])  # o_proj/down_proj saw different inputs
     q = "model.layers.0.self_attn.q_proj"
     assert out[False][1]["layers"][q]["rel_err_final"] == out[True][1]["layers"][q]["rel_err_final"]
+
+
+@pytest.mark.parametrize("preset", ["paper", "slim-quant-o", "sparsegpt-optq"])
+def test_gram_errors_only_measure(preset):
+    """calib.gram_errors reports the full-metric error and changes nothing the algorithms compute."""
+    from slim.config import PRESETS, merge
+
+    ids = _ids()
+    out = {}
+    for on in (False, True):
+        m = tiny_model("llama")
+        cfg = CompressConfig.from_dict(merge(PRESETS[preset], {**CAL, "calib": {**CAL["calib"], "gram_errors": on}}))
+        rep = compress_model(m, ids, cfg, progress=False)
+        out[on] = (m(ids).logits.detach(), rep["layers"])
+    assert torch.equal(out[False][0], out[True][0])
+    for name, info in out[True][1].items():
+        assert info["rel_err_final"] == out[False][1][name]["rel_err_final"]
+        assert 0 < info["rel_err_final_gram"] < 1.5
+        if info["err_metric"] == "gram":  # a method that uses the Gram matrix reports the same figure twice
+            assert info["rel_err_final_gram"] == info["rel_err_final"]
+    if preset != "sparsegpt-optq":
+        assert all("rel_err_final_gram" not in i for i in out[False][1].values())

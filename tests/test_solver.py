@@ -145,3 +145,18 @@ def test_greedy_allocation_in_the_pipeline_keeps_the_adapter_budget():
         params[alloc] = sum(r * c for r, c in ranks)
         assert torch.isfinite(model(ids).logits).all()
     assert params["greedy"] <= params["uniform"]
+
+
+def test_measure_gram_gives_the_real_output_error():
+    import dataclasses
+
+    from slim.config import PRESETS, merge
+
+    w, x, st = _layer(5)
+    for quant in ("slim", "slim-o"):  # slim-o computes on x / s: the measurement must follow
+        cfg = CompressConfig.from_dict(merge(PRESETS["paper"], {"quant": {"method": quant}}))
+        cw = compress_weight(w, dataclasses.replace(st, gram=None, cache={}), cfg, measure_gram=st.mean_gram)
+        assert cw.info["err_metric"] == "diag" and (quant == "slim") == (cw.input_scale is None)
+        w_hat = _final(cw) if cw.input_scale is None else _final(cw) / cw.input_scale[None, :]
+        direct = out_err(x, w, w_hat) / float((x @ w.T).pow(2).sum())
+        assert abs(cw.info["rel_err_final_gram"] - direct) < 1e-3 * direct, (quant, direct)

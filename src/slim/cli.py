@@ -64,6 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--calib-seqlen", dest="calib.seqlen", type=int, help="tokens per window (512 on CPU)")
     g.add_argument("--seed", dest="calib.seed", type=int, help="the one seed (0)")
     g.add_argument("--calib-batch-size", dest="calib.batch_size", type=int, help="windows per forward (8)")
+    g.add_argument("--gram-errors", dest="calib.gram_errors", action="store_true", default=None,
+                   help="also report each layer's error with the full input Gram (to compare methods; slower)")
     c.add_argument("--fp8-inputs", dest="fp8_inputs", action="store_true", default=None,
                    help="FP8 per-tensor input quantization (off by default)")
     c.add_argument("--device", dest="device", help="cpu (default) or cuda")

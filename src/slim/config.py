@@ -166,6 +166,9 @@ class CalibConfig:
     seqlen: int = 512
     seed: int = 0
     batch_size: int = 8
+    # also collect every layer's full input Gram matrix, only to report its error in that metric
+    # (rel_err_final_gram) when comparing methods; the algorithms never see it; costs time
+    gram_errors: bool = False
 
     def __post_init__(self) -> None:
         if self.n_samples < 1 or self.seqlen < 2 or self.batch_size < 1:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from typing import Any
@@ -51,12 +52,14 @@ def compress_model(
     )
     hidden, kwargs = capture_block_inputs(model, calib_ids, cfg.calib.batch_size, device)
     per_layer: dict[str, dict[str, Any]] = {}
+    with_gram = cfg.needs_gram or cfg.calib.gram_errors
     bar = tqdm(range(len(layers)), desc="compressing blocks", unit="block", disable=not progress)
     for i in bar:
         block = layers[i].to(device)
         linears = find_linears(block)
-        stats, groups = _collect_stats(block, linears, hidden, kwargs, device, cfg.needs_gram, jsq_clip=jsq_clip,
+        stats, groups = _collect_stats(block, linears, hidden, kwargs, device, with_gram, jsq_clip=jsq_clip,
                                        with_abs=cfg.needs_abs)
+        stats, measure = _split_gram(stats, cfg)
         ranks: dict[str, int] = {}
         if cfg.adapter.allocation == "greedy" and cfg.adapter.method != "none":
             spectra = {k: error_spectrum(lin.weight.data, stats[k], cfg, _mask(masks, f"{prefix}.{i}.{k}"), k)
@@ -64,12 +67,16 @@ def compress_model(
             ranks = allocate_ranks(spectra, {k: tuple(lin.weight.shape) for k, lin in linears.items()}, cfg.adapter)
         for gi, group in enumerate(groups):
             if cfg.true_sequential and gi > 0:  # re-measure this group's inputs behind compressed groups
-                stats.update(_collect_stats(block, linears, hidden, kwargs, device, cfg.needs_gram, only=group,
-                                            jsq_clip=jsq_clip, with_abs=cfg.needs_abs)[0])
+                again, again_measure = _split_gram(_collect_stats(
+                    block, linears, hidden, kwargs, device, with_gram, only=group, jsq_clip=jsq_clip,
+                    with_abs=cfg.needs_abs)[0], cfg)
+                stats.update(again)
+                measure.update(again_measure)
             for k in group:
                 lin = linears[k]
                 full = f"{prefix}.{i}.{k}"
-                cw = compress_weight(lin.weight.data, stats[k], cfg, mask=_mask(masks, full), name=k, rank=ranks.get(k))
+                cw = compress_weight(lin.weight.data, stats[k], cfg, mask=_mask(masks, full), name=k, rank=ranks.get(k),
+                                     measure_gram=measure.get(k))
                 bias = None if lin.bias is None else lin.bias.data.detach().cpu()
                 new = SlimLinear.from_compressed(cw, bias, kind, n, m, fp8_inputs=fp8)
                 set_submodule(block, k, new.to(device))
@@ -82,6 +89,22 @@ def compress_model(
     elapsed = time.perf_counter() - t0
     log.info("compressed %d blocks in %.1f s", len(layers), elapsed)
     return {"compress_seconds": elapsed, "layers": per_layer, **size_report(model)}
+
+
+def _split_gram(
+    stats: dict[str, InputStats], cfg: CompressConfig,
+) -> tuple[dict[str, InputStats], dict[str, torch.Tensor]]:
+    """Take out Gram matrices collected only for reporting (calib.gram_errors), so no algorithm sees them.
+
+    Returns the statistics the algorithms get and the Gram matrices to measure errors with; linears that
+    share one InputStats keep sharing it.
+    """
+    if not cfg.calib.gram_errors or cfg.needs_gram:
+        return stats, {}
+    measure = {k: st.mean_gram for k, st in stats.items() if st.gram is not None}
+    stripped: dict[int, InputStats] = {}
+    out = {k: stripped.setdefault(id(st), dataclasses.replace(st, gram=None)) for k, st in stats.items()}
+    return out, measure
 
 
 def _mask(masks: dict[str, torch.Tensor] | None, name: str) -> torch.Tensor | None:

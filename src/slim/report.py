@@ -81,8 +81,8 @@ def _add_rows(methods: dict, layers: dict, res: dict) -> None:
 
 def layer_error(info: dict[str, Any], metric: str) -> float | None:
     """A layer's final relative error in one metric: 'diag' (every method reports it) or 'gram'."""
-    if metric == "diag" and "rel_err_final_diag" in info:
-        return info["rel_err_final_diag"]
+    if f"rel_err_final_{metric}" in info:
+        return info[f"rel_err_final_{metric}"]
     return info.get("rel_err_final") if info.get("err_metric", "diag") == metric else None
 
 
@@ -128,7 +128,8 @@ def write_report(paths: list[str | Path], out: str | Path, title: str = "slim re
         lines.append("| " + " | ".join(cells) + " |")
 
     metrics = {"diag": "||E diag(rms x)||^2 / ||W diag(rms x)||^2, the diagonal metric every method reports",
-               "gram": "tr(E H E^T) / tr(W H W^T) with the full input Gram matrix H, for methods that collect it"}
+               "gram": "tr(E H E^T) / tr(W H W^T) with the full input Gram matrix H, for methods that collect it "
+                       "(or ran with calib.gram_errors)"}
     for metric, formula in metrics.items():
         by_kind = errors_by_kind(layers, metric)
         if not by_kind or (metric == "gram" and len(by_kind) < 2):

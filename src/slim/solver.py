@@ -329,12 +329,13 @@ def allocate_ranks(
 
 def compress_weight(
     w: torch.Tensor, stats: InputStats, cfg: CompressConfig, mask: torch.Tensor | None = None, name: str = "",
-    rank: int | None = None,
+    rank: int | None = None, measure_gram: torch.Tensor | None = None,
 ) -> CompressedWeight:
     """Compress one d_out x d_in weight with the configured mask, quantizer and adapter.
 
     `name` is the linear's name inside its block (AWQ skips its clipping search for q/k projections);
-    `rank` overrides the configured adapter rank (rank allocation).
+    `rank` overrides the configured adapter rank (rank allocation); `measure_gram`, the mean input Gram
+    matrix of a method that does not use one, only for reporting the final error in the full metric.
     """
     q, ad = cfg.quant, cfg.adapter
     prep = stats.cache.pop(("prep", name), None) or prepare_weight(w, stats, cfg, mask, name)
@@ -402,4 +403,12 @@ def compress_weight(
     # Gram matrix and of those that do not can then be compared layer by layer
     info["rel_err_final_diag"] = (info["rel_err_final"] if gram is None
                                   else output_error(final_err, None, rms) / max(output_error(w, None, rms), 1e-30))
+    if gram is not None:
+        info["rel_err_final_gram"] = info["rel_err_final"]
+    elif measure_gram is not None:
+        g = measure_gram.to(w.device)
+        if input_scale is not None:  # w is in the scaled space: the layer sees x / s
+            s = input_scale.double().to(g.device)
+            g = g / s[:, None] / s[None, :]
+        info["rel_err_final_gram"] = output_error(final_err, g, None) / max(output_error(w, g, None), 1e-30)
     return cw
