@@ -1,6 +1,7 @@
 import json
 
 import pytest
+import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from slim.cli import main
@@ -128,3 +129,22 @@ def test_errors_by_kind_never_mixes_metrics():
     diag = errors_by_kind(layers, "diag")
     assert diag == {"wanda": {"q_proj": pytest.approx(0.3)}, "sparsegpt": {"q_proj": 0.3}}
     assert errors_by_kind(layers, "gram") == {"sparsegpt": {"q_proj": 0.1}, "old-gram-run": {"q_proj": 0.05}}
+
+
+def test_bad_mask_file_fails_before_dense_eval(tiny_llama_dir, shared_data, tmp_path, capsys, monkeypatch):
+    """A missing or mismatched --mask-file is refused before the dense model is evaluated."""
+    from safetensors.torch import save_file
+
+    import slim.evaluate
+
+    def no_eval(*a, **k):
+        raise AssertionError("perplexity ran before the mask file was checked")
+
+    monkeypatch.setattr(slim.evaluate, "perplexity", no_eval)
+    common = ["--out", str(tmp_path / "o"), *FAST, "--data-dir", str(shared_data), "--eval-dense"]
+    assert main(["compress", str(tiny_llama_dir), "--mask-file", str(tmp_path / "none.safetensors"), *common]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    save_file({"model.layers.0.mlp.up_proj": torch.ones(3, 5, dtype=torch.uint8)}, str(tmp_path / "m.safetensors"))
+    assert main(["compress", str(tiny_llama_dir), "--mask-file", str(tmp_path / "m.safetensors"), *common]) == 2
+    assert "no mask for" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()

@@ -124,10 +124,11 @@ def _fmt_bytes(n: float) -> str:
 
 def cmd_compress(args: argparse.Namespace) -> int:
     from . import checkpoint, data, evaluate, models
-    from .api import compress, load_masks
+    from .api import check_masks, compress, load_masks
 
     cfg = config_from_args(args)
     out = checkpoint.check_output_dir(args.out, args.overwrite)
+    masks = load_masks(args.mask_file) if args.mask_file else None  # a bad file fails now, not after evaluation
     if args.eval or args.eval_dense:
         data.wikitext2_rows(args.data_dir)  # fail now, not after compressing
     data.read_texts(cfg.calib.data, args.data_dir)
@@ -140,6 +141,8 @@ def cmd_compress(args: argparse.Namespace) -> int:
     model, tok, source = models.load_model(args.model)
     models.family_of(model)
     models.check_compressible(model, cfg)
+    if masks is not None:
+        check_masks(model, masks, cfg)
     results: dict[str, Any] = {}
     ids = None
     if args.eval_dense:
@@ -150,7 +153,6 @@ def cmd_compress(args: argparse.Namespace) -> int:
         results["eval_data"] = prov
         print(f"slim: dense WikiText-2 ppl {results['dense']['ppl']:.3f}")
     t0 = time.perf_counter()
-    masks = load_masks(args.mask_file) if args.mask_file else None
     model, tok, meta = compress(model, cfg, tok, data_dir=args.data_dir, progress=not args.quiet, masks=masks)
     if args.mask_file:
         meta["mask_file"] = {"path": args.mask_file, "sha256": data.sha256(args.mask_file)}
