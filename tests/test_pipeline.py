@@ -209,6 +209,13 @@ def test_groups_and_true_sequential():
     part, _ = _collect_stats(block, find_linears(block), hidden, kwargs, "cpu", False, only=["self_attn.o_proj"])
     assert torch.allclose(part["self_attn.o_proj"].sum_sq, stats["self_attn.o_proj"].sum_sq)
     assert part["self_attn.o_proj"].n_tokens == stats["self_attn.o_proj"].n_tokens
+    # a group of several linears re-measured alone: all of them get the one measurement (the forward
+    # stops at the first, so the others' hooks never run)
+    mlp, _ = _collect_stats(block, find_linears(block), hidden, kwargs, "cpu", True,
+                            only=["mlp.gate_proj", "mlp.up_proj"])
+    assert mlp["mlp.up_proj"] is mlp["mlp.gate_proj"]
+    assert mlp["mlp.up_proj"].n_tokens == stats["mlp.up_proj"].n_tokens > 0
+    assert torch.allclose(mlp["mlp.up_proj"].sum_sq, stats["mlp.up_proj"].sum_sq)
 
     ids = _ids()
     out = {}
@@ -219,6 +226,8 @@ def test_groups_and_true_sequential():
     assert not torch.equal(out[False][0], out[True][0])  # o_proj/down_proj saw different inputs
     q = "model.layers.0.self_attn.q_proj"
     assert out[False][1]["layers"][q]["rel_err_final"] == out[True][1]["layers"][q]["rel_err_final"]
+    for name, info in out[True][1]["layers"].items():  # every layer compressed against real statistics
+        assert info["rel_err_compressed"] > 0, name
 
 
 @pytest.mark.parametrize("preset", ["paper", "slim-quant-o", "sparsegpt-optq"])

@@ -126,16 +126,19 @@ def _collect_stats(
     statistics and the groups in execution order.
     """
     names = list(linears) if only is None else list(only)
-    stats = {k: InputStats.empty(linears[k].in_features, with_gram, device, jsq_clip, with_abs) for k in names}
-    owner: dict[str, str] = {}
+    # `only` is one group fed one tensor: its first linear measures it for all, and the forward stops there
+    # (before the group's other linears run, so they must not wait for their own hooks)
+    measured = names if only is None else names[:1]
+    stats = {k: InputStats.empty(linears[k].in_features, with_gram, device, jsq_clip, with_abs) for k in measured}
+    owner: dict[str, str] = {} if only is None else dict.fromkeys(names, names[0])
     order: list[str] = []
     last: dict[str, Any] = {"x": None, "name": None}
 
     def make_hook(k: str):
         def hook(_m: nn.Module, inp: tuple, _o: torch.Tensor) -> None:
             x = inp[0]
-            if k not in owner:
-                owner[k] = owner[last["name"]] if last["x"] is x else k
+            if k not in order:
+                owner.setdefault(k, owner[last["name"]] if last["x"] is x else k)
                 order.append(k)
             if owner[k] == k and k in stats:
                 stats[k].add(x)
@@ -165,7 +168,7 @@ def _collect_stats(
             groups.append([k])
         else:
             next(g for g in groups if g[0] == owner[k]).append(k)
-    return {k: stats[owner.get(k, k)] for k in names}, groups
+    return {k: stats[owner[k]] for k in names}, groups
 
 
 def size_report(model: nn.Module) -> dict[str, Any]:
