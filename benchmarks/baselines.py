@@ -86,13 +86,18 @@ def all_rows(calib_samples: int | None = None) -> dict[str, tuple[str, dict[str,
     return rows
 
 
+def _fmt_ppl(ppl: float) -> str:
+    """Collapsed models reach 1e7: two decimals of that are noise, three significant digits are not."""
+    return f"{ppl:.2f}" if ppl < 1e5 else f"{ppl:.3g}"
+
+
 def render(res: dict) -> str:
     dense = res["rows"].get("dense", {}).get("ppl")
     out = [f"# Compared methods on {res['model']}\n",
            f"WikiText-2 test, {res['eval']['windows']} windows x {res['eval']['seqlen']} tokens; calibration "
            f"{res['calib']} (the same windows for every row). Machine: {describe_machine(res['machine'])}.",
-           f"Command: `{res['command']}`. Dense perplexity: {dense:.2f}.\n" if dense else
-           f"Command: `{res['command']}`.\n"]
+           f"Last command: `{res['command']}` (each row's own command and commit are in results.json)."
+           + (f" Dense perplexity: {dense:.2f}.\n" if dense else "\n")]
     for key, (title, _, methods) in TABLES.items():
         done = [(n, res["rows"][f"{key}/{n}"]) for n in methods if f"{key}/{n}" in res["rows"]]
         if not done:
@@ -103,8 +108,11 @@ def render(res: dict) -> str:
             prune, quant, _ = methods[n]
             lim = f" ({r['limit']} windows)" if r.get("limit") else ""
             lim += " *" if r.get("reused_from") else ""
-            out.append(f"| {prune} | {quant} | {r['ppl']:.2f}{lim} | {r.get('compress_seconds', 0):.0f} | "
+            out.append(f"| {prune} | {quant} | {_fmt_ppl(r['ppl'])}{lim} | {r.get('compress_seconds', 0):.0f} | "
                        f"{r.get('bits_per_weight') or 16:.3f} |")
+        missing = [n for n in methods if f"{key}/{n}" not in res["rows"]]
+        if missing:
+            out.append(f"\nNot measured yet: {', '.join(missing)}.")
         out.append("")
     reused = sorted({r["reused_from"] for r in res["rows"].values() if r.get("reused_from")})
     if reused:

@@ -54,7 +54,10 @@ def test_baselines_table(bench, tiny_llama_dir, shared_data, tmp_path, capsys):
     res = json.loads((out / "results.json").read_text())
     assert set(res["rows"]) == {"dense", "2:4/wanda-absmax"}  # quant has no wanda-absmax row
     assert res["rows"]["2:4/wanda-absmax"]["config"]["sparsity"]["pattern"] == "2:4"
-    assert "## 2:4 sparsity + 4-bit weights" in (out / "README.md").read_text()
+    readme = (out / "README.md").read_text()
+    assert "## 2:4 sparsity + 4-bit weights" in readme
+    assert "Not measured yet: magnitude-group-absmax, magnitude-absmax, sparsegpt-optq," in readme  # what is left
+    assert "quantization only" not in readme.lower()  # a table with no row measured is left out
     capsys.readouterr()
     # another grid takes the rows it shares with the first instead of recomputing them ...
     out2 = tmp_path / "base2"
@@ -86,3 +89,14 @@ def test_compress_time_side_by_side(bench, tiny_llama_dir, shared_data, tmp_path
     assert [r["recipe"] for r in res["runs"]] == ["paper", "default"]
     assert res["summary"]["paper"]["vs_paper"] == 1.0
     assert "median vs paper" in (out / "README.md").read_text()
+
+
+def test_baselines_table_formats_collapsed_rows(bench):
+    import baselines  # importable: the bench fixture put benchmarks/ on sys.path
+
+    machine = {"cpu": "cpu", "cores": 2, "torch": "t", "torch_threads": 2, "transformers": "x"}
+    res = {"model": "m", "eval": {"windows": 1, "seqlen": 8}, "calib": "c", "command": "cmd", "machine": machine,
+           "rows": {"2:4/wanda-absmax": {"ppl": 15910592.17, "bits_per_weight": 3.0},
+                    "2:4/wanda-gptq": {"ppl": 155.677, "bits_per_weight": 3.135}}}
+    text = baselines.render(res)
+    assert "| Wanda | AbsMax | 1.59e+07 |" in text and "| Wanda | Group OPTQ | 155.68 |" in text
