@@ -27,9 +27,10 @@ def split_error(w: torch.Tensor, st: InputStats, doubled: bool) -> tuple[float, 
     mask = make_mask(w, st.sum_sq, "nm", "wanda", 2, 4, 0.5)
     s = outlier_scale(w, st, 0.01, 2.0)
     top = s > 1
-    ws = w * mask * (s[None, :] if doubled else 1.0)
+    col = s[None, :] if doubled else torch.ones(1)
+    ws = w * mask * col
     step, _, _ = slim_quant_scale(ws[mask], 4)
-    err = (ws - fake_quant(ws, step, 4) * mask) / (s[None, :] if doubled else 1.0)
+    err = (ws - fake_quant(ws, step, 4) * mask) / col
     e = err.pow(2) * st.sum_sq[None, :]
     qmin, qmax = qrange(4)
     codes = ws[:, top][mask[:, top]] / step  # kept weights only

@@ -302,5 +302,6 @@ PRESETS.update({
                                          {"method": "naive", **_FP16_ADAPTER}),
     "naive-lora": _baseline("wanda", {"method": "slim", "bits": 4}, {"method": "naive", **_FP16_ADAPTER}),
     "slim-lora": _baseline("wanda", {"method": "slim", "bits": 4}, {"method": "slim", **_FP16_ADAPTER}),
+    "wanda-slim-quant": _baseline("wanda", {"method": "slim", "bits": 4}),
     "slim-quant-o": _baseline("wanda", {"method": "slim-o", "bits": 4}),
 })
