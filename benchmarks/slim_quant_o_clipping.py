@@ -22,10 +22,11 @@ from slim.solver import outlier_scale
 from slim.stats import InputStats
 
 
-def split_error(w: torch.Tensor, st: InputStats, doubled: bool) -> tuple[float, float, float, float]:
-    """(error in the salient columns, error elsewhere, clipped share of the salient columns, step)."""
-    mask = make_mask(w, st.sum_sq, "nm", "wanda", 2, 4, 0.5)
-    s = outlier_scale(w, st, 0.01, 2.0)
+def split_error(
+    w: torch.Tensor, st: InputStats, mask: torch.Tensor, s: torch.Tensor, doubled: bool,
+) -> tuple[float, float, float, float]:
+    """(error in the salient columns, error elsewhere, clipped share of the salient columns, step), for the
+    Wanda mask and SLiM-Quant^O column factors `s` (>1 on the salient columns) that both variants share."""
     top = s > 1
     col = s[None, :] if doubled else torch.ones(1)
     ws = w * mask * col
@@ -68,8 +69,10 @@ def main() -> int:
     print("|---|---|---|---|---|---|")
     for key, st in stats.items():
         w = lins[key].weight.detach().float()
-        tw, rw, cw, sw = split_error(w, st, False)
-        to, ro, co, so = split_error(w, st, True)
+        mask = make_mask(w, st.sum_sq, "nm", "wanda", 2, 4, 0.5)
+        s = outlier_scale(w, st, 0.01, 2.0)
+        tw, rw, cw, sw = split_error(w, st, mask, s, False)
+        to, ro, co, so = split_error(w, st, mask, s, True)
         print(f"| {key} | {tw + rw:.3g} / {to + ro:.3g} | {tw:.3g} / {to:.3g} | {rw:.3g} / {ro:.3g} "
               f"| {cw:.3f} / {co:.3f} | {sw:.4f} / {so:.4f} |")
     return 0
