@@ -124,7 +124,7 @@ def render(res: dict) -> str:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_args(ap)
-    ap.add_argument("--tables", default=",".join(TABLES), help=f"tables from: {', '.join(TABLES)}")
+    ap.add_argument("--tables", default=",".join(TABLES), help="tables from: " + ", ".join(TABLES).replace("%", "%%"))
     ap.add_argument("--rows", default=None, help="only these methods (comma-separated, e.g. jsq,wanda-awq)")
     args = ap.parse_args()
     tables = [t.strip() for t in args.tables.split(",") if t.strip()]

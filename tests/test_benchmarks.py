@@ -100,3 +100,11 @@ def test_baselines_table_formats_collapsed_rows(bench):
                     "2:4/wanda-gptq": {"ppl": 155.677, "bits_per_weight": 3.135}}}
     text = baselines.render(res)
     assert "| Wanda | AbsMax | 1.59e+07 |" in text and "| Wanda | Group OPTQ | 155.68 |" in text
+
+
+@pytest.mark.parametrize("script", sorted(p.stem for p in BENCH.glob("*.py") if p.stem != "grid"))
+def test_help_renders(bench, script, capsys):
+    # argparse %-formats help strings: a bare '%' (as in '50%') crashed `baselines.py --help` once
+    with pytest.raises(SystemExit) as e:
+        bench(script, "--help")
+    assert e.value.code == 0 and "usage:" in capsys.readouterr().out
