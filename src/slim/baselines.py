@@ -42,7 +42,7 @@ def awq_search(
     rows, d_in = w.shape
     w = w.float()
     x = mean_abs.float().clamp_min(0)
-    best = (float("inf"), torch.ones(d_in), 0.0)
+    best = (float("inf"), torch.ones(d_in, device=w.device), 0.0)
     for i in range(grid):
         a = i / grid
         s = x.pow(a).clamp_min(1e-4)

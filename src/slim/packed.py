@@ -128,6 +128,18 @@ class CompressedWeight:
     input_scale: torch.Tensor | None = None
     info: dict[str, Any] = dataclasses.field(default_factory=dict)
 
+    def to(self, device: torch.device | str) -> CompressedWeight:
+        """A copy with every tensor on `device` (the solver computes on the block's device; packing is on
+        the CPU, where the packed module is built)."""
+
+        def mv(t: Any) -> Any:
+            if isinstance(t, tuple):
+                return tuple(mv(x) for x in t)
+            return t.to(device) if isinstance(t, torch.Tensor) else t
+
+        return dataclasses.replace(self, **{f.name: mv(getattr(self, f.name)) for f in dataclasses.fields(self)
+                                            if f.name != "info"})
+
     def weight(self) -> torch.Tensor:
         """The dense effective weight M * Q(W) (without adapters), in the scaled input space."""
         if self.codes is None:
@@ -193,7 +205,8 @@ class SlimLinear(nn.Module):
         cls, cw: CompressedWeight, bias: torch.Tensor | None, sparsity: str, n: int = 0, m: int = 0,
         fp8_inputs: bool = False,
     ) -> SlimLinear:
-        """Pack a CompressedWeight into the stored layout."""
+        """Pack a CompressedWeight into the stored layout (built on the CPU; move the module after)."""
+        cw = cw.to("cpu")
         mask = cw.mask
         d_out, d_in = mask.shape
         keep = int(mask[0].sum()) if sparsity != "dense" else d_in

@@ -69,10 +69,10 @@ def slim_quant_scale(
     qmin, qmax = qrange(bits)
     amax = float(v.abs().max()) if v.numel() else 0.0
     if amax == 0.0:
-        return round_scale(torch.tensor(1.0)), 0.0, 0.0
+        return round_scale(torch.ones((), device=v.device)), 0.0, 0.0
     bins = max(512, min(v.numel() // 1000, 20000))
     hist = torch.histc(v, bins=bins, min=-amax, max=amax)
-    edges = torch.linspace(-amax, amax, bins + 1)
+    edges = torch.linspace(-amax, amax, bins + 1, device=v.device)
     centers = (edges[:-1] + edges[1:]) / 2
 
     def err(alphas: torch.Tensor) -> torch.Tensor:
@@ -83,13 +83,13 @@ def slim_quant_scale(
     lo, hi = amax / points, amax
     best = amax
     for _ in range(levels):
-        grid = torch.linspace(lo, hi, points)
+        grid = torch.linspace(lo, hi, points, device=v.device)
         e = err(grid)
         i = int(torch.argmin(e))
         best = float(grid[i])
         width = (hi - lo) / (points - 1)
         lo, hi = max(best - width, amax * 1e-4), min(best + width, amax)
-    scale = round_scale(torch.tensor(best / qmax))
+    scale = round_scale(torch.tensor(best / qmax, device=v.device))
     rel = float(((fake_quant(v, scale, bits) - v) ** 2).sum() / (v**2).sum().clamp_min(1e-30))
     return scale, best, rel
 
@@ -136,7 +136,7 @@ def group_slim_scale(
     hi = torch.ones_like(amax)
     best = torch.ones_like(amax)
     for _ in range(levels):
-        fr = lo[..., None] + (hi - lo)[..., None] * torch.linspace(0, 1, points)  # (rows, g, P)
+        fr = lo[..., None] + (hi - lo)[..., None] * torch.linspace(0, 1, points, device=w.device)  # (rows, g, P)
         step = (fr * amax[..., None] / qmax)[..., None]  # (rows, g, P, 1)
         x = wm[:, :, None, :]
         err = ((torch.clamp(torch.round(x / step), qmin, qmax) * step - x) ** 2).sum(-1)

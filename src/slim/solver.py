@@ -33,7 +33,7 @@ def outlier_scale(w: torch.Tensor, stats: InputStats, fraction: float, factor: f
     """SLiM-Quant^O: per-input-channel factor, `factor` on the top channels by ||x_j|| * sum_i |W_ij|."""
     d_in = w.shape[1]
     k = int(round(fraction * d_in))
-    s = torch.ones(d_in)
+    s = torch.ones(d_in, device=w.device)
     if k:
         sal = stats.sum_sq.float().sqrt() * w.abs().sum(0)
         s[sal.topk(k).indices] = factor
@@ -149,7 +149,7 @@ def quantize_masked(
         scale, gsize, zero, clip = params.scale, params.group_size, params.zero, params.clip
     elif q.method == "gptq" and q.error_feedback and q.group_size and fb.perm is None:
         gsize = q.group_size
-        scale = torch.ones(w.shape[0], -(-d_in // gsize))
+        scale = torch.ones(w.shape[0], -(-d_in // gsize), device=w.device)
 
         def on_block(b0: int, b1: int, cur: torch.Tensor) -> None:
             for g0 in range(-(-b0 // gsize) * gsize, b1, gsize):
@@ -241,9 +241,14 @@ def _cached(stats: InputStats, key: tuple, make: Callable[[], Any]) -> Any:
 def prepare_weight(
     w: torch.Tensor, stats: InputStats, cfg: CompressConfig, mask: torch.Tensor | None = None, name: str = "",
 ) -> Prepared:
-    """Mask, input scaling (SLiM-Quant^O, AWQ) and the first quantization of one weight."""
-    w = w.detach().float().cpu()
-    stats = stats.to("cpu")
+    """Mask, input scaling (SLiM-Quant^O, AWQ) and the first quantization of one weight.
+
+    Everything is computed on the weight's device (the block's: `--device cuda` runs the solver there).
+    """
+    w = w.detach().float()
+    stats = stats.to(w.device)
+    if mask is not None:
+        mask = mask.to(w.device)
     sp, q, ad = cfg.sparsity, cfg.quant, cfg.adapter
     n, m = sp.nm if sp.kind == "nm" else (0, 0)
     gram = stats.mean_gram
