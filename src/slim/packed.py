@@ -137,8 +137,7 @@ class CompressedWeight:
                 return tuple(mv(x) for x in t)
             return t.to(device) if isinstance(t, torch.Tensor) else t
 
-        return dataclasses.replace(self, **{f.name: mv(getattr(self, f.name)) for f in dataclasses.fields(self)
-                                            if f.name != "info"})
+        return dataclasses.replace(self, **{f.name: mv(getattr(self, f.name)) for f in dataclasses.fields(self)})
 
     def weight(self) -> torch.Tensor:
         """The dense effective weight M * Q(W) (without adapters), in the scaled input space."""
