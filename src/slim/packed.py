@@ -12,8 +12,9 @@ On-disk/in-memory layout (format 1), all row-major, little-endian bit order insi
   lora_A    (r, d_in), lora_B (d_out, r)      adapters dW = lora_B @ lora_A; fp16, or packed codes
             with lora_A_scale / lora_B_scale  group scales along each one's input dimension
   input_scale fp16 (d_in)                     SLiM-Quant^O: the layer computes with x / input_scale
-The reference forward decompresses once (cached) and runs a dense matmul; kernels may convert
-this layout to whatever they need at load time.
+The reference forward decompresses and runs a dense matmul (caching the dense weight only when asked:
+`cache=True`, or `set_dense_cache`); the backends in `slim.runtime` convert this layout to their kernels'
+layouts at load time.
 """
 
 from __future__ import annotations
@@ -158,7 +159,7 @@ class CompressedWeight:
 class SlimLinear(nn.Module):
     """A compressed replacement for nn.Linear; see the module docstring for the stored layout."""
 
-    def __init__(self, layout: Layout, dtype: torch.dtype = torch.float32, cache: bool = True) -> None:
+    def __init__(self, layout: Layout, dtype: torch.dtype = torch.float32, cache: bool = False) -> None:
         super().__init__()
         self.layout = layout
         self.in_features, self.out_features = layout.d_in, layout.d_out
@@ -356,3 +357,11 @@ class SlimLinear(nn.Module):
             f"in={L.d_in}, out={L.d_out}, sparsity={sp}, bits={L.bits or 16}, "
             f"rank={L.rank}, adapter_bits={L.adapter_bits or 16}"
         )
+
+
+def set_dense_cache(model: nn.Module, on: bool) -> None:
+    """Turn the reference layers' dense-weight cache on (fast repeated forwards, dense-sized memory) or off."""
+    for mod in model.modules():
+        if isinstance(mod, SlimLinear):
+            mod.cache = on
+            mod.clear_cache()

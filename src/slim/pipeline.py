@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 from .capture import capture_block_inputs, run_block
 from .config import CompressConfig
 from .models import check_compressible, find_linears, get_layers, layers_prefix, set_submodule
-from .packed import SlimLinear
+from .packed import SlimLinear, set_dense_cache
 from .solver import allocate_ranks, compress_weight, error_spectrum
 from .stats import InputStats
 
@@ -79,10 +79,12 @@ def compress_model(
                                      measure_gram=measure.get(k))
                 bias = None if lin.bias is None else lin.bias.data.detach().cpu()
                 new = SlimLinear.from_compressed(cw, bias, kind, n, m, fp8_inputs=fp8)
+                new.cache = True  # the block runs on every calibration batch next; dropped after that
                 set_submodule(block, k, new.to(device))
                 per_layer[full] = {"shape": list(lin.weight.shape), **cw.info}
         del stats
         hidden = run_block(block, hidden, kwargs, device)
+        set_dense_cache(block, False)
         layers[i] = block.to("cpu")
         errs = [per_layer[f"{prefix}.{i}.{k}"]["rel_err_final"] for k in linears]
         bar.set_postfix(rel_err=f"{sum(errs) / len(errs):.4f}")

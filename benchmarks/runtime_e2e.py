@@ -1,0 +1,233 @@
+"""End-to-end speed and memory: a slim checkpoint through its backend against the dense bf16 model.
+
+Every measurement runs in a fresh process (so resident memory belongs to that model alone): import torch,
+transformers and slim, read the resident memory, load, warm up, then time a prefill of --prompt-tokens tokens and
+a greedy decode of --new-tokens tokens (median of --reps), and read the peak resident memory. Model memory = peak
+resident memory minus the resident memory before loading. Pairs run back to back (dense, compressed, ...).
+
+Models: SmolLM2-135M (the default slim checkpoint, --checkpoint, against its dense bf16 safetensors directory,
+written from the bundled GGUF if missing) and a random-weight Llama with Llama-2-7B block shapes (--random-blocks
+blocks, small vocabulary), compressed in the default recipe's stored layout (2:4 + 4-bit per-tensor codes,
+rank-0.1 int4 adapters) with random contents: speed does not depend on the values.
+
+    python benchmarks/runtime_e2e.py --out docs/results/runtime --checkpoint runs/smollm2-slim --work runs/e2e
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+
+
+# ------------------------------------------------------------------ worker (one model, one process)
+
+
+def worker(args: argparse.Namespace) -> None:
+    import torch
+    import transformers  # noqa: F401 - counted in the baseline, as a user's process has it
+
+    import slim
+    from slim.checkpoint import is_checkpoint
+    from slim.generate import generate, peak_rss_bytes, rss_bytes
+    from slim.runtime import model_bytes
+
+    torch.manual_seed(0)
+    base = rss_bytes()
+    t0 = time.perf_counter()
+    if is_checkpoint(args.model):
+        model = slim.load(args.model, backend=args.backend)
+        kind = f"slim ({args.backend})"
+    else:
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.bfloat16).eval()
+        kind = "dense bf16"
+    load_s = time.perf_counter() - t0
+    loaded = rss_bytes()
+    vocab = model.config.vocab_size
+    ids = torch.randint(0, vocab, (1, args.prompt_tokens), generator=torch.Generator().manual_seed(0))
+    if (Path(args.model) / "tokenizer.json").exists():
+        from transformers import AutoTokenizer
+
+        from slim.data import wikitext2_rows
+
+        tok = AutoTokenizer.from_pretrained(args.model)
+        text = "\n".join(wikitext2_rows(args.data_dir)[:400])
+        ids = tok(text, return_tensors="pt").input_ids[:, : args.prompt_tokens]
+    generate(model, None, ids[:, :8], max_new_tokens=2, stop_at_eos=False)  # warm-up
+    pre, dec = [], []
+    for _ in range(args.reps):
+        r = generate(model, None, ids, max_new_tokens=args.new_tokens + 1, stop_at_eos=False)
+        pre.append(r["prefill_tokens_per_s"])
+        dec.append(r["decode_tokens_per_s"])
+    print(json.dumps({
+        "model": args.model, "kind": kind, "load_seconds": load_s, "prompt_tokens": int(ids.shape[1]),
+        "new_tokens": args.new_tokens, "prefill_tokens_per_s": statistics.median(pre),
+        "decode_tokens_per_s": statistics.median(dec), "prefill_all": pre, "decode_all": dec,
+        "rss_before_load": base, "rss_after_load": loaded, "peak_rss": peak_rss_bytes(),
+        "model_memory_bytes": peak_rss_bytes() - base, "loaded_memory_bytes": loaded - base,
+        "param_bytes": model_bytes(model)["total_bytes"],
+    }))
+
+
+# ------------------------------------------------------------------ preparing the models
+
+
+def dir_bytes(p: Path) -> int:
+    return sum(f.stat().st_size for f in p.iterdir() if f.is_file())
+
+
+def smollm2_dense_dir(work: Path) -> Path:
+    """The bundled SmolLM2 GGUF as a bf16 safetensors directory (what a user downloads as the dense model)."""
+    d = work / "smollm2-dense-bf16"
+    if not (d / "config.json").exists():
+        import torch
+
+        from slim.models import load_model
+
+        model, tok, _ = load_model(None)
+        model.to(torch.bfloat16).save_pretrained(d)
+        tok.save_pretrained(d)
+    return d
+
+
+def random_llama_dirs(work: Path, blocks: int) -> tuple[Path, Path]:
+    """A random Llama with Llama-2-7B blocks (dense bf16 dir) and its slim checkpoint in the default layout."""
+    dense, ck = work / f"llama7b-shape-{blocks}b-dense-bf16", work / f"llama7b-shape-{blocks}b-slim"
+    if (dense / "config.json").exists() and (ck / "slim_config.json").exists():
+        return dense, ck
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    import slim
+    from slim.models import set_submodule
+    from slim.runtime.random import random_slim_linear
+
+    cfg = LlamaConfig(vocab_size=4096, hidden_size=4096, intermediate_size=11008, num_hidden_layers=blocks,
+                      num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=2048)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(cfg).to(torch.bfloat16).eval()
+    model.save_pretrained(dense)
+    seed = 0
+    for name, mod in list(model.model.layers.named_modules()):
+        if isinstance(mod, torch.nn.Linear):
+            d_out, d_in = mod.weight.shape
+            set_submodule(model.model.layers, name, random_slim_linear(
+                d_out, d_in, rank=round(0.1 * min(d_out, d_in)), seed=seed))
+            seed += 1
+    slim.save(model, ck, meta={"note": "random contents in the default recipe's layout (speed benchmark)"},
+              overwrite=True)
+    return dense, ck
+
+
+def run_worker(model: Path, backend: str, prompt: int, new: int, reps: int, data_dir: str | None) -> dict:
+    cmd = [sys.executable, str(Path(__file__).resolve()), "worker", "--model", str(model), "--backend", backend,
+           "--prompt-tokens", str(prompt), "--new-tokens", str(new), "--reps", str(reps)]
+    if data_dir:
+        cmd += ["--data-dir", data_dir]
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    if out.returncode:
+        raise SystemExit(f"worker failed for {model}:\n{out.stderr[-3000:]}")
+    res = json.loads(out.stdout.strip().splitlines()[-1])
+    print(f"  {res['kind']:22s} prefill {res['prefill_tokens_per_s']:8.1f} tok/s  decode "
+          f"{res['decode_tokens_per_s']:6.2f} tok/s  model memory {res['model_memory_bytes'] / 2**20:7.1f} MiB",
+          flush=True)
+    return res
+
+
+def compare(name: str, dense: Path, ck: Path, backend: str, prompt: int, new: int, reps: int,
+            data_dir: str | None) -> dict:
+    print(f"{name}: prompt {prompt} tokens, {new} new tokens, {reps} repeats", flush=True)
+    d = run_worker(dense, "auto", prompt, new, reps, data_dir)
+    c = run_worker(ck, backend, prompt, new, reps, data_dir)
+    return {
+        "name": name, "dense": d, "slim": c, "dense_dir_bytes": dir_bytes(dense), "slim_dir_bytes": dir_bytes(ck),
+        "decode_speedup": c["decode_tokens_per_s"] / d["decode_tokens_per_s"],
+        "prefill_speedup": c["prefill_tokens_per_s"] / d["prefill_tokens_per_s"],
+        "memory_ratio": c["model_memory_bytes"] / d["model_memory_bytes"],
+        "disk_ratio": dir_bytes(ck) / dir_bytes(dense),
+    }
+
+
+def table(res: dict) -> str:
+    from grid import describe_machine
+
+    mib = 2**20
+    lines = [
+        "# End to end: slim checkpoint vs dense bf16\n",
+        f"Machine: {describe_machine(res['machine'])}. Commit {res['commit']}. Backend `{res['backend']}`. Each model "
+        "in a fresh process; greedy decoding; median of repeats. Model memory = peak resident memory minus the "
+        "resident memory after importing torch/transformers/slim (load, prefill and decode included).\n",
+        "| model | prompt | new | dense prefill tok/s | slim prefill tok/s | **prefill ×** | dense decode tok/s "
+        "| slim decode tok/s | **decode ×** | dense memory MiB | slim memory MiB | **memory ratio** | dense dir MiB "
+        "| slim dir MiB | **disk ratio** |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in res["rows"]:
+        d, c = r["dense"], r["slim"]
+        lines.append(
+            f"| {r['name']} | {d['prompt_tokens']} | {d['new_tokens']} | {d['prefill_tokens_per_s']:.1f} | "
+            f"{c['prefill_tokens_per_s']:.1f} | **{r['prefill_speedup']:.2f}×** | {d['decode_tokens_per_s']:.2f} | "
+            f"{c['decode_tokens_per_s']:.2f} | **{r['decode_speedup']:.2f}×** | {d['model_memory_bytes'] / mib:.1f} | "
+            f"{c['model_memory_bytes'] / mib:.1f} | **{r['memory_ratio']:.3f}** | {r['dense_dir_bytes'] / mib:.1f} | "
+            f"{r['slim_dir_bytes'] / mib:.1f} | **{r['disk_ratio']:.3f}** |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "worker":
+        wp = argparse.ArgumentParser()
+        wp.add_argument("worker")
+        wp.add_argument("--model", required=True)
+        wp.add_argument("--backend", default="auto")
+        wp.add_argument("--prompt-tokens", type=int, default=512)
+        wp.add_argument("--new-tokens", type=int, default=32)
+        wp.add_argument("--reps", type=int, default=3)
+        wp.add_argument("--data-dir")
+        worker(wp.parse_args())
+        return
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", required=True, help="output folder (e2e.json + e2e.md)")
+    ap.add_argument("--checkpoint", help="the SmolLM2 slim checkpoint (e.g. from `make demo`); skipped if not given")
+    ap.add_argument("--work", default="runs/e2e", help="where the dense bf16 and random models are written")
+    ap.add_argument("--backend", default="auto", help="backend of the slim models (auto)")
+    ap.add_argument("--prompt-tokens", type=int, default=512, help="SmolLM2 prefill length (512)")
+    ap.add_argument("--new-tokens", type=int, default=64, help="SmolLM2 decode length (64)")
+    ap.add_argument("--random-blocks", type=int, default=3, help="blocks of the 7B-shaped random Llama (0 = skip)")
+    ap.add_argument("--random-prompt-tokens", type=int, default=64, help="its prefill length (64)")
+    ap.add_argument("--random-new-tokens", type=int, default=16, help="its decode length (16)")
+    ap.add_argument("--reps", type=int, default=3, help="repeats (median)")
+    ap.add_argument("--data-dir", help="data folder (WikiText-2 for the prompt)")
+    args = ap.parse_args()
+    sys.path.insert(0, str(HERE))
+    from grid import machine, source_commit
+
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    rows = []
+    if args.checkpoint:
+        rows.append(compare("SmolLM2-135M (default recipe)", smollm2_dense_dir(work), Path(args.checkpoint),
+                            args.backend, args.prompt_tokens, args.new_tokens, args.reps, args.data_dir))
+    if args.random_blocks:
+        dense, ck = random_llama_dirs(work, args.random_blocks)
+        rows.append(compare(f"random Llama, 7B blocks × {args.random_blocks}", dense, ck, args.backend,
+                            args.random_prompt_tokens, args.random_new_tokens, args.reps, args.data_dir))
+    res = {"machine": machine(), "commit": source_commit(), "backend": args.backend, "rows": rows}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    from slim.checkpoint import write_json
+
+    write_json(out / "e2e.json", res)
+    (out / "e2e.md").write_text(table(res))
+    print(f"wrote {out / 'e2e.md'}")
+
+
+if __name__ == "__main__":
+    main()

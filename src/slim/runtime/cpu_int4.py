@@ -1,0 +1,343 @@
+"""`cpu-int4`: PyTorch's CPU int4 kernel (`_weight_int4pack_mm_for_cpu`) for the base weight and int4 adapters.
+
+Conversion at load time, from the stored layout (format 1):
+- codes c in [-8, 7] become kernel nibbles q = c + 8; a pruned slot holds the nibble that dequantizes to 0
+  (8, or z + 8 with a zero point), so 2:4 runs as a dense int4 matrix (4 bits a weight in memory);
+- the kernel computes w = (q - 8) * scale + zero per group of 32-256 inputs; a per-tensor scale runs the kernel
+  with scale 1 and multiplies the output by the fp32 scale (exact), group scales are rounded to bf16, and an
+  asymmetric group's zero point z becomes zero = -z * scale;
+- int4 adapters run through the same kernel (rank padded with zero rows to a multiple of 32, which changes nothing);
+  fp16 or other adapters run as fp32 matmuls.
+The kernel is fastest at few tokens; from `gemm_min_tokens` tokens on, a layer dequantizes its weight into a
+transient buffer and runs a GEMM instead (bf16 where the CPU has native bf16, else fp32), one layer at a time.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..packed import SlimLinear, unpack_codes
+from ..quant import expand_groups, fp8_fake_quant, n_groups
+
+log = logging.getLogger(__name__)
+
+NAME = "cpu-int4"
+KERNEL_GROUPS = (256, 128, 64, 32)
+RANK_MULTIPLE = 32
+# tokens from which a layer dequantizes and runs a GEMM (benchmarks/runtime_layers.py measures the crossover)
+DEFAULT_GEMM_MIN_TOKENS = int(os.environ.get("SLIM_CPU_INT4_GEMM_TOKENS", "128"))
+
+
+@functools.lru_cache(maxsize=1)
+def available(device: str = "cpu") -> str | None:
+    if torch.device(device).type != "cpu":
+        return "runs on the CPU only"
+    ops = torch.ops.aten
+    if not (hasattr(ops, "_convert_weight_to_int4pack_for_cpu") and hasattr(ops, "_weight_int4pack_mm_for_cpu")):
+        return f"torch {torch.__version__} has no CPU int4 kernel (torch >= 2.5 has it)"
+    try:
+        q = torch.full((16, 32), 9, dtype=torch.int32)
+        packed = ops._convert_weight_to_int4pack_for_cpu(q, 1)
+        sz = torch.stack([torch.ones(1, 16), torch.zeros(1, 16)], -1).to(torch.bfloat16)
+        y = ops._weight_int4pack_mm_for_cpu(torch.ones(1, 32, dtype=torch.bfloat16), packed, 32, sz)
+    except RuntimeError as e:
+        return f"the CPU int4 kernel failed a self-test: {e}"
+    if float(y[0, 0]) != 32.0:
+        return "the CPU int4 kernel failed a self-test (wrong result)"
+    return None
+
+
+def kernel_group(cols: int, group: int) -> int | None:
+    """Largest kernel group size that divides `cols` and lies inside one stored group (`group` 0: per tensor)."""
+    return next((g for g in KERNEL_GROUPS if cols % g == 0 and (group == 0 or group % g == 0)), None)
+
+
+def supports(layer: SlimLinear) -> str | None:
+    L = layer.layout
+    if L.bits != 4:
+        return f"weights stored as {'fp16 values' if not L.bits else f'{L.bits}-bit codes'}; the kernel takes 4-bit"
+    if L.d_out % 16:
+        return f"output width {L.d_out} is not a multiple of 16"
+    if kernel_group(L.d_in, L.group_size) is None:
+        return (f"input width {L.d_in} with group size {L.group_size or 'per tensor'} has no kernel group size "
+                f"in {KERNEL_GROUPS} that divides it")
+    return None
+
+
+# ------------------------------------------------------------------ the kernel's weight layout
+
+
+@functools.lru_cache(maxsize=64)
+def _layout(n: int) -> tuple[int, torch.Tensor, torch.Tensor] | None:
+    """How the kernel's packing places row r of an n-row matrix, found by packing probes (K = 2).
+
+    The packing works on blocks of BN rows: block b's bytes are (K, nb/2) with nb = min(BN, n - b*BN), and row r
+    of the block sits at byte d(r), nibble h(r) of every k. Returns (BN, j for a full block, j for the last
+    partial block) with j(r) = 2*d(r) + h(r), or None if the packing does not follow that pattern (then layers
+    keep the kernel for every token count)."""
+    rows = torch.arange(n)
+    where = torch.zeros(2 * n, dtype=torch.long)  # nibble position -> row
+    for digit in range(4):
+        q = ((rows >> (4 * digit)) & 15).to(torch.int32)[:, None].expand(n, 2).contiguous()
+        p = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1).reshape(-1).to(torch.long)
+        nib = torch.stack([p & 15, p >> 4], -1).reshape(-1)
+        where += nib << (4 * digit)
+    order = torch.argsort(where * 4 * n + torch.arange(where.numel()), stable=True)  # group positions by row
+    if not torch.equal(where[order], rows.repeat_interleave(2)):
+        return None
+    pos = order.view(n, 2)
+    byte0, byte1 = pos[:, 0] // 2, pos[:, 1] // 2
+    bn = int(2 * (byte1 - byte0).max())
+    if bn <= 0 or bn % 16:
+        return None
+    b = rows // bn
+    nb = torch.clamp(n - b * bn, max=bn)
+    if not torch.equal(byte1 - byte0, nb // 2) or not torch.equal(pos[:, 0] % 2, pos[:, 1] % 2):
+        return None
+    j = 2 * (byte0 - b * bn) + pos[:, 0] % 2
+    full = j[:bn] if n >= bn else torch.empty(0, dtype=torch.long)
+    nfull = n // bn
+    if nfull and not torch.equal(j[: nfull * bn].view(nfull, bn), full.expand(nfull, bn)):
+        return None
+    return bn, full, j[nfull * bn:]
+
+
+def unpack_int4pack(packed: torch.Tensor, n: int, k: int) -> torch.Tensor | None:
+    """(n, k) uint8 nibbles from the kernel's packed weight, or None if its layout is not understood."""
+    lay = _layout(n)
+    if lay is None:
+        return None
+    bn, jfull, jrest = lay
+    flat = packed.reshape(-1)
+    nfull = n // bn
+    parts = []
+    if nfull:
+        blk = flat[: nfull * bn * k // 2].view(nfull, k, bn // 2)
+        nib = torch.stack([blk & 15, blk >> 4], -1).view(nfull, k, bn)
+        parts.append(nib.index_select(2, jfull).transpose(1, 2).reshape(nfull * bn, k))
+    rest = n - nfull * bn
+    if rest:
+        blk = flat[nfull * bn * k // 2:].view(k, rest // 2)
+        nib = torch.stack([blk & 15, blk >> 4], -1).view(k, rest)
+        parts.append(nib.index_select(1, jrest).t())
+    return torch.cat(parts) if len(parts) > 1 else parts[0].contiguous()
+
+
+# ------------------------------------------------------------------ one int4 matrix
+
+
+class Int4Matrix(nn.Module):
+    """An (n, k) int4 matrix in the kernel's layout with per-group (scale, zero) pairs; `mm` is x @ W.T."""
+
+    def __init__(self, nibbles: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, group: int) -> None:
+        """nibbles: (n, k) ints in 0..15 (n % 16 == 0); scale, zero: (n, k/group) float, w = (q - 8)*scale + zero."""
+        super().__init__()
+        n, k = nibbles.shape
+        self.n, self.k, self.group = n, k, group
+        self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(
+            nibbles.to(torch.int32).contiguous(), 1))
+        self.unit_scale = zero is None and bool((scale == 1).all())
+        if self.unit_scale:  # (1, 0) pairs: one shared tensor per shape, not one per layer
+            sz = _unit_scale_zeros(k // group, n)
+        else:
+            z = torch.zeros_like(scale) if zero is None else zero
+            sz = torch.stack([scale.t(), z.t()], -1).to(torch.bfloat16).contiguous()
+        self.register_buffer("scale_zeros", sz)
+        self.dense_ok = _dense_path_ok(self.packed, nibbles)
+        if self.dense_ok:
+            cols, rows = _storage_order(n)
+            self.register_buffer("storage_cols", cols.to(torch.int32), persistent=False)
+            self.register_buffer("storage_rows", rows.to(torch.int32), persistent=False)
+
+    def mm(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (m, k) contiguous bf16 -> (m, n) bf16."""
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.packed, self.group, self.scale_zeros)
+
+    def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
+        """The dense (n, k) weight in `dtype`, rows in order (tests, diagnostics; the GEMM path uses `mm_dense`)."""
+        wt = self.dequantize_t(dtype)
+        return wt.index_select(1, self.storage_cols).t().contiguous()
+
+    def dequantize_t(self, dtype: torch.dtype) -> torch.Tensor:
+        """W^T as a (k, n) transient buffer with its columns in the kernel's storage order (no row gather): one
+        permuted byte copy and one 256-entry table look-up per weight, then group scales if there are any."""
+        bn, _, _ = _layout(self.n)
+        nfull = self.n // bn
+        flat = self.packed.reshape(-1)
+        parts = []
+        if nfull:
+            blk = flat[: nfull * bn * self.k // 2].view(nfull, self.k, bn // 2).transpose(0, 1).contiguous()
+            parts.append(blk.view(self.k, nfull * bn // 2))
+        rest = self.n - nfull * bn
+        if rest:
+            parts.append(flat[nfull * bn * self.k // 2:].view(self.k, rest // 2))
+        b = (torch.cat(parts, 1) if len(parts) > 1 else parts[0]).reshape(-1).to(torch.int32)
+        wt = _nibble_table(dtype).index_select(0, b).view(self.k, self.n)
+        if not self.unit_scale:
+            g = self.k // self.group
+            sz = self.scale_zeros.index_select(1, self.storage_rows).to(dtype)  # (g, n, 2), storage order
+            wt = (wt.view(g, self.group, self.n) * sz[:, None, :, 0] + sz[:, None, :, 1]).view(self.k, self.n)
+        return wt
+
+    def mm_dense(self, x: torch.Tensor) -> torch.Tensor:
+        """x @ W.T through a transient dequantized weight and a GEMM in x's dtype."""
+        return (x @ self.dequantize_t(x.dtype)).index_select(1, self.storage_cols)
+
+
+@functools.lru_cache(maxsize=64)
+def _unit_scale_zeros(groups: int, n: int) -> torch.Tensor:
+    """Scale 1, zero 0 for every group: the kernel's arguments when the real scale is applied to the output."""
+    return torch.stack([torch.ones(groups, n), torch.zeros(groups, n)], -1).to(torch.bfloat16)
+
+
+@functools.lru_cache(maxsize=4)
+def _nibble_table(dtype: torch.dtype) -> torch.Tensor:
+    """byte -> (low nibble - 8, high nibble - 8), the kernel's zero-centred codes."""
+    b = torch.arange(256)
+    return torch.stack([(b & 15) - 8, (b >> 4) - 8], -1).to(dtype)
+
+
+def _storage_order(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(storage column of each row, row of each storage column) for an n-row packed matrix."""
+    bn, jfull, jrest = _layout(n)
+    nfull = n // bn
+    cols = torch.cat([(torch.arange(nfull)[:, None] * bn + jfull[None, :]).reshape(-1), nfull * bn + jrest])
+    return cols, torch.argsort(cols)
+
+
+def _dense_path_ok(packed: torch.Tensor, nibbles: torch.Tensor) -> bool:
+    n, k = nibbles.shape
+    try:
+        back = unpack_int4pack(packed, n, k)
+    except RuntimeError:
+        back = None
+    ok = back is not None and torch.equal(back.to(torch.int32), nibbles.to(torch.int32))
+    if not ok:
+        log.warning("cpu-int4: could not decode the kernel's packed layout for a (%d, %d) weight; that layer uses "
+                    "the int4 kernel at every token count", n, k)
+    return ok
+
+
+def _pad_rows(t: torch.Tensor, rows: int, value: float = 0) -> torch.Tensor:
+    return F.pad(t, (0, 0, 0, rows - t.shape[0]), value=value) if rows > t.shape[0] else t
+
+
+def _pad_cols(t: torch.Tensor, cols: int, value: float = 0) -> torch.Tensor:
+    return F.pad(t, (0, cols - t.shape[1]), value=value) if cols > t.shape[1] else t
+
+
+# ------------------------------------------------------------------ the layer
+
+
+class Int4Linear(nn.Module):
+    """A SlimLinear converted for the CPU int4 kernel: same function, kernel layout, no dense weight kept."""
+
+    def __init__(self, layer: SlimLinear, gemm_min_tokens: int | None = None) -> None:
+        super().__init__()
+        L = self.layout = layer.layout
+        self.in_features, self.out_features = L.d_in, L.d_out
+        self.gemm_min_tokens = DEFAULT_GEMM_MIN_TOKENS if gemm_min_tokens is None else gemm_min_tokens
+        self.gemm_dtype = torch.bfloat16 if _native_bf16() else torch.float32
+        vals = unpack_codes(layer.values, 4, L.keep).to(torch.int32)
+        pos = layer.kept_positions()
+        gk = kernel_group(L.d_in, L.group_size)
+        assert gk is not None
+        if L.zero_point:
+            zero = unpack_codes(layer.zero, 4, n_groups(L.d_in, L.group_size)).to(torch.int32)
+            zfull = zero.repeat_interleave(L.group_size, 1)[:, : L.d_in]
+            q = zfull + 8  # pruned slots: (q - 8 - z) * s = 0
+            q.scatter_(1, pos, vals + 8)
+            s = expand_groups(layer.scale.float(), L.d_in, L.group_size)[:, ::gk]
+            z = -expand_groups(zero.float(), L.d_in, L.group_size)[:, ::gk] * s
+            self.base = Int4Matrix(q, s, z, gk)
+            self.register_buffer("out_scale", None)
+        else:
+            q = torch.full((L.d_out, L.d_in), 8, dtype=torch.int32)
+            q.scatter_(1, pos, vals + 8)
+            if L.group_size:
+                s = expand_groups(layer.scale.float(), L.d_in, L.group_size)[:, ::gk]
+                self.base = Int4Matrix(q, s, None, gk)
+                self.register_buffer("out_scale", None)
+            else:  # per tensor: scale 1 in the kernel (exact), the fp32 scale on the output
+                self.base = Int4Matrix(q, torch.ones(L.d_out, L.d_in // gk), None, gk)
+                self.register_buffer("out_scale", layer.scale.float().reshape(()))
+        del q, vals, pos
+        self.adapter_kind = "none"
+        self.ad_A = self.ad_B = None
+        if L.rank:
+            self._convert_adapters(layer)
+        self.register_buffer("input_scale", layer.input_scale.clone() if L.input_scale else None)
+        self.register_buffer("bias", None if layer.bias is None else layer.bias.detach().float())
+        self.fp8_inputs = L.fp8_inputs
+
+    def _convert_adapters(self, layer: SlimLinear) -> None:
+        L = self.layout
+        r_pad = -(-L.rank // RANK_MULTIPLE) * RANK_MULTIPLE
+        ga = kernel_group(L.d_in, L.adapter_group) if L.adapter_bits == 4 else None
+        gb = kernel_group(r_pad, L.adapter_group) if L.adapter_bits == 4 else None
+        if ga is not None and gb is not None:
+            ca = unpack_codes(layer.lora_A, 4, L.d_in).to(torch.int32) + 8
+            cb = unpack_codes(layer.lora_B, 4, L.rank).to(torch.int32) + 8
+            sa = expand_groups(layer.lora_A_scale.float(), L.d_in, L.adapter_group)[:, ::ga]
+            sb = expand_groups(layer.lora_B_scale.float(), L.rank, L.adapter_group)
+            # zero rows of A (code 8 = 0) make the padded ranks' outputs 0, so B's padded columns change nothing
+            self.ad_A = Int4Matrix(_pad_rows(ca, r_pad, 8), _pad_rows(sa, r_pad), None, ga)
+            sb = _pad_cols(sb, r_pad, 1.0)[:, ::gb]
+            self.ad_B = Int4Matrix(_pad_cols(cb, r_pad, 8), sb, None, gb)
+            self.adapter_kind = "int4"
+        else:
+            a, b = layer.adapters()
+            self.register_buffer("lora_A", a.float().contiguous())
+            self.register_buffer("lora_B", b.float().contiguous())
+            self.adapter_kind = "fp32"
+            log.info("cpu-int4: %s adapters run as fp32 matmuls",
+                     "fp16" if not L.adapter_bits else f"{L.adapter_bits}-bit")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # few ops: at decode, a small layer's time is mostly per-op overhead
+        shape = x.shape
+        x2 = x.reshape(-1, self.in_features)
+        if self.input_scale is not None:
+            x2 = x2 / self.input_scale.to(x2.dtype)
+        if self.fp8_inputs:
+            x2 = fp8_fake_quant(x2)
+        xb = x2 if x2.dtype == torch.bfloat16 and x2.is_contiguous() else x2.to(torch.bfloat16).contiguous()
+        if xb.shape[0] >= self.gemm_min_tokens and self.base.dense_ok:
+            y = self.base.mm_dense(x2.to(self.gemm_dtype))
+        else:
+            y = self.base.mm(xb)
+        if self.out_scale is not None:
+            y.mul_(self.out_scale)
+        if self.adapter_kind == "int4":
+            y.add_(self.ad_B.mm(self.ad_A.mm(xb)))
+        elif self.adapter_kind == "fp32":
+            y = y + F.linear(F.linear(x2.float(), self.lora_A), self.lora_B).to(y.dtype)
+        if self.bias is not None:
+            y.add_(self.bias)
+        return y.to(x.dtype).view(*shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        L = self.layout
+        return (f"in={L.d_in}, out={L.d_out}, group={self.base.group}, adapters={self.adapter_kind}, "
+                f"gemm_min_tokens={self.gemm_min_tokens}")
+
+
+@functools.lru_cache(maxsize=1)
+def _native_bf16() -> bool:
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+COMPRESSED_TYPES = (Int4Linear,)
+
+
+def convert(layer: SlimLinear) -> nn.Module:
+    return Int4Linear(layer)

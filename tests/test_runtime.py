@@ -1,0 +1,216 @@
+"""Run-time backends: each matches the reference backend on every stored layout, falls back where it must, and
+keeps no dense copy of a base weight."""
+
+import json
+import logging
+
+import pytest
+import torch
+from conftest import tiny_model
+
+import slim
+from slim.cli import main
+from slim.config import CompressConfig
+from slim.packed import SlimLinear
+from slim.pipeline import compress_model
+from slim.runtime import BackendError, apply_backend, cpu_int4, model_bytes, resolve
+from slim.runtime.random import random_slim_linear
+
+needs_int4 = pytest.mark.skipif(cpu_int4.available("cpu") is not None, reason="no CPU int4 kernel in this torch")
+
+# every layout option the stored format has, on shapes the kernel takes
+LAYOUTS = {
+    "2:4 per-tensor": dict(),
+    "2:4 + int4 adapters": dict(rank=40),
+    "2:4 + fp16 adapters": dict(rank=24, adapter_bits=0),
+    "1:4 groups 64": dict(sparsity="1:4", group_size=64),
+    "50% unstructured": dict(sparsity="0.5", rank=8),
+    "dense groups 128 (last group short)": dict(sparsity="dense", group_size=128, rank=20),
+    "AWQ zero points g32": dict(group_size=32, zero_point=True, rank=16),
+    "input_scale + bias": dict(input_scale=True, bias=True, rank=16),
+    "fp8 inputs": dict(fp8_inputs=True, rank=8),
+    "adapter group 64": dict(rank=72, adapter_group=64),
+}
+
+
+def _rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((y.float() - ref.float()).abs().max() / ref.float().abs().max())
+
+
+@needs_int4
+@pytest.mark.parametrize("name", list(LAYOUTS))
+@pytest.mark.parametrize("tokens", [1, 7, 160])
+def test_cpu_int4_matches_reference(name, tokens):
+    layer = random_slim_linear(96, 576, seed=3, **LAYOUTS[name])
+    assert cpu_int4.supports(layer) is None
+    x = torch.randn(2, tokens, 576)
+    ref = layer(x)
+    fast = cpu_int4.convert(layer)
+    assert fast.base.dense_ok  # the kernel's packed layout was decoded, so both paths run
+    for threshold in (1, 1 << 30):  # dequantize + GEMM, and the int4 kernel
+        fast.gemm_min_tokens = threshold
+        y = fast(x)
+        assert y.shape == ref.shape and y.dtype == ref.dtype
+        # bf16 activations in the kernel: ~2^-8 relative; nothing else may differ
+        assert _rel_err(y, ref) < 1.5e-2, (name, threshold)
+    # bf16 inputs, as a bf16 model feeds them (against the reference on the same bf16-rounded inputs)
+    xb = x.bfloat16()
+    assert _rel_err(fast(xb), layer(xb.float())) < 2e-2
+
+
+@needs_int4
+def test_cpu_int4_per_tensor_scale_is_exact_on_the_gemm_path():
+    """Codes and the fp32 per-tensor scale reach the GEMM unrounded: with fp32 inputs it equals the reference."""
+    layer = random_slim_linear(64, 256, seed=1)
+    fast = cpu_int4.convert(layer)
+    fast.gemm_min_tokens = 1
+    if fast.gemm_dtype != torch.float32:
+        pytest.skip("this CPU runs the GEMM path in bf16")
+    x = torch.randn(5, 256)
+    assert torch.allclose(fast(x), layer(x), rtol=1e-5, atol=1e-5)
+
+
+@needs_int4
+@pytest.mark.parametrize("n", [16, 48, 80, 576, 1536])
+def test_unpack_int4pack_inverts_the_kernel_packing(n):
+    q = torch.randint(0, 16, (n, 64), dtype=torch.int32)
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
+    assert torch.equal(cpu_int4.unpack_int4pack(packed, n, 64).to(torch.int32), q)
+
+
+@pytest.mark.parametrize("kw,why", [
+    (dict(bits=8), "8-bit"),
+    (dict(bits=0), "fp16 values"),
+    (dict(sparsity="dense", group_size=48), "no kernel group size"),
+])
+def test_cpu_int4_refuses_what_it_cannot_run(kw, why):
+    d_out = 64
+    layer = random_slim_linear(d_out, 96, **kw)
+    assert why in cpu_int4.supports(layer)
+    assert "multiple of 16" in cpu_int4.supports(random_slim_linear(40, 64))
+
+
+@needs_int4
+def test_auto_falls_back_layer_by_layer(caplog):
+    model = torch.nn.Sequential(random_slim_linear(64, 128, seed=0), random_slim_linear(64, 64, bits=8, seed=1),
+                                random_slim_linear(40, 64, seed=2))
+    x = torch.randn(3, 128)
+    with torch.no_grad():
+        ref = model[2](model[1](model[0](x)))
+    with caplog.at_level(logging.INFO, logger="slim.runtime"):
+        rep = apply_backend(model, "auto")
+    assert rep["layers"] == {"0": "cpu-int4", "1": "reference", "2": "reference"}
+    assert "8-bit" in caplog.text and "falling back to reference" in caplog.text
+    assert isinstance(model[0], cpu_int4.Int4Linear) and isinstance(model[1], SlimLinear)
+    with torch.no_grad():
+        assert _rel_err(model(x), ref) < 2e-2
+
+
+def test_backend_errors_before_work():
+    with pytest.raises(BackendError, match="unknown backend 'fast'"):
+        resolve("fast")
+    with pytest.raises(BackendError, match="CUDA"):
+        resolve("cuda-2of4", "cpu")
+    assert resolve("reference") == ["reference"]
+    assert resolve("auto", "cpu")[-1] == "reference"
+
+
+def test_reference_dense_cache_is_opt_in():
+    layer = random_slim_linear(32, 64, rank=4)
+    layer(torch.randn(2, 64))
+    assert layer._cached is None
+    layer.cache = True
+    layer(torch.randn(2, 64))
+    assert layer._cached is not None
+
+
+def _tiny_checkpoint(tmp_path, dtype=None):
+    model = tiny_model("llama")
+    ids = torch.randint(0, 256, (8, 32), generator=torch.Generator().manual_seed(0))
+    cfg = CompressConfig.from_dict({"calib": {"n_samples": 8, "seqlen": 32, "batch_size": 4}})
+    compress_model(model, ids, cfg, progress=False)
+    slim.save(model, tmp_path / "ck", meta={"config": cfg.to_dict()}, dtype=dtype)
+    return tmp_path / "ck", ids
+
+
+@needs_int4
+@pytest.mark.parametrize("dtype", [None, torch.bfloat16])
+def test_tiny_model_logits_auto_vs_reference(tmp_path, dtype):
+    ck, ids = _tiny_checkpoint(tmp_path, dtype)
+    ref = slim.load(ck, backend="reference")
+    fast = slim.load(ck)  # auto
+    assert fast.slim_backend["counts"] == {"cpu-int4": 14}
+    assert not any(isinstance(m, SlimLinear) for m in fast.modules())
+    with torch.no_grad():
+        a, b = ref(ids).logits.float(), fast(ids).logits.float()
+    assert _rel_err(b, a) < 3e-2
+    assert (a.argmax(-1) == b.argmax(-1)).float().mean() > 0.9
+    # no dense copy of any base weight: the converted linears are about 4 bits a weight (+ adapters, scales)
+    n_weights = sum(m.layout.d_in * m.layout.d_out for m in ref.modules() if isinstance(m, SlimLinear))
+    assert model_bytes(fast)["linear_bytes"] < 0.45 * 2 * n_weights
+    for t in list(fast.parameters()) + list(fast.buffers()):
+        assert t.dtype in (torch.uint8, torch.bfloat16, torch.float32, torch.float16, torch.int32, torch.int64)
+        if t.dim() == 2 and t.is_floating_point():
+            assert t.shape[0] == 256 or t.shape[1] == 256, t.shape  # only the embedding / lm_head are dense
+
+
+def test_save_dtype_casts_only_dense_parts(tmp_path):
+    ck, _ = _tiny_checkpoint(tmp_path, torch.bfloat16)
+    meta = json.loads((ck / "slim_config.json").read_text())
+    assert meta["dtype"] == "bfloat16"
+    model = slim.load(ck, backend="reference")
+    assert model.model.embed_tokens.weight.dtype == torch.bfloat16
+    layer = model.model.layers[0].mlp.up_proj
+    assert layer.scale.dtype == torch.float16 and layer.values.dtype == torch.uint8
+
+
+def test_generate_matches_transformers_greedy():
+    from slim.generate import generate
+
+    model = tiny_model("llama")
+    ids = torch.randint(0, 256, (1, 12), generator=torch.Generator().manual_seed(2))
+    res = generate(model, None, ids, max_new_tokens=10)
+    with torch.no_grad():
+        hf = model.generate(ids, max_new_tokens=10, do_sample=False, min_new_tokens=10)
+    assert res["tokens"] == hf[0, 12:].tolist()
+    assert res["prefill_tokens_per_s"] > 0 and res["decode_tokens_per_s"] > 0 and res["peak_rss_bytes"] > 0
+    sampled = generate(model, None, ids, max_new_tokens=10, do_sample=True, seed=1)
+    assert sampled["tokens"] == generate(model, None, ids, max_new_tokens=10, do_sample=True, seed=1)["tokens"]
+
+
+def test_cli_generate_and_backend(tiny_llama_dir, shared_data, tmp_path, capsys):
+    out = tmp_path / "ck"
+    assert main(["compress", str(tiny_llama_dir), "--out", str(out), "--calib-samples", "4", "--calib-seqlen", "64",
+                 "-q", "--data-dir", str(shared_data), "--dtype", "bf16"]) == 0
+    printed = capsys.readouterr().out
+    assert "whole model" in printed
+    for backend in ("auto", "reference"):
+        assert main(["generate", str(out), "Hello there", "--max-new-tokens", "5", "--backend", backend,
+                     "--out", str(tmp_path / f"{backend}.json")]) == 0
+        res = json.loads((tmp_path / f"{backend}.json").read_text())
+        assert res["new_tokens"] >= 1 and res["prefill_tokens_per_s"] > 0
+    err = capsys.readouterr().err
+    assert "tokens/s" in err and "memory" in err
+    assert main(["generate", str(tiny_llama_dir), "Hello", "--max-new-tokens", "3"]) == 0  # dense models too
+    with pytest.raises(SystemExit):
+        main(["generate", str(out), "x", "--backend", "fast"])
+    assert main(["generate", str(out), "x", "--backend", "cuda-2of4"]) == 2
+    assert "cannot run on cpu" in capsys.readouterr().err
+    assert main(["info", str(out)]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["dtype"] == "bfloat16" and info["model_bytes"] == info["linear_bytes_stored"] + info["other_bytes"]
+
+
+@pytest.mark.gpu
+def test_cuda_2of4_matches_reference():
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    from slim.runtime import cuda_2of4
+
+    if cuda_2of4.available("cuda") is not None:
+        pytest.skip(cuda_2of4.available("cuda"))
+    layer = random_slim_linear(256, 512, rank=32, bias=True)
+    x = torch.randn(64, 512)
+    ref = layer(x)
+    fast = cuda_2of4.convert(layer.cuda())
+    assert _rel_err(fast(x.cuda().half()).float().cpu(), ref) < 1e-2
