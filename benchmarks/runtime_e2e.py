@@ -1,9 +1,10 @@
 """End-to-end speed and memory: a slim checkpoint through its backend against the dense bf16 model.
 
 Every measurement runs in a fresh process (so resident memory belongs to that model alone): import torch,
-transformers and slim, read the resident memory, load, warm up, then time a prefill of --prompt-tokens tokens and
-a greedy decode of --new-tokens tokens (median of --reps), and read the peak resident memory. Model memory = peak
-resident memory minus the resident memory before loading. Pairs run back to back (dense, compressed, ...).
+transformers and slim and the model's modeling code (a meta-device model: ~150 MB of library code, the same for
+every model), read the resident memory, load, warm up, then time a prefill of --prompt-tokens tokens and a greedy
+decode of --new-tokens tokens (median of --reps), and read the peak resident memory. Model memory = peak resident
+memory minus the resident memory before loading. Pairs run back to back (dense, compressed, ...).
 
 Models: SmolLM2-135M (the default slim checkpoint, --checkpoint, against its dense bf16 safetensors directory,
 written from the bundled GGUF if missing) and a random-weight Llama with Llama-2-7B block shapes (--random-blocks
@@ -34,33 +35,39 @@ def worker(args: argparse.Namespace) -> None:
     import transformers  # noqa: F401 - counted in the baseline, as a user's process has it
 
     import slim
-    from slim.checkpoint import is_checkpoint
-    from slim.generate import generate, peak_rss_bytes, rss_bytes
+    from slim.checkpoint import is_checkpoint, release_free_memory
+    from slim.generate import generate, peak_rss_bytes, reset_peak_rss, rss_bytes
     from slim.runtime import model_bytes
 
     torch.manual_seed(0)
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(args.model)
+    ids = torch.randint(0, config.vocab_size, (1, args.prompt_tokens), generator=torch.Generator().manual_seed(0))
+    if (Path(args.model) / "tokenizer.json").exists():  # the prompt is ready before the baseline is read
+        from transformers import AutoTokenizer
+
+        from slim.data import wikitext2_rows
+
+        tok = AutoTokenizer.from_pretrained(args.model)
+        text = "\n\n".join(wikitext2_rows(args.data_dir)[0][:400])
+        ids = tok(text, return_tensors="pt").input_ids[:, : args.prompt_tokens]
+        del tok, text
+    with torch.device("meta"):  # import the modeling code now (~150 MB of library, the same for every model)
+        AutoModelForCausalLM.from_config(config)
+    release_free_memory()
+    reset_peak_rss()  # the peak counts from here: the model's load, prefill and decode
     base = rss_bytes()
     t0 = time.perf_counter()
     if is_checkpoint(args.model):
         model = slim.load(args.model, backend=args.backend)
         kind = f"slim ({args.backend})"
     else:
-        from transformers import AutoModelForCausalLM
-
         model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.bfloat16).eval()
         kind = "dense bf16"
     load_s = time.perf_counter() - t0
     loaded = rss_bytes()
-    vocab = model.config.vocab_size
-    ids = torch.randint(0, vocab, (1, args.prompt_tokens), generator=torch.Generator().manual_seed(0))
-    if (Path(args.model) / "tokenizer.json").exists():
-        from transformers import AutoTokenizer
-
-        from slim.data import wikitext2_rows
-
-        tok = AutoTokenizer.from_pretrained(args.model)
-        text = "\n".join(wikitext2_rows(args.data_dir)[:400])
-        ids = tok(text, return_tensors="pt").input_ids[:, : args.prompt_tokens]
+    peak_load = peak_rss_bytes()
     generate(model, None, ids[:, :8], max_new_tokens=2, stop_at_eos=False)  # warm-up
     pre, dec = [], []
     for _ in range(args.reps):
@@ -73,6 +80,7 @@ def worker(args: argparse.Namespace) -> None:
         "decode_tokens_per_s": statistics.median(dec), "prefill_all": pre, "decode_all": dec,
         "rss_before_load": base, "rss_after_load": loaded, "peak_rss": peak_rss_bytes(),
         "model_memory_bytes": peak_rss_bytes() - base, "loaded_memory_bytes": loaded - base,
+        "load_peak_memory_bytes": peak_load - base,
         "param_bytes": model_bytes(model)["total_bytes"],
     }))
 
@@ -89,11 +97,17 @@ def smollm2_dense_dir(work: Path) -> Path:
     d = work / "smollm2-dense-bf16"
     if not (d / "config.json").exists():
         import torch
+        from transformers import AutoModelForCausalLM
 
         from slim.models import load_model
 
         model, tok, _ = load_model(None)
-        model.to(torch.bfloat16).save_pretrained(d)
+        cfg = model.config
+        if hasattr(cfg, "quantization_config"):  # the GGUF marker: the weights are dequantized already
+            del cfg.quantization_config
+        plain = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
+        plain.load_state_dict(model.state_dict())
+        plain.save_pretrained(d)
         tok.save_pretrained(d)
     return d
 
@@ -164,7 +178,8 @@ def table(res: dict) -> str:
         "# End to end: slim checkpoint vs dense bf16\n",
         f"Machine: {describe_machine(res['machine'])}. Commit {res['commit']}. Backend `{res['backend']}`. Each model "
         "in a fresh process; greedy decoding; median of repeats. Model memory = peak resident memory minus the "
-        "resident memory after importing torch/transformers/slim (load, prefill and decode included).\n",
+        "resident memory after importing torch/transformers/slim and the modeling code (load, prefill and decode "
+        "included).\n",
         "| model | prompt | new | dense prefill tok/s | slim prefill tok/s | **prefill ×** | dense decode tok/s "
         "| slim decode tok/s | **decode ×** | dense memory MiB | slim memory MiB | **memory ratio** | dense dir MiB "
         "| slim dir MiB | **disk ratio** |",
@@ -200,6 +215,9 @@ def main() -> None:
     ap.add_argument("--backend", default="auto", help="backend of the slim models (auto)")
     ap.add_argument("--prompt-tokens", type=int, default=512, help="SmolLM2 prefill length (512)")
     ap.add_argument("--new-tokens", type=int, default=64, help="SmolLM2 decode length (64)")
+    ap.add_argument("--short-prompt-tokens", type=int, default=32, help="a second SmolLM2 run, short prompt (32; 0 = "
+                    "skip)")
+    ap.add_argument("--short-new-tokens", type=int, default=128, help="its decode length (128)")
     ap.add_argument("--random-blocks", type=int, default=3, help="blocks of the 7B-shaped random Llama (0 = skip)")
     ap.add_argument("--random-prompt-tokens", type=int, default=64, help="its prefill length (64)")
     ap.add_argument("--random-new-tokens", type=int, default=16, help="its decode length (16)")
@@ -213,8 +231,13 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     rows = []
     if args.checkpoint:
-        rows.append(compare("SmolLM2-135M (default recipe)", smollm2_dense_dir(work), Path(args.checkpoint),
-                            args.backend, args.prompt_tokens, args.new_tokens, args.reps, args.data_dir))
+        dense = smollm2_dense_dir(work)
+        rows.append(compare("SmolLM2-135M (default recipe)", dense, Path(args.checkpoint), args.backend,
+                            args.prompt_tokens, args.new_tokens, args.reps, args.data_dir))
+        if args.short_prompt_tokens:
+            rows.append(compare("SmolLM2-135M (default recipe), short prompt", dense, Path(args.checkpoint),
+                                args.backend, args.short_prompt_tokens, args.short_new_tokens, args.reps,
+                                args.data_dir))
     if args.random_blocks:
         dense, ck = random_llama_dirs(work, args.random_blocks)
         rows.append(compare(f"random Llama, 7B blocks × {args.random_blocks}", dense, ck, args.backend,

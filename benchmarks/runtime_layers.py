@@ -65,7 +65,7 @@ def bench_shape(d_out: int, d_in: int, batches: list[int], reps: int) -> list[di
         for _ in range(reps):  # interleave: one repeat of every path per round
             t_dense.append(timeit(lambda x=x: F.linear(x, dense), 1))
             for name, mod in mods.items():
-                for path, thr in (("kernel", 1 << 30), ("gemm", 0), ("chosen", cpu_int4.DEFAULT_GEMM_MIN_TOKENS)):
+                for path, thr in (("kernel", 1 << 30), ("gemm", 0), ("chosen", cpu_int4.GEMM_MIN_TOKENS[mod.kernel])):
                     mod.gemm_min_tokens = thr
                     timings.setdefault(f"{name}/{path}", []).append(timeit(lambda m=mod, x=x: m(x), 1))
             timings.setdefault("adapters/int4", []).append(timeit(lambda x=x: ad.ad_B.mm(ad.ad_A.mm(x)), 1))
@@ -78,7 +78,9 @@ def bench_shape(d_out: int, d_in: int, batches: list[int], reps: int) -> list[di
         print(f"{d_out}x{d_in} tokens {b}: dense {row['dense_bf16_ms']:.2f} ms; "
               + ", ".join(f"{k} {row[f'{k}_speedup']:.2f}x" for k in timings), flush=True)
     for mod in mods.values():
-        mod.gemm_min_tokens = cpu_int4.DEFAULT_GEMM_MIN_TOKENS
+        mod.gemm_min_tokens = cpu_int4.GEMM_MIN_TOKENS[mod.kernel]
+    for r in rows:
+        r["kernel"] = mods["base"].kernel
     return rows
 
 
@@ -90,8 +92,10 @@ def table(res: dict) -> str:
         "alone (`base`) and with rank-0.1 int4 adapters as stored (`+ad`). Speed-up = dense bf16 time / path time "
         f"(> 1 is faster). The last two columns time the adapters alone, int4 through the kernel (as run) against "
         "the same shapes as bf16 matmuls. `kernel`: the int4 kernel at every token count; `gemm`: dequantize into a "
-        f"transient buffer + GEMM; `chosen`: what the backend runs (kernel below {res['gemm_min_tokens']} tokens, "
-        "else gemm).\n",
+        f"transient buffer + GEMM; `chosen`: what the backend runs (the int4 kernel, here `{res['kernel']}`, below "
+        f"{res['gemm_min_tokens'][res['kernel']]} tokens, else gemm). `slim` is slim's own AVX2 kernel (int8-quantized "
+        "activations per block of 32, one call per layer with its adapters); `torch` is PyTorch's "
+        "`_weight_int4pack_mm_for_cpu`.\n",
         "| shape (out × in) | tokens | dense bf16 ms | base kernel | base gemm | **base chosen** | +ad kernel "
         "| +ad gemm | **+ad chosen** | adapters int4 ms | adapters bf16 ms |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
@@ -122,7 +126,7 @@ def main() -> None:
             for r in bench_shape(d_out, d_in, batches, args.reps):
                 rows.append({"model": name, **r})
     res = {"machine": machine(), "commit": source_commit(), "reps": args.reps,
-           "gemm_min_tokens": cpu_int4.DEFAULT_GEMM_MIN_TOKENS, "rows": rows}
+           "gemm_min_tokens": cpu_int4.GEMM_MIN_TOKENS, "kernel": rows[0]["kernel"] if rows else None, "rows": rows}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "layers.json", res)

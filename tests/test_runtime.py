@@ -59,6 +59,22 @@ def test_cpu_int4_matches_reference(name, tokens):
 
 
 @needs_int4
+@pytest.mark.parametrize("name", ["2:4 + int4 adapters", "AWQ zero points g32", "dense groups 128 (last group short)"])
+def test_torch_kernel_path_without_slims_kernel(name, monkeypatch):
+    """Where slim's own kernel cannot be built, PyTorch's int4 kernel runs every layout."""
+    from slim.runtime import native
+
+    monkeypatch.setattr(native, "load", lambda: None)
+    layer = random_slim_linear(96, 576, seed=4, **LAYOUTS[name])
+    fast = cpu_int4.convert(layer)
+    assert fast.kernel == "torch" and fast.base.dense_ok
+    x = torch.randn(9, 576)
+    for threshold in (1, 1 << 30):
+        fast.gemm_min_tokens = threshold
+        assert _rel_err(fast(x), layer(x)) < 1.5e-2
+
+
+@needs_int4
 def test_cpu_int4_per_tensor_scale_is_exact_on_the_gemm_path():
     """Codes and the fp32 per-tensor scale reach the GEMM unrounded: with fp32 inputs it equals the reference."""
     layer = random_slim_linear(64, 256, seed=1)
@@ -145,13 +161,13 @@ def test_tiny_model_logits_auto_vs_reference(tmp_path, dtype):
         a, b = ref(ids).logits.float(), fast(ids).logits.float()
     assert _rel_err(b, a) < 3e-2
     assert (a.argmax(-1) == b.argmax(-1)).float().mean() > 0.9
-    # no dense copy of any base weight: the converted linears are about 4 bits a weight (+ adapters, scales)
+    # no dense copy of any base weight: about 4 bits a weight (+ adapters, scales), far below bf16
     n_weights = sum(m.layout.d_in * m.layout.d_out for m in ref.modules() if isinstance(m, SlimLinear))
-    assert model_bytes(fast)["linear_bytes"] < 0.45 * 2 * n_weights
+    assert model_bytes(fast)["linear_bytes"] < 0.6 * 2 * n_weights  # (rank padding weighs much at width 64)
     for t in list(fast.parameters()) + list(fast.buffers()):
         assert t.dtype in (torch.uint8, torch.bfloat16, torch.float32, torch.float16, torch.int32, torch.int64)
-        if t.dim() == 2 and t.is_floating_point():
-            assert t.shape[0] == 256 or t.shape[1] == 256, t.shape  # only the embedding / lm_head are dense
+        if t.dim() == 2 and t.is_floating_point() and t.numel() >= 32 * 64:  # as large as the smallest weight
+            assert 256 in t.shape, t.shape  # only the embedding / lm_head are dense
 
 
 def test_save_dtype_casts_only_dense_parts(tmp_path):

@@ -245,10 +245,11 @@ def load_any(model_arg: str | None, backend: str, dtype: str | None, device: str
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from . import checkpoint
-    from .generate import encode_prompt, generate, rss_bytes
+    from .generate import encode_prompt, generate, reset_peak_rss, rss_bytes
 
     if args.max_new_tokens < 1:
         raise ConfigError("--max-new-tokens must be at least 1")
+    reset_peak_rss()
     base = rss_bytes()
     model, tok, kind = load_any(args.model, args.backend, args.dtype, args.device)
     loaded = rss_bytes()

@@ -82,19 +82,22 @@ def apply_backend(model: nn.Module, backend: str = "auto", device: str | torch.d
 
 
 def model_bytes(model: nn.Module) -> dict[str, int]:
-    """Bytes the model holds in parameters and buffers, split into compressed linears and everything else."""
+    """Bytes the model holds in parameters and buffers, split into compressed linears (with everything inside
+    them) and everything else; shared tensors count once."""
+    compressed = tuple(t for m in BACKENDS.values() for t in getattr(m, "COMPRESSED_TYPES", ()))
+    inside: set[int] = set()
+    for mod in model.modules():
+        if isinstance(mod, compressed):
+            inside.update(id(m) for m in mod.modules())
     seen: set[int] = set()
     linear = other = 0
-    compressed = tuple(getattr(m, "COMPRESSED_TYPES", ()) for m in BACKENDS.values())
-    kinds = (SlimLinear, *(t for ts in compressed for t in ts))
     for mod in model.modules():
-        is_lin = isinstance(mod, kinds)
         for t in list(mod.parameters(recurse=False)) + list(mod.buffers(recurse=False)):
             if t.device.type == "meta" or t.data_ptr() in seen:
                 continue
             seen.add(t.data_ptr())
             n = t.numel() * t.element_size()
-            if is_lin:
+            if id(mod) in inside:
                 linear += n
             else:
                 other += n

@@ -22,16 +22,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..packed import SlimLinear, unpack_codes
+from ..packed import SlimLinear, unpack_bits, unpack_codes
 from ..quant import expand_groups, fp8_fake_quant, n_groups
+from . import native
 
 log = logging.getLogger(__name__)
 
 NAME = "cpu-int4"
 KERNEL_GROUPS = (256, 128, 64, 32)
 RANK_MULTIPLE = 32
-# tokens from which a layer dequantizes and runs a GEMM (benchmarks/runtime_layers.py measures the crossover)
-DEFAULT_GEMM_MIN_TOKENS = int(os.environ.get("SLIM_CPU_INT4_GEMM_TOKENS", "128"))
+# tokens from which a layer dequantizes and runs a GEMM instead of its int4 kernel, per kernel: measured by
+# benchmarks/runtime_layers.py (slim's kernel beat the GEMM path at every count up to 512; PyTorch's lost from ~256)
+GEMM_MIN_TOKENS = {"slim": 1 << 20, "torch": 256}
+if os.environ.get("SLIM_CPU_INT4_GEMM_TOKENS"):
+    GEMM_MIN_TOKENS = dict.fromkeys(GEMM_MIN_TOKENS, int(os.environ["SLIM_CPU_INT4_GEMM_TOKENS"]))
 
 
 @functools.lru_cache(maxsize=1)
@@ -235,61 +239,172 @@ def _pad_cols(t: torch.Tensor, cols: int, value: float = 0) -> torch.Tensor:
 # ------------------------------------------------------------------ the layer
 
 
+class NativeInt4Matrix(nn.Module):
+    """An (n, k) int4 matrix for slim's own kernel (runtime/csrc): blocks of 32 nibbles in 16 bytes, fp32 scales
+    (and zero points) per stored group of `group` inputs (a multiple of 32; the last group may be short)."""
+
+    dense_ok = True
+
+    def __init__(self, nibbles: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, group: int) -> None:
+        super().__init__()
+        n, k = nibbles.shape
+        self.n, self.k, self.group = n, k, group
+        v = nibbles.to(torch.uint8).view(n, k // 32, 2, 16)
+        self.register_buffer("packed", (v[:, :, 0] | (v[:, :, 1] << 4)).reshape(n, k // 2).contiguous())
+        self.register_buffer("scale", scale.float().contiguous())
+        self.register_buffer("zero", torch.empty(0) if zero is None else zero.float().contiguous())
+        self._kernel = native.load()
+
+    def mm(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (m, k) -> (m, n) fp32; activations are quantized to int8 per block of 32 inside the kernel."""
+        return self._kernel.int4_gemv(x.float().contiguous(), self.packed, self.scale, self.zero, self.group)
+
+    def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
+        b = self.packed.view(self.n, self.k // 32, 1, 16)
+        q = torch.cat([b & 15, b >> 4], 2).view(self.n, self.k).to(dtype) - 8
+        g = self.scale.shape[1]
+        s = expand_groups(self.scale, self.k, self.group) if g > 1 else self.scale
+        w = q * s.to(dtype)
+        if self.zero.numel():
+            w += expand_groups(self.zero, self.k, self.group).to(dtype)
+        return w
+
+    def mm_dense(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.dequantize(x.dtype))
+
+
+class NativeSparse24Matrix(nn.Module):
+    """A 2:4 int4 matrix for slim's 2:4 kernel: the stored kept codes as they are (4 bits each) and their positions
+    (2 bits each, regrouped per block of 32 inputs into one 32-bit word): 3 bits a weight in memory."""
+
+    dense_ok = True
+
+    def __init__(self, layer: SlimLinear) -> None:
+        super().__init__()
+        L = layer.layout
+        self.n, self.k = L.d_out, L.d_in
+        self.group = L.group_size or L.d_in
+        self.register_buffer("values", layer.values.clone())
+        loc = unpack_bits(layer.indices, 2, L.keep).view(self.n, self.k // 32, 4, 4).transpose(2, 3).to(torch.int32)
+        by = loc[..., 0] | (loc[..., 1] << 2) | (loc[..., 2] << 4) | (loc[..., 3] << 6)  # byte k: kept k, k+4, ...
+        words = by[..., 0] | (by[..., 1] << 8) | (by[..., 2] << 16) | (by[..., 3] << 24)
+        self.register_buffer("positions", words.contiguous())
+        s = layer.scale.float()
+        self.register_buffer("scale", (s.reshape(1, 1).expand(self.n, 1) if L.group_size == 0 else s).contiguous())
+        self._kernel = native.load()
+
+    def kept_positions(self) -> torch.Tensor:
+        w = self.positions
+        by = torch.stack([(w >> (8 * i)) & 255 for i in range(4)], -1)  # (n, blocks, 4 bytes k)
+        loc = torch.stack([(by >> (2 * f)) & 3 for f in range(4)], -1)  # (n, blocks, k, field L): kept 4L + k
+        loc = loc.transpose(2, 3).reshape(self.n, self.k // 2)
+        return torch.arange(self.k // 2)[None, :] // 2 * 4 + loc
+
+    def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
+        codes = unpack_codes(self.values, 4, self.k // 2).to(dtype)
+        g = self.scale.shape[1]
+        s = self.scale if g == 1 else expand_groups(self.scale, self.k, self.group)
+        w = torch.zeros(self.n, self.k, dtype=dtype).scatter_(1, self.kept_positions(), codes)
+        return w * s.to(dtype)
+
+    def mm(self, x: torch.Tensor) -> torch.Tensor:
+        e8, ef = torch.empty(0, dtype=torch.uint8), torch.empty(0)
+        return self._kernel.sparse24_linear(x.float(), self.values, self.positions, self.scale, self.group,
+                                            e8, ef, 32, e8, ef, 32)
+
+    def mm_dense(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.dequantize(x.dtype))
+
+
+def _sparse24_ok(layer: SlimLinear) -> bool:
+    L = layer.layout
+    return (native.load() is not None and L.sparsity == "nm" and (L.n, L.m) == (2, 4) and not L.zero_point
+            and L.d_in % 32 == 0 and (L.group_size == 0 or L.group_size % 32 == 0)
+            and os.environ.get("SLIM_CPU_SPARSE24", "1") != "0")
+
+
+def _native_ok(cols: int, group: int) -> bool:
+    return native.load() is not None and cols % 32 == 0 and (group == 0 or group % 32 == 0)
+
+
+def _matrix(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, group: int) -> nn.Module:
+    """An int4 matrix for the best kernel here. q: (n, k) nibbles, w = (q - 8) * scale + zero per stored group
+    (`group` 0: per tensor, scale/zero (n, 1)); the torch kernel gets the groups split to its group size."""
+    n, k = q.shape
+    if _native_ok(k, group):
+        return NativeInt4Matrix(q, scale, zero, group or k)
+    gk = kernel_group(k, group)
+    if group == 0:
+        return Int4Matrix(q, scale.expand(n, k // gk), None, gk)
+    s = expand_groups(scale, k, group)[:, ::gk]
+    z = None if zero is None else expand_groups(zero, k, group)[:, ::gk]
+    return Int4Matrix(q, s, z, gk)
+
+
 class Int4Linear(nn.Module):
-    """A SlimLinear converted for the CPU int4 kernel: same function, kernel layout, no dense weight kept."""
+    """A SlimLinear converted for int4 kernels (slim's own where it builds, else PyTorch's): same function, kernel
+    layout, no dense weight kept."""
 
     def __init__(self, layer: SlimLinear, gemm_min_tokens: int | None = None) -> None:
         super().__init__()
         L = self.layout = layer.layout
         self.in_features, self.out_features = L.d_in, L.d_out
-        self.gemm_min_tokens = DEFAULT_GEMM_MIN_TOKENS if gemm_min_tokens is None else gemm_min_tokens
         self.gemm_dtype = torch.bfloat16 if _native_bf16() else torch.float32
-        vals = unpack_codes(layer.values, 4, L.keep).to(torch.int32)
-        pos = layer.kept_positions()
-        gk = kernel_group(L.d_in, L.group_size)
-        assert gk is not None
-        if L.zero_point:
+        self.register_buffer("out_scale", None)
+        if _sparse24_ok(layer):
+            self.base = NativeSparse24Matrix(layer)
+            vals = pos = q = None
+        else:
+            vals = unpack_codes(layer.values, 4, L.keep).to(torch.int32)
+            pos = layer.kept_positions()
+        if vals is None:
+            pass
+        elif L.zero_point:
             zero = unpack_codes(layer.zero, 4, n_groups(L.d_in, L.group_size)).to(torch.int32)
-            zfull = zero.repeat_interleave(L.group_size, 1)[:, : L.d_in]
-            q = zfull + 8  # pruned slots: (q - 8 - z) * s = 0
+            q = zero.repeat_interleave(L.group_size, 1)[:, : L.d_in] + 8  # pruned slots: (q - 8 - z) * s = 0
             q.scatter_(1, pos, vals + 8)
-            s = expand_groups(layer.scale.float(), L.d_in, L.group_size)[:, ::gk]
-            z = -expand_groups(zero.float(), L.d_in, L.group_size)[:, ::gk] * s
-            self.base = Int4Matrix(q, s, z, gk)
-            self.register_buffer("out_scale", None)
+            s = layer.scale.float()
+            self.base = _matrix(q, s, -zero.float() * s, L.group_size)
         else:
             q = torch.full((L.d_out, L.d_in), 8, dtype=torch.int32)
             q.scatter_(1, pos, vals + 8)
             if L.group_size:
-                s = expand_groups(layer.scale.float(), L.d_in, L.group_size)[:, ::gk]
-                self.base = Int4Matrix(q, s, None, gk)
-                self.register_buffer("out_scale", None)
-            else:  # per tensor: scale 1 in the kernel (exact), the fp32 scale on the output
-                self.base = Int4Matrix(q, torch.ones(L.d_out, L.d_in // gk), None, gk)
-                self.register_buffer("out_scale", layer.scale.float().reshape(()))
+                self.base = _matrix(q, layer.scale.float(), None, L.group_size)
+            elif _native_ok(L.d_in, 0):  # slim's kernel takes the fp32 per-tensor scale as it is
+                self.base = _matrix(q, layer.scale.float().expand(L.d_out, 1), None, 0)
+            else:  # torch's: scale 1 in the kernel (exact), the fp32 scale on the output
+                self.base = _matrix(q, torch.ones(L.d_out, 1), None, 0)
+                self.out_scale = layer.scale.float().reshape(())
         del q, vals, pos
+        self.kernel = "torch" if isinstance(self.base, Int4Matrix) else "slim"
+        self.sparse24 = isinstance(self.base, NativeSparse24Matrix)
+        self.gemm_min_tokens = GEMM_MIN_TOKENS[self.kernel] if gemm_min_tokens is None else gemm_min_tokens
         self.adapter_kind = "none"
         self.ad_A = self.ad_B = None
         if L.rank:
             self._convert_adapters(layer)
+        self.fused = self.kernel == "slim" and self.out_scale is None and (
+            self.adapter_kind == "none" or all(isinstance(m, NativeInt4Matrix) for m in (self.ad_A, self.ad_B)))
         self.register_buffer("input_scale", layer.input_scale.clone() if L.input_scale else None)
         self.register_buffer("bias", None if layer.bias is None else layer.bias.detach().float())
         self.fp8_inputs = L.fp8_inputs
+        self.__dict__["_plain"] = self.fused and not L.input_scale and not L.fp8_inputs and layer.bias is None
 
     def _convert_adapters(self, layer: SlimLinear) -> None:
         L = self.layout
         r_pad = -(-L.rank // RANK_MULTIPLE) * RANK_MULTIPLE
-        ga = kernel_group(L.d_in, L.adapter_group) if L.adapter_bits == 4 else None
-        gb = kernel_group(r_pad, L.adapter_group) if L.adapter_bits == 4 else None
-        if ga is not None and gb is not None:
+        ok = L.adapter_bits == 4 and (
+            (_native_ok(L.d_in, L.adapter_group) and _native_ok(r_pad, L.adapter_group))
+            or (kernel_group(L.d_in, L.adapter_group) is not None and kernel_group(r_pad, L.adapter_group) is not None))
+        if ok:
             ca = unpack_codes(layer.lora_A, 4, L.d_in).to(torch.int32) + 8
             cb = unpack_codes(layer.lora_B, 4, L.rank).to(torch.int32) + 8
-            sa = expand_groups(layer.lora_A_scale.float(), L.d_in, L.adapter_group)[:, ::ga]
-            sb = expand_groups(layer.lora_B_scale.float(), L.rank, L.adapter_group)
+            sa = layer.lora_A_scale.float()
+            sb = layer.lora_B_scale.float()
             # zero rows of A (code 8 = 0) make the padded ranks' outputs 0, so B's padded columns change nothing
-            self.ad_A = Int4Matrix(_pad_rows(ca, r_pad, 8), _pad_rows(sa, r_pad), None, ga)
-            sb = _pad_cols(sb, r_pad, 1.0)[:, ::gb]
-            self.ad_B = Int4Matrix(_pad_cols(cb, r_pad, 8), sb, None, gb)
+            self.ad_A = _matrix(_pad_rows(ca, r_pad, 8), _pad_rows(sa, r_pad, 1.0), None, L.adapter_group)
+            gb = n_groups(r_pad, L.adapter_group)
+            self.ad_B = _matrix(_pad_cols(cb, r_pad, 8), _pad_cols(sb, gb, 1.0), None, L.adapter_group)
             self.adapter_kind = "int4"
         else:
             a, b = layer.adapters()
@@ -301,13 +416,27 @@ class Int4Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # few ops: at decode, a small layer's time is mostly per-op overhead
+        if self.__dict__["_plain"]:  # no input scale, fp8 or bias: the whole layer is one kernel call
+            x2 = x.reshape(-1, self.in_features)
+            if x2.shape[0] < self.gemm_min_tokens:
+                call = self.__dict__.get("_fused_call") or self._make_fused_call()
+                return call(x2).view(*x.shape[:-1], self.out_features)
         shape = x.shape
         x2 = x.reshape(-1, self.in_features)
         if self.input_scale is not None:
             x2 = x2 / self.input_scale.to(x2.dtype)
         if self.fp8_inputs:
             x2 = fp8_fake_quant(x2)
-        xb = x2 if x2.dtype == torch.bfloat16 and x2.is_contiguous() else x2.to(torch.bfloat16).contiguous()
+        if self.fused and x2.shape[0] < self.gemm_min_tokens:  # the whole layer in one call of slim's kernel
+            call = self.__dict__.get("_fused_call") or self._make_fused_call()
+            y = call(x2.float())
+            if self.bias is not None:
+                y.add_(self.bias)
+            return y.to(x.dtype).view(*shape[:-1], self.out_features)
+        if self.kernel == "slim":
+            xb = x2
+        else:  # torch's kernel takes bf16 activations (its fp16/fp32 paths are 20-40x slower)
+            xb = x2 if x2.dtype == torch.bfloat16 and x2.is_contiguous() else x2.to(torch.bfloat16).contiguous()
         if xb.shape[0] >= self.gemm_min_tokens and self.base.dense_ok:
             y = self.base.mm_dense(x2.to(self.gemm_dtype))
         else:
@@ -322,9 +451,32 @@ class Int4Linear(nn.Module):
             y.add_(self.bias)
         return y.to(x.dtype).view(*shape[:-1], self.out_features)
 
+    def _make_fused_call(self):  # noqa: ANN202 - plain references: module attribute look-ups cost more than the op
+        b, a, bb = self.base, self.ad_A, self.ad_B
+        e8, ef = torch.empty(0, dtype=torch.uint8), torch.empty(0)
+        ad = (e8, ef, 32, e8, ef, 32) if a is None else (a.packed, a.scale, a.group, bb.packed, bb.scale, bb.group)
+        kern = b._kernel
+        if self.sparse24:
+            args = (b.values, b.positions, b.scale, b.group, *ad)
+            fn = kern.sparse24_linear
+        elif a is not None:
+            args = (b.packed, b.scale, b.zero, b.group, *ad)
+            fn = kern.lowrank_linear
+        else:
+            args = (b.packed, b.scale, b.zero, b.group)
+            return self.__dict__.setdefault("_fused_call", lambda x: kern.int4_gemv(x.float().contiguous(), *args)
+                                            .to(x.dtype))
+        self.__dict__["_fused_call"] = call = lambda x: fn(x, *args)
+        return call
+
+    def _apply(self, fn, recurse=True):  # noqa: ANN001 - tensors may be replaced: drop the cached references
+        self.__dict__.pop("_fused_call", None)
+        return super()._apply(fn, recurse)
+
     def extra_repr(self) -> str:
         L = self.layout
-        return (f"in={L.d_in}, out={L.d_out}, group={self.base.group}, adapters={self.adapter_kind}, "
+        return (f"in={L.d_in}, out={L.d_out}, kernel={self.kernel}, group={self.base.group}, "
+                f"adapters={self.adapter_kind}, "
                 f"gemm_min_tokens={self.gemm_min_tokens}")
 
 

@@ -1,0 +1,57 @@
+"""slim's own CPU kernel (csrc/int4_gemv.cpp), compiled on first use with torch's C++ extension builder.
+
+Optional: it needs a C++ compiler, `ninja` and an x86-64 CPU with AVX2 + FMA; without them (or with
+SLIM_NATIVE=0) the cpu-int4 backend uses PyTorch's int4 kernel alone. The build is cached by torch
+(TORCH_EXTENSIONS_DIR, default ~/.cache/torch_extensions) and takes about a minute once.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import platform
+import time
+from pathlib import Path
+from types import ModuleType
+
+import torch
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).parent / "csrc" / "int4_gemv.cpp"
+
+
+def unavailable_reason() -> str | None:
+    if os.environ.get("SLIM_NATIVE", "1") == "0":
+        return "disabled by SLIM_NATIVE=0"
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return f"needs x86-64, this is {platform.machine()}"
+    cap = torch.backends.cpu.get_cpu_capability()
+    if not cap.startswith("AVX2") and not cap.startswith("AVX512"):
+        return f"needs AVX2 (torch reports {cap})"
+    if not SOURCE.is_file():
+        return f"kernel source {SOURCE} is missing"
+    return None
+
+
+@functools.lru_cache(maxsize=1)
+def load() -> ModuleType | None:
+    """The compiled kernel module, or None (logged once) when it cannot be built here."""
+    why = unavailable_reason()
+    if why is not None:
+        log.info("slim's CPU kernel is off: %s", why)
+        return None
+    try:
+        from torch.utils.cpp_extension import load as build
+
+        t0 = time.perf_counter()
+        mod = build(name="slim_int4_gemv_v8", sources=[str(SOURCE)],
+                    extra_cflags=["-O3", "-mavx2", "-mfma", "-fopenmp"],
+                    extra_ldflags=["-fopenmp"], verbose=False)
+        log.info("slim's CPU kernel ready (%.1f s)", time.perf_counter() - t0)
+        return mod
+    except Exception as e:  # no compiler, no ninja, build error: fall back, say why
+        log.warning("slim's CPU kernel could not be built (%s); using PyTorch's int4 kernel only",
+                    str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__)
+        return None
