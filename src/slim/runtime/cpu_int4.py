@@ -1,15 +1,19 @@
-"""`cpu-int4`: PyTorch's CPU int4 kernel (`_weight_int4pack_mm_for_cpu`) for the base weight and int4 adapters.
+"""`cpu-int4`: int4 kernels on the CPU, converted from the stored layout (format 1) at load time.
 
-Conversion at load time, from the stored layout (format 1):
-- codes c in [-8, 7] become kernel nibbles q = c + 8; a pruned slot holds the nibble that dequantizes to 0
-  (8, or z + 8 with a zero point), so 2:4 runs as a dense int4 matrix (4 bits a weight in memory);
-- the kernel computes w = (q - 8) * scale + zero per group of 32-256 inputs; a per-tensor scale runs the kernel
-  with scale 1 and multiplies the output by the fp32 scale (exact), group scales are rounded to bf16, and an
-  asymmetric group's zero point z becomes zero = -z * scale;
-- int4 adapters run through the same kernel (rank padded with zero rows to a multiple of 32, which changes nothing);
-  fp16 or other adapters run as fp32 matmuls.
-The kernel is fastest at few tokens; from `gemm_min_tokens` tokens on, a layer dequantizes its weight into a
-transient buffer and runs a GEMM instead (bf16 where the CPU has native bf16, else fp32), one layer at a time.
+Two kernels, chosen per layer:
+- slim's own (runtime/csrc, built on first use; see `native`): activations are quantized to int8 per block of 32
+  inside the call (llama.cpp's Q8_0 scheme; about the size of bf16 rounding) so a block's dot product is one
+  `maddubs`. A 2:4 layer is read in its stored form, 3 bits a weight (kept codes + 2-bit positions, the kept
+  activations gathered with a byte shuffle); other layouts as dense int4 with pruned slots at zero. Scales stay
+  fp32, group scales per stored group, zero points exact. Base weight and adapters run in one call.
+- PyTorch's `_weight_int4pack_mm_for_cpu`, where slim's cannot be built: codes c become nibbles q = c + 8, a pruned
+  slot the nibble that dequantizes to 0 (8, or z + 8 with a zero point); the kernel computes
+  w = (q - 8) * scale + zero per group of 32-256 inputs with bf16 activations, so group scales are rounded to bf16
+  and a per-tensor scale is applied to the output in fp32 (exact); int4 adapters run through the same kernel (rank
+  padded with zero rows to a multiple of 32, which changes nothing).
+fp16 (or non-4-bit) adapters run as fp32 matmuls. From `gemm_min_tokens` tokens on, a layer dequantizes its weight
+into a transient buffer and runs a GEMM instead (bf16 where the CPU has native bf16, else fp32), one layer at a
+time; benchmarks/runtime_layers.py measures where that pays.
 """
 
 from __future__ import annotations
@@ -260,14 +264,7 @@ class NativeInt4Matrix(nn.Module):
         return self._kernel.int4_gemv(x.float().contiguous(), self.packed, self.scale, self.zero, self.group)
 
     def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
-        b = self.packed.view(self.n, self.k // 32, 1, 16)
-        q = torch.cat([b & 15, b >> 4], 2).view(self.n, self.k).to(dtype) - 8
-        g = self.scale.shape[1]
-        s = expand_groups(self.scale, self.k, self.group) if g > 1 else self.scale
-        w = q * s.to(dtype)
-        if self.zero.numel():
-            w += expand_groups(self.zero, self.k, self.group).to(dtype)
-        return w
+        return self._kernel.int4_dequant(self.packed, self.scale, self.zero, self.group).to(dtype)
 
     def mm_dense(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.dequantize(x.dtype))
@@ -293,19 +290,8 @@ class NativeSparse24Matrix(nn.Module):
         self.register_buffer("scale", (s.reshape(1, 1).expand(self.n, 1) if L.group_size == 0 else s).contiguous())
         self._kernel = native.load()
 
-    def kept_positions(self) -> torch.Tensor:
-        w = self.positions
-        by = torch.stack([(w >> (8 * i)) & 255 for i in range(4)], -1)  # (n, blocks, 4 bytes k)
-        loc = torch.stack([(by >> (2 * f)) & 3 for f in range(4)], -1)  # (n, blocks, k, field L): kept 4L + k
-        loc = loc.transpose(2, 3).reshape(self.n, self.k // 2)
-        return torch.arange(self.k // 2)[None, :] // 2 * 4 + loc
-
     def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
-        codes = unpack_codes(self.values, 4, self.k // 2).to(dtype)
-        g = self.scale.shape[1]
-        s = self.scale if g == 1 else expand_groups(self.scale, self.k, self.group)
-        w = torch.zeros(self.n, self.k, dtype=dtype).scatter_(1, self.kept_positions(), codes)
-        return w * s.to(dtype)
+        return self._kernel.sparse24_dequant(self.values, self.positions, self.scale, self.group).to(dtype)
 
     def mm(self, x: torch.Tensor) -> torch.Tensor:
         e8, ef = torch.empty(0, dtype=torch.uint8), torch.empty(0)

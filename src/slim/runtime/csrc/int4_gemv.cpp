@@ -294,8 +294,59 @@ torch::Tensor sparse24_linear(torch::Tensor x, torch::Tensor vals, torch::Tensor
   return in_dtype == torch::kFloat32 ? out : out.to(in_dtype);
 }
 
+
+// the dense (N, K) fp32 weight of a 2:4 matrix (for the GEMM path at many tokens)
+torch::Tensor sparse24_dequant(torch::Tensor vals, torch::Tensor idx, torch::Tensor scale, int64_t G) {
+  const int64_t N = vals.size(0), K = vals.size(1) * 4, nb = K / 32, ng = (K + G - 1) / G;
+  TORCH_CHECK(vals.is_contiguous() && idx.is_contiguous() && scale.is_contiguous() && scale.size(1) == ng,
+              "contiguous 2:4 values, positions and (N, groups) scales");
+  auto w = torch::zeros({N, K}, torch::dtype(torch::kFloat32));
+  const uint8_t* vp = vals.data_ptr<uint8_t>();
+  const uint32_t* ip = reinterpret_cast<const uint32_t*>(idx.data_ptr<int32_t>());
+  const float* sp = scale.data_ptr<float>();
+  float* wp = w.data_ptr<float>();
+  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; ++n)
+      for (int64_t b = 0; b < nb; ++b) {
+        const uint32_t word = ip[n * nb + b];
+        for (int j = 0; j < 16; ++j) {  // kept j of the block: group j / 2, position in byte j % 4, field j / 4
+          const int pos = (word >> (8 * (j % 4) + 2 * (j / 4))) & 3;
+          const uint8_t byte = vp[n * (K / 4) + b * 8 + j / 2];
+          const int code = ((j & 1) ? (byte >> 4) : (byte & 15)) - 8;
+          const int64_t k = b * 32 + (j / 2) * 4 + pos;
+          wp[n * K + k] = (float)code * sp[n * ng + k / G];
+        }
+      }
+  });
+  return w;
+}
+
+// the dense (N, K) fp32 weight of a dense int4 matrix
+torch::Tensor int4_dequant(torch::Tensor w, torch::Tensor scale, torch::Tensor zero, int64_t G) {
+  const int64_t N = w.size(0), K = w.size(1) * 2, ng = (K + G - 1) / G;
+  check_matrix(w, scale, zero, K, G);
+  auto out = torch::empty({N, K}, torch::dtype(torch::kFloat32));
+  const uint8_t* p = w.data_ptr<uint8_t>();
+  const float* sp = scale.data_ptr<float>();
+  const float* zp = zero.numel() > 0 ? zero.data_ptr<float>() : nullptr;
+  float* o = out.data_ptr<float>();
+  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; ++n)
+      for (int64_t b = 0; b < K / 32; ++b)
+        for (int j = 0; j < 32; ++j) {
+          const uint8_t byte = p[n * (K / 2) + b * 16 + (j % 16)];
+          const int q = j < 16 ? (byte & 15) : (byte >> 4);
+          const int64_t k = b * 32 + j, g = k / G;
+          o[n * K + k] = (float)(q - 8) * sp[n * ng + g] + (zp ? zp[n * ng + g] : 0.f);
+        }
+  });
+  return out;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("int4_gemv", &int4_gemv, "int4 weight x int8-quantized activation GEMV (AVX2)");
   m.def("lowrank_linear", &lowrank_linear, "x W^T + (x A^T) B^T with int4 W, A, B in one call");
+  m.def("sparse24_dequant", &sparse24_dequant, "dense fp32 weight of a 2:4 matrix");
+  m.def("int4_dequant", &int4_dequant, "dense fp32 weight of an int4 matrix");
   m.def("sparse24_linear", &sparse24_linear, "2:4 int4 W (3 bits a weight) + optional int4 adapters");
 }
