@@ -193,7 +193,7 @@ def load(
     from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.initialization import no_init_weights
 
-    from .runtime import BACKENDS, convert_layer, resolve
+    from .runtime import BACKENDS, backend_report, convert_layer, resolve
 
     p = Path(path)
     cfg = read_slim_config(p)
@@ -253,11 +253,7 @@ def load(
             del layer, lsd, new
             release_free_memory()  # about 1 ms; keeps the load's peak near the converted model's size
     release_free_memory()
-    counts: dict[str, int] = {}
-    for b in chosen.values():
-        counts[b] = counts.get(b, 0) + 1
-    log.info("backend %s: %s", backend, ", ".join(f"{n} layers on {b}" for b, n in counts.items()))
-    model.slim_backend = {"backend": backend, "order": order, "counts": counts, "layers": chosen}
+    model.slim_backend = backend_report(backend, order, chosen)
     model.eval()
     return model.to(device)
 

@@ -76,6 +76,11 @@ def apply_backend(model: nn.Module, backend: str = "auto", device: str | torch.d
             set_submodule(model, name, new)
             chosen[name] = bname
             del mod, new
+    return backend_report(backend, order, chosen)
+
+
+def backend_report(backend: str, order: list[str], chosen: dict[str, str]) -> dict[str, Any]:
+    """Which backend runs each layer, with counts; logged once."""
     counts = Counter(chosen.values())
     log.info("backend %s: %s", backend, ", ".join(f"{n} layers on {b}" for b, n in counts.most_common()) or "none")
     return {"backend": backend, "order": order, "layers": chosen, "counts": dict(counts)}

@@ -167,11 +167,6 @@ class Int4Matrix(nn.Module):
         """x: (m, k) contiguous bf16 -> (m, n) bf16."""
         return torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.packed, self.group, self.scale_zeros)
 
-    def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
-        """The dense (n, k) weight in `dtype`, rows in order (tests, diagnostics; the GEMM path uses `mm_dense`)."""
-        wt = self.dequantize_t(dtype)
-        return wt.index_select(1, self.storage_cols).t().contiguous()
-
     def dequantize_t(self, dtype: torch.dtype) -> torch.Tensor:
         """W^T as a (k, n) transient buffer with its columns in the kernel's storage order (no row gather): one
         permuted byte copy and one 256-entry table look-up per weight, then group scales if there are any."""
