@@ -6,6 +6,7 @@ import logging
 
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import tiny_model
 
 import slim
@@ -13,10 +14,11 @@ from slim.cli import main
 from slim.config import CompressConfig
 from slim.packed import SlimLinear
 from slim.pipeline import compress_model
-from slim.runtime import BackendError, apply_backend, cpu_int4, model_bytes, resolve
+from slim.runtime import BackendError, apply_backend, cpu_int4, model_bytes, native, resolve
 from slim.runtime.random import random_slim_linear
 
 needs_int4 = pytest.mark.skipif(cpu_int4.available("cpu") is not None, reason="no CPU int4 kernel in this torch")
+needs_native = pytest.mark.skipif(native.load() is None, reason="slim's CPU kernel cannot be built here")
 
 # every layout option the stored format has, on shapes the kernel takes
 LAYOUTS = {
@@ -30,6 +32,7 @@ LAYOUTS = {
     "input_scale + bias": dict(input_scale=True, bias=True, rank=16),
     "fp8 inputs": dict(fp8_inputs=True, rank=8),
     "adapter group 64": dict(rank=72, adapter_group=64),
+    "2:4 groups 96 (odd blocks a group)": dict(group_size=96, rank=8),
 }
 
 
@@ -168,6 +171,69 @@ def test_tiny_model_logits_auto_vs_reference(tmp_path, dtype):
         assert t.dtype in (torch.uint8, torch.bfloat16, torch.float32, torch.float16, torch.int32, torch.int64)
         if t.dim() == 2 and t.is_floating_point() and t.numel() >= 32 * 64:  # as large as the smallest weight
             assert 256 in t.shape, t.shape  # only the embedding / lm_head are dense
+
+
+@needs_int4
+def test_fp32_activations_keep_16bit_weights(tmp_path, monkeypatch):
+    """Where the CPU has no bf16 arithmetic a bf16 model runs fp32 activations; its dense weights stay bf16."""
+    ck, ids = _tiny_checkpoint(tmp_path, torch.bfloat16)
+    monkeypatch.setenv("SLIM_CPU_FP32_ACTIVATIONS", "1")
+    fast = slim.load(ck)
+    assert fast.slim_backend["activations"] == "fp32"
+    head, emb = fast.get_output_embeddings(), fast.get_input_embeddings()
+    assert isinstance(head, cpu_int4.HalfWeightLinear) and head.weight.dtype == torch.bfloat16
+    assert emb.weight.dtype == torch.bfloat16
+    if fast.config.tie_word_embeddings:
+        assert head.weight is emb.weight
+    assert fast.model.norm.weight.dtype == torch.float32
+    ref = slim.load(ck, backend="reference", dtype="fp32")  # the same bf16 values, computed in fp32
+    with torch.no_grad():
+        y, r = fast(ids).logits, ref(ids).logits
+    assert y.dtype == torch.float32
+    assert _rel_err(y, r) < 3e-2 and (y.argmax(-1) == r.argmax(-1)).float().mean() > 0.9
+    monkeypatch.setenv("SLIM_CPU_FP32_ACTIVATIONS", "0")
+    off = slim.load(ck)
+    assert off.slim_backend["activations"] == "as stored" and off(ids[:1]).logits.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("tokens", [1, 5, 40])
+def test_half_weight_linear(dtype, tokens, monkeypatch):
+    monkeypatch.setattr(cpu_int4, "HALF_GEMM_ROWS", 48)  # the many-token path in several slices
+    lin = torch.nn.Linear(64, 100).to(dtype)
+    half = cpu_int4.HalfWeightLinear(lin)
+    assert half.weight is lin.weight
+    x = torch.randn(2, tokens, 64)
+    y = half(x)
+    assert y.dtype == torch.float32 and y.shape == (2, tokens, 100)
+    torch.testing.assert_close(y, F.linear(x, lin.weight.float(), lin.bias.float()), rtol=1e-5, atol=1e-5)
+
+
+@needs_native
+def test_shared_input_groups_are_exact(tmp_path, monkeypatch):
+    ck, ids = _tiny_checkpoint(tmp_path)
+    fused = slim.load(ck)
+    monkeypatch.setenv("SLIM_CPU_FUSE", "0")
+    plain = slim.load(ck)
+    attn, mlp, pa = fused.model.layers[0].self_attn, fused.model.layers[0].mlp, plain.model.layers[0].self_attn
+    group = attn.q_proj.__dict__.get("_group")
+    assert group is not None and group is attn.v_proj.__dict__["_group"] and group.members[1] is attn.k_proj
+    assert mlp.gate_proj.__dict__["_group"] is mlp.up_proj.__dict__["_group"]
+    assert pa.q_proj.__dict__.get("_group") is None
+    with torch.no_grad():
+        assert torch.equal(fused(ids).logits, plain(ids).logits)  # the same per-row arithmetic, one call
+        # what a sibling kept is handed out only for the same, unmodified tensor
+        x, other = torch.randn(3, attn.q_proj.in_features), torch.randn(3, attn.q_proj.in_features)
+        attn.q_proj(x)
+        assert torch.equal(attn.k_proj(other), pa.k_proj(other))
+        attn.q_proj(x)
+        x.add_(1.0)
+        assert torch.equal(attn.k_proj(x), pa.k_proj(x))
+        assert torch.equal(attn.v_proj(x), pa.v_proj(x))
+        before = group.kernel
+        fused.float()  # moving the model rebuilds the kernel objects from the new tensors at once
+        assert group.kernel is not before
+        assert torch.equal(attn.q_proj(x), pa.q_proj(x))
 
 
 def test_save_dtype_casts_only_dense_parts(tmp_path):

@@ -6,6 +6,7 @@ interrupted run never leaves a directory that loads as if it were finished.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -148,6 +149,9 @@ def save(
             "format": "slim", "format_version": FORMAT_VERSION, "dtype": dtype_name, "versions": versions(),
             **(meta or {}), "layers": layers,
         }
+        from .export import model_card
+
+        (tmp / "README.md").write_text(model_card(cfg, "slim", out))
         write_json(tmp / CONFIG_NAME, cfg)  # written last: its presence marks a complete checkpoint
 
     atomic_dir(out, write, overwrite)
@@ -190,10 +194,9 @@ def load(
     compressed layer is read and converted to its backend's layout on its own, so neither a dense copy of a base
     weight nor a second copy of the checkpoint is ever held. `dtype` overrides the stored dtype of the dense parts;
     `cache` keeps a dense weight per layer on the reference backend (fast evaluation, dense-sized memory)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-    from transformers.initialization import no_init_weights
+    from transformers import AutoConfig
 
-    from .runtime import BACKENDS, backend_report, convert_layer, resolve
+    from .runtime import resolve
 
     p = Path(path)
     cfg = read_slim_config(p)
@@ -209,6 +212,22 @@ def load(
     except (OSError, ValueError) as e:
         raise CheckpointError(f"cannot read {weights}: {e}") from None
     hf_config = AutoConfig.from_pretrained(p)
+    with compact_heap():
+        model = _build(p, cfg, hf_config, header, order, device, dtype, cache, backend)
+    release_free_memory()
+    model.eval()
+    return model.to(device)
+
+
+def _build(p: Path, cfg: dict, hf_config: Any, header: dict, order: list[str], device: str, dtype: torch.dtype,
+           cache: bool, backend: str) -> nn.Module:
+    """The model skeleton with the dense tensors read into it and each compressed layer converted in turn."""
+    from transformers import AutoModelForCausalLM
+    from transformers.initialization import no_init_weights
+
+    from .runtime import BACKENDS, convert_layer, finish
+
+    weights = p / WEIGHTS_NAME
     with no_init_weights():  # untouched allocations: the dense linears are replaced before anything writes them
         model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype)
     if getattr(hf_config, "tie_word_embeddings", False):
@@ -252,28 +271,50 @@ def load(
             chosen[name] = bname
             del layer, lsd, new
             release_free_memory()  # about 1 ms; keeps the load's peak near the converted model's size
-    release_free_memory()
-    model.slim_backend = backend_report(backend, order, chosen)
-    model.eval()
-    return model.to(device)
+    finish(model, backend, order, chosen)
+    return model
+
+
+def _libc():  # noqa: ANN202 - glibc through ctypes, or None (another libc, another OS)
+    global _LIBC
+    if _LIBC is None:
+        try:
+            import ctypes
+
+            lib = ctypes.CDLL("libc.so.6")
+            _LIBC = lib if hasattr(lib, "malloc_trim") and hasattr(lib, "mallopt") else False
+        except OSError:
+            _LIBC = False
+    return _LIBC or None
+
+
+_LIBC = None
+_M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
 
 
 def release_free_memory() -> None:
     """Hand freed heap memory back to the OS (glibc's malloc_trim; a no-op elsewhere). Converting layers one by
     one leaves many freed few-MB blocks that glibc would otherwise keep, inflating resident memory."""
-    global _TRIM
-    if _TRIM is None:
-        try:
-            import ctypes
-
-            _TRIM = ctypes.CDLL("libc.so.6").malloc_trim
-        except (OSError, AttributeError):
-            _TRIM = False
-    if _TRIM:
-        _TRIM(0)
+    lib = _libc()
+    if lib is not None:
+        lib.malloc_trim(0)
 
 
-_TRIM = None
+@contextlib.contextmanager
+def compact_heap():
+    """While converting layers, serve every allocation of 64 KiB or more from its own mapping (glibc's mmap
+    threshold), so that the conversion's few-MB temporaries leave no holes between the long-lived kernel buffers:
+    holes that a forward pass later refills page by page, which showed as 150-350 MiB of resident memory after a
+    512-token prefill of SmolLM2. After it the threshold is fixed at 32 MiB (glibc's own ceiling; fixing it only
+    stops it from moving). SLIM_MALLOC_TUNING=0 leaves malloc alone."""
+    lib = _libc() if os.environ.get("SLIM_MALLOC_TUNING", "1") != "0" else None
+    if lib is not None:
+        lib.mallopt(_M_MMAP_THRESHOLD, 64 << 10)
+    try:
+        yield
+    finally:
+        if lib is not None:
+            lib.mallopt(_M_MMAP_THRESHOLD, 32 << 20)
 
 _ST_DTYPES = {"U8": torch.uint8, "I8": torch.int8, "BOOL": torch.bool, "F16": torch.float16, "BF16": torch.bfloat16,
               "I16": torch.int16, "F32": torch.float32, "I32": torch.int32, "I64": torch.int64, "F64": torch.float64}

@@ -125,6 +125,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     i = sub.add_parser("info", help="summarize a slim checkpoint (layers, sizes, recipe)")
     i.add_argument("path")
+
+    x = sub.add_parser("export", help="write a checkpoint in a format other tools load (compressed-tensors, peft, "
+                       "merged)", epilog="formats: compressed-tensors = the base as a W4A16 pack-quantized checkpoint "
+                       "(transformers + compressed-tensors, vLLM); peft = base/ (compressed-tensors) + adapter/ (PEFT "
+                       "LoRA); merged = dense transformers checkpoint with the adapters folded in")
+    x.add_argument("path", help="a slim checkpoint directory")
+    x.add_argument("--format", required=True, choices=["compressed-tensors", "peft", "merged"])
+    x.add_argument("--out", required=True, help="output directory (refused if it exists, unless --overwrite)")
+    x.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    x.add_argument("--dtype", default="fp16", choices=["fp16", "bf16", "fp32"],
+                   help="dtype of scales, adapters and dense parts (fp16: exact for slim's fp16 scales; bf16 rounds "
+                   "them)")
+    x.add_argument("--pad-rank", choices=["vllm"], help="peft: pad each adapter rank with zeros up to vLLM's next "
+                   "allowed rank (exact)")
     return ap
 
 
@@ -212,6 +226,9 @@ def cmd_compress(args: argparse.Namespace) -> int:
         results.update({"config": meta["config"], "versions": checkpoint.versions(), "command": meta["command"],
                         "compress_seconds": elapsed, "linear_ratio_vs_fp16": rep["linear_ratio_vs_fp16"]})
         checkpoint.write_json(Path(out) / "results.json", results)
+        from .export import write_checkpoint_card
+
+        write_checkpoint_card(out)  # now with the measured perplexity
     print("\n== slim compress summary ==")
     print(f"checkpoint        {out}  ({_fmt_bytes(disk)} on disk)")
     print(f"compression time  {elapsed:.1f} s")
@@ -323,6 +340,16 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from .export import export
+
+    info = export(args.path, args.out, args.format, dtype=args.dtype, pad_rank=args.pad_rank,
+                  overwrite=args.overwrite)
+    print(f"slim: wrote {args.out} ({args.format}, {_fmt_bytes(info['bytes'])} on disk, {info['layers']} compressed "
+          "layers); load command in its README.md")
+    return 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from .report import write_report
 
@@ -347,7 +374,7 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         commands = {"compress": cmd_compress, "eval": cmd_eval, "info": cmd_info, "report": cmd_report,
-                    "generate": cmd_generate}
+                    "generate": cmd_generate, "export": cmd_export}
         return commands[args.command](args)
     except (ConfigError, DataError, CheckpointError, OutputExistsError, UnsupportedModelError, BackendError,
             FileNotFoundError) as e:

@@ -76,14 +76,22 @@ def apply_backend(model: nn.Module, backend: str = "auto", device: str | torch.d
             set_submodule(model, name, new)
             chosen[name] = bname
             del mod, new
-    return backend_report(backend, order, chosen)
+    return finish(model, backend, order, chosen)
 
 
-def backend_report(backend: str, order: list[str], chosen: dict[str, str]) -> dict[str, Any]:
-    """Which backend runs each layer, with counts; logged once."""
+def finish(model: nn.Module, backend: str, order: list[str], chosen: dict[str, str]) -> dict[str, Any]:
+    """After every layer is converted: let the backends that run layers adapt the rest of the model (e.g.
+    `cpu_int4.prepare_model`), then report which backend runs each layer, with counts; logged once."""
+    activations = None
+    for bname in dict.fromkeys(chosen.values()):
+        prepare = getattr(BACKENDS[bname], "prepare_model", None)
+        activations = (prepare(model) if prepare is not None else None) or activations
     counts = Counter(chosen.values())
     log.info("backend %s: %s", backend, ", ".join(f"{n} layers on {b}" for b, n in counts.most_common()) or "none")
-    return {"backend": backend, "order": order, "layers": chosen, "counts": dict(counts)}
+    report = {"backend": backend, "order": order, "layers": chosen, "counts": dict(counts),
+              "activations": activations or "as stored"}
+    model.slim_backend = report
+    return report
 
 
 def model_bytes(model: nn.Module) -> dict[str, int]:

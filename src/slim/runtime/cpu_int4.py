@@ -289,12 +289,16 @@ class NativeSparse24Matrix(nn.Module):
         return self._kernel.sparse24_dequant(self.values, self.positions, self.scale, self.group).to(dtype)
 
     def mm(self, x: torch.Tensor) -> torch.Tensor:
-        e8, ef = torch.empty(0, dtype=torch.uint8), torch.empty(0)
-        return self._kernel.sparse24_linear(x.float(), self.values, self.positions, self.scale, self.group,
-                                            e8, ef, 32, e8, ef, 32)
+        lin = self._kernel.Linears(self.k)
+        lin.add(self.values, self.positions, self.scale, torch.empty(0), self.group, *_NO_ADAPTERS)
+        return lin.forward1(x.float())
 
     def mm_dense(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.dequantize(x.dtype))
+
+
+_NO_ADAPTERS = (torch.empty(0, dtype=torch.uint8), torch.empty(0), 32, torch.empty(0, dtype=torch.uint8),
+                torch.empty(0), 32)
 
 
 def _sparse24_ok(layer: SlimLinear) -> bool:
@@ -370,6 +374,8 @@ class Int4Linear(nn.Module):
         self.register_buffer("bias", None if layer.bias is None else layer.bias.detach().float())
         self.fp8_inputs = L.fp8_inputs
         self.__dict__["_plain"] = self.fused and not L.input_scale and not L.fp8_inputs and layer.bias is None
+        if self.fused:  # now, not at the first forward: its small long-lived allocations would pin the heap's top
+            self._make_fused_call()
 
     def _convert_adapters(self, layer: SlimLinear) -> None:
         L = self.layout
@@ -400,8 +406,12 @@ class Int4Linear(nn.Module):
         if self.__dict__["_plain"]:  # no input scale, fp8 or bias: the whole layer is one kernel call
             x2 = x.reshape(-1, self.in_features)
             if x2.shape[0] < self.gemm_min_tokens:
-                call = self.__dict__.get("_fused_call") or self._make_fused_call()
-                return call(x2).view(*x.shape[:-1], self.out_features)
+                group = self.__dict__.get("_group")
+                if group is not None:  # siblings reading the same input (q/k/v, gate/up): one call for all
+                    y = group.run(self, x, x2)
+                else:
+                    y = (self.__dict__.get("_fused_call") or self._make_fused_call())(x2)
+                return y.view(*x.shape[:-1], self.out_features)
         shape = x.shape
         x2 = x.reshape(-1, self.in_features)
         if self.input_scale is not None:
@@ -432,27 +442,27 @@ class Int4Linear(nn.Module):
             y.add_(self.bias)
         return y.to(x.dtype).view(*shape[:-1], self.out_features)
 
-    def _make_fused_call(self):  # noqa: ANN202 - plain references: module attribute look-ups cost more than the op
+    def native_args(self) -> tuple:
+        """This layer as arguments of the kernel's `Linears.add` (fused layers only)."""
         b, a, bb = self.base, self.ad_A, self.ad_B
-        e8, ef = torch.empty(0, dtype=torch.uint8), torch.empty(0)
-        ad = (e8, ef, 32, e8, ef, 32) if a is None else (a.packed, a.scale, a.group, bb.packed, bb.scale, bb.group)
-        kern = b._kernel
+        ad = _NO_ADAPTERS if a is None else (a.packed, a.scale, a.group, bb.packed, bb.scale, bb.group)
         if self.sparse24:
-            args = (b.values, b.positions, b.scale, b.group, *ad)
-            fn = kern.sparse24_linear
-        elif a is not None:
-            args = (b.packed, b.scale, b.zero, b.group, *ad)
-            fn = kern.lowrank_linear
-        else:
-            args = (b.packed, b.scale, b.zero, b.group)
-            return self.__dict__.setdefault("_fused_call", lambda x: kern.int4_gemv(x.float().contiguous(), *args)
-                                            .to(x.dtype))
-        self.__dict__["_fused_call"] = call = lambda x: fn(x, *args)
-        return call
+            return (b.values, b.positions, b.scale, torch.empty(0), b.group, *ad)
+        return (b.packed, torch.empty(0, dtype=torch.int32), b.scale, b.zero, b.group, *ad)
 
-    def _apply(self, fn, recurse=True):  # noqa: ANN001 - tensors may be replaced: drop the cached references
-        self.__dict__.pop("_fused_call", None)
-        return super()._apply(fn, recurse)
+    def _make_fused_call(self):  # noqa: ANN202 - a bound C++ method: module attribute look-ups cost more than the op
+        lin = self.base._kernel.Linears(self.in_features)
+        lin.add(*self.native_args())
+        self.__dict__["_fused_call"] = lin.forward1
+        return lin.forward1
+
+    def _apply(self, fn, recurse=True):  # noqa: ANN001 - tensors may be replaced: rebuild what holds the old ones
+        out = super()._apply(fn, recurse)
+        if "_fused_call" in self.__dict__:  # rebuilt now: built at the first forward, its small long-lived
+            self._make_fused_call()  # allocations would land between that forward's transients and pin them
+        if self.__dict__.get("_group") is not None:  # by each member: the last one's build holds all new tensors
+            self.__dict__["_group"].build()
+        return out
 
     def extra_repr(self) -> str:
         L = self.layout
@@ -470,6 +480,138 @@ def _native_bf16() -> bool:
 
 
 COMPRESSED_TYPES = (Int4Linear,)
+# up to this many tokens the dense 16-bit linears (lm_head) run slim's GEMV; above, an fp32 GEMM per slice of rows
+HALF_KERNEL_MAX_TOKENS = 16
+HALF_GEMM_ROWS = 8192
+
+
+class HalfWeightLinear(nn.Module):
+    """A dense linear (lm_head, a layer left uncompressed) whose bf16/fp16 weight stays 16-bit in memory while it
+    takes and returns fp32 activations: the weight is widened inside slim's kernel (few tokens) or a slice of rows
+    at a time (many), never as a whole. The Parameter is the original one, so tied embeddings stay tied."""
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.weight = linear.weight
+        self.bias = linear.bias
+        self._kernel = native.load()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x2 = x.reshape(-1, self.in_features).float()
+        w = self.weight
+        if x2.shape[0] <= HALF_KERNEL_MAX_TOKENS and self._kernel is not None and self.in_features % 16 == 0:
+            y = self._kernel.half_linear(x2, w.contiguous())
+        else:
+            y = x2.new_empty(x2.shape[0], self.out_features)
+            for i in range(0, self.out_features, HALF_GEMM_ROWS):
+                y[:, i:i + HALF_GEMM_ROWS] = F.linear(x2, w[i:i + HALF_GEMM_ROWS].float())
+        if self.bias is not None:
+            y.add_(self.bias.float())
+        return y.view(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, weight={self.weight.dtype}, activations=fp32"
+
+
+# sibling layers that read the same tensor in the transformers models slim compresses
+SHARED_INPUT = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+
+
+class SharedInput:
+    """Sibling layers that read the same input (q/k/v, gate/up) in one kernel call: the first one called with a
+    tensor runs them all (the input quantized once, one parallel region) and keeps the others' outputs until they
+    are called with that same, unmodified tensor; any other call computes afresh."""
+
+    def __init__(self, members: list[Int4Linear]) -> None:
+        self.members = members
+        self.kernel = None
+        self.x: torch.Tensor | None = None
+        self.version = -1
+        self.waiting: dict[int, torch.Tensor] = {}
+
+    def build(self):  # noqa: ANN201 - the kernel's Linears object for all members
+        self.kernel = self.members[0].base._kernel.Linears(self.members[0].in_features)
+        for m in self.members:
+            self.kernel.add(*m.native_args())
+        return self.kernel
+
+    def run(self, layer: Int4Linear, x: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
+        i = self.members.index(layer)
+        if x is self.x and x._version == self.version and i in self.waiting:
+            y = self.waiting.pop(i)
+            if not self.waiting:
+                self.x = None
+            return y
+        outs = (self.kernel or self.build()).forward(x2)
+        self.x, self.version = x, x._version
+        self.waiting = {j: o for j, o in enumerate(outs) if j != i}
+        return outs[i]
+
+
+def fuse_shared_inputs(model: nn.Module) -> int:
+    """Group the sibling layers of `SHARED_INPUT` that run whole in slim's kernel; returns the number of groups."""
+    groups = 0
+    for parent in model.modules():
+        for names in SHARED_INPUT:
+            members = [getattr(parent, n, None) for n in names]
+            if not all(isinstance(m, Int4Linear) and m.__dict__["_plain"] and m.kernel == "slim" for m in members):
+                continue
+            if len({m.in_features for m in members}) != 1 or len({m.gemm_min_tokens for m in members}) != 1:
+                continue
+            group = SharedInput(members)
+            group.build()
+            for m in members:
+                m.__dict__["_group"] = group
+            groups += 1
+    return groups
+
+
+def _fp32_output(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+    return output.float()
+
+
+def prepare_model(model: nn.Module) -> str | None:
+    """After conversion: group siblings that share an input (`fuse_shared_inputs`; SLIM_CPU_FUSE=0 turns it off),
+    and, where the CPU has no 16-bit arithmetic (AVX2 without AVX512-BF16), run the activations in fp32 while the
+    dense parts stay bf16/fp16 in memory: 16-bit elementwise ops, attention and the casts around every compressed
+    layer cost more there than fp32 ones. Norm weights and biases (tiny) become fp32, embeddings return fp32, dense
+    linears become `HalfWeightLinear`; the KV cache is fp32 (twice bf16's bytes). SLIM_CPU_FP32_ACTIVATIONS=0
+    keeps the stored dtype, =1 forces fp32. Returns "fp32" when it widened the activations, else None."""
+    groups = fuse_shared_inputs(model) if os.environ.get("SLIM_CPU_FUSE", "1") != "0" else 0
+    if groups:
+        log.info("cpu-int4: %d groups of layers sharing an input (q/k/v, gate/up) run as one kernel call each", groups)
+    mode = os.environ.get("SLIM_CPU_FP32_ACTIVATIONS", "auto")
+    half = (torch.bfloat16, torch.float16)
+    if mode == "0" or (mode != "1" and _native_bf16()) or native.load() is None:
+        return None
+    inside = {id(m) for mod in model.modules() if isinstance(mod, Int4Linear) for m in mod.modules()}
+    plain = [(n, m) for n, m in model.named_modules() if id(m) not in inside]
+    if any(isinstance(m, SlimLinear) for _, m in plain):
+        return None  # a layer on the reference backend computes in the stored dtype
+    if not any(p.dtype in half for _, m in plain for p in m.parameters(recurse=False)):
+        return None
+    for name, mod in plain:  # only what this knows how to widen: else leave the model as it is
+        big = [k for k, p in mod.named_parameters(recurse=False) if p.dtype in half and p.dim() > 1]
+        if big and not (type(mod) is nn.Linear or isinstance(mod, nn.Embedding)):
+            log.info("cpu-int4: activations stay 16-bit: %s (%s) holds 16-bit matrices %s", name,
+                     type(mod).__name__, big)
+            return None
+    from ..models import set_submodule
+
+    for name, mod in plain:
+        for key, t in list(mod._parameters.items()):
+            if t is not None and t.dtype in half and t.dim() <= 1:
+                mod._parameters[key] = nn.Parameter(t.detach().float(), requires_grad=False)
+        for key, t in list(mod._buffers.items()):
+            if t is not None and t.dtype in half and t.dim() <= 1:
+                mod._buffers[key] = t.float()
+        if isinstance(mod, nn.Embedding) and mod.weight.dtype in half:
+            mod.register_forward_hook(_fp32_output)
+        elif type(mod) is nn.Linear and mod.weight.dtype in half:
+            set_submodule(model, name, HalfWeightLinear(mod))
+    log.info("cpu-int4: activations run in fp32 (no 16-bit arithmetic on this CPU); dense weights stay 16-bit")
+    return "fp32"
 
 
 def convert(layer: SlimLinear) -> nn.Module:

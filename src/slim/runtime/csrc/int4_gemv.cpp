@@ -7,6 +7,7 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
+#include <atomic>
 #include <cmath>
 #include <vector>
 
@@ -104,48 +105,84 @@ void rows_kernel(const uint8_t* w, const int8_t* xq, const float* dx, const floa
 // 2:4 rows: per block of 32 inputs, 16 kept 4-bit codes (8 bytes, kept j at nibble j, stored as c + 8) and their
 // 16 positions inside their group of 4 (one 32-bit word: byte k holds the positions of kept k, k+4, k+8, k+12 in
 // bits 0-1, 2-3, 4-5, 6-7). The kept activations are gathered with a byte shuffle; 3 bits a weight are read.
-template <int R>
-void rows_kernel_24(const uint8_t* vals, const uint32_t* idx, const int8_t* xq, const float* dx, const float* scale,
-                    int64_t K, int64_t G, int64_t ng, int64_t n0, int64_t n1, float* out, int64_t N, bool acc_out) {
-  const int64_t nb = K / 32, bpg = G / 32;
+// Two blocks per 256-bit step (one per 128-bit lane); `xp`/`dp` hold the activations regrouped for that (see
+// QuantRows::pairs), `xq`/`dx` the plain layout for a block left alone at a group's edge.
+struct Gather24 {  // one block's signed codes, their magnitudes and its shuffle control, per 128-bit lane
+  __m128i codes, ac, ctrl;
+};
+
+inline Gather24 gather24_1(const uint8_t* v8p, uint32_t word) {
   const __m128i low = _mm_set1_epi8(0x0F), three = _mm_set1_epi8(3), eight = _mm_set1_epi8(8);
-  const __m128i shifts = _mm_setr_epi32(0, 2, 4, 6);
   const __m128i base = _mm_setr_epi8(0, 0, 4, 4, 8, 8, 12, 12, 0, 0, 4, 4, 8, 8, 12, 12);
-  const __m128i ones = _mm_set1_epi16(1);
+  __m128i v8 = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(v8p));
+  __m128i codes = _mm_sub_epi8(_mm_unpacklo_epi8(_mm_and_si128(v8, low), _mm_and_si128(_mm_srli_epi16(v8, 4), low)),
+                               eight);  // signed codes c in [-8, 7]
+  __m128i pos = _mm_and_si128(_mm_srlv_epi32(_mm_set1_epi32((int)word), _mm_setr_epi32(0, 2, 4, 6)), three);
+  return {codes, _mm_abs_epi8(codes), _mm_add_epi8(base, pos)};
+}
+
+template <int R>
+void rows_kernel_24(const uint8_t* vals, const uint32_t* idx, const int8_t* xq, const float* dx, const int8_t* xp,
+                    const float* dp, const float* scale, int64_t K, int64_t G, int64_t ng, int64_t n0, int64_t n1,
+                    float* out, int64_t N, bool acc_out) {
+  const int64_t nb = K / 32, bpg = G / 32, np = nb / 2;
+  const __m256i low = _mm256_set1_epi8(0x0F), three = _mm256_set1_epi8(3), eight = _mm256_set1_epi8(8);
+  const __m256i shifts = _mm256_setr_epi32(0, 2, 4, 6, 0, 2, 4, 6);
+  const __m256i spread = _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1);
+  const __m256i base = _mm256_setr_epi8(0, 0, 4, 4, 8, 8, 12, 12, 0, 0, 4, 4, 8, 8, 12, 12,
+                                        0, 0, 4, 4, 8, 8, 12, 12, 0, 0, 4, 4, 8, 8, 12, 12);
+  const __m256i ones = _mm256_set1_epi16(1);
+  const __m128i ones4 = _mm_set1_epi16(1);
   for (int64_t n = n0; n < n1; ++n) {
     const uint8_t* vr = vals + n * (K / 4);
     const uint32_t* ir = idx + n * nb;
     const float* sr = scale + n * ng;
-    __m128 acc[R];
-    for (int r = 0; r < R; ++r) acc[r] = _mm_setzero_ps();
+    __m256 acc[R];
+    for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
     for (int64_t g = 0; g < ng; ++g) {
       const int64_t b0 = g * bpg, b1 = std::min(nb, b0 + bpg);
-      __m128 gacc[R];
-      for (int r = 0; r < R; ++r) gacc[r] = _mm_setzero_ps();
-      for (int64_t b = b0; b < b1; ++b) {
-        __m128i v8 = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(vr + b * 8));
-        __m128i codes = _mm_unpacklo_epi8(_mm_and_si128(v8, low), _mm_and_si128(_mm_srli_epi16(v8, 4), low));
-        codes = _mm_sub_epi8(codes, eight);  // signed codes c in [-8, 7]
-        __m128i ac = _mm_abs_epi8(codes);
-        __m128i pos = _mm_and_si128(_mm_srlv_epi32(_mm_set1_epi32((int)ir[b]), shifts), three);
-        __m128i ctrl = _mm_add_epi8(base, pos);
+      __m256 gacc[R];
+      __m128 gone[R];
+      for (int r = 0; r < R; ++r) { gacc[r] = _mm256_setzero_ps(); gone[r] = _mm_setzero_ps(); }
+      auto single = [&](int64_t b) {  // a block without its pair partner in this group: 128-bit
+        const Gather24 q = gather24_1(vr + b * 8, ir[b]);
         for (int r = 0; r < R; ++r) {
           const int8_t* xr = xq + r * K + b * 32;
           __m128i xlo = _mm_loadu_si128(reinterpret_cast<const __m128i*>(xr));
           __m128i xhi = _mm_loadu_si128(reinterpret_cast<const __m128i*>(xr + 16));
-          __m128i sel = _mm_blend_epi32(_mm_shuffle_epi8(xlo, ctrl), _mm_shuffle_epi8(xhi, ctrl), 0xC);
-          __m128i p = _mm_madd_epi16(_mm_maddubs_epi16(ac, _mm_sign_epi8(sel, codes)), ones);
-          gacc[r] = _mm_fmadd_ps(_mm_cvtepi32_ps(p), _mm_set1_ps(dx[r * nb + b]), gacc[r]);
+          __m128i sel = _mm_blend_epi32(_mm_shuffle_epi8(xlo, q.ctrl), _mm_shuffle_epi8(xhi, q.ctrl), 0xC);
+          __m128i p = _mm_madd_epi16(_mm_maddubs_epi16(q.ac, _mm_sign_epi8(sel, q.codes)), ones4);
+          gone[r] = _mm_fmadd_ps(_mm_cvtepi32_ps(p), _mm_set1_ps(dx[r * nb + b]), gone[r]);
+        }
+      };
+      int64_t b = b0;
+      if (b & 1) single(b++);
+      for (; b + 1 < b1; b += 2) {
+        const int64_t pr = b / 2;
+        __m128i v16 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(vr + b * 8));
+        __m128i lo = _mm_and_si128(v16, _mm256_castsi256_si128(low));
+        __m128i hi = _mm_and_si128(_mm_srli_epi16(v16, 4), _mm256_castsi256_si128(low));
+        __m256i codes = _mm256_sub_epi8(_mm256_set_m128i(_mm_unpackhi_epi8(lo, hi), _mm_unpacklo_epi8(lo, hi)), eight);
+        __m256i ac = _mm256_abs_epi8(codes);
+        __m256i words = _mm256_permutevar8x32_epi32(
+            _mm256_castsi128_si256(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(ir + b))), spread);
+        __m256i ctrl = _mm256_add_epi8(base, _mm256_and_si256(_mm256_srlv_epi32(words, shifts), three));
+        for (int r = 0; r < R; ++r) {
+          const int8_t* xr = xp + r * K + pr * 64;
+          __m256i x0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xr));
+          __m256i x1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xr + 32));
+          __m256i sel = _mm256_blend_epi32(_mm256_shuffle_epi8(x0, ctrl), _mm256_shuffle_epi8(x1, ctrl), 0xCC);
+          __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(ac, _mm256_sign_epi8(sel, codes)), ones);
+          gacc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_loadu_ps(dp + (r * np + pr) * 8), gacc[r]);
         }
       }
-      const __m128 sv = _mm_set1_ps(sr[g]);
-      for (int r = 0; r < R; ++r) acc[r] = _mm_fmadd_ps(gacc[r], sv, acc[r]);
+      if (b < b1) single(b);
+      const __m256 sv = _mm256_set1_ps(sr[g]);
+      for (int r = 0; r < R; ++r)
+        acc[r] = _mm256_fmadd_ps(_mm256_add_ps(gacc[r], _mm256_castps128_ps256(gone[r])), sv, acc[r]);
     }
     for (int r = 0; r < R; ++r) {
-      __m128 v = acc[r];
-      v = _mm_hadd_ps(v, v);
-      v = _mm_hadd_ps(v, v);
-      const float f = _mm_cvtss_f32(v);
+      const float f = hsum(acc[r]);
       out[r * N + n] = acc_out ? out[r * N + n] + f : f;
     }
   }
@@ -153,47 +190,134 @@ void rows_kernel_24(const uint8_t* vals, const uint32_t* idx, const int8_t* xq, 
 
 }  // namespace
 
-struct QuantRows {  // activations quantized to int8 blocks of 32
-  int64_t M, K, nb;
+// activations quantized to int8 blocks of 32; the buffers are reused from call to call (see Workspace), so a
+// forward pass does not churn the heap with per-layer transients
+struct QuantRows {
+  int64_t M = 0, K = 0, nb = 0;
   std::vector<int8_t> xq;
   std::vector<float> dx, xs;
-  QuantRows(const float* x, int64_t M_, int64_t K_) : M(M_), K(K_), nb(K_ / 32), xq(M_ * K_), dx(M_ * nb), xs(M_ * nb) {
+  // the layout of the 2:4 kernel's two-block steps, built on first use: per pair of blocks (b, b+1), bytes
+  // [b 0-15, b+1 0-15, b 16-31, b+1 16-31] and the two blocks' scales 4 times each
+  mutable std::vector<int8_t> xp;
+  mutable std::vector<float> dp;
+  mutable bool paired = false;
+
+  void load(const float* x, int64_t M_, int64_t K_) {
+    M = M_, K = K_, nb = K_ / 32, paired = false;
+    xq.resize(M * K), dx.resize(M * nb), xs.resize(M * nb);
     for (int64_t m = 0; m < M; ++m) quantize_row(x + m * K, K, xq.data() + m * K, dx.data() + m * nb, xs.data() + m * nb);
+  }
+  void pairs() const {
+    if (paired) return;
+    paired = true;
+    const int64_t np = nb / 2;
+    xp.resize(M * K);
+    dp.resize(std::max<int64_t>(1, M * np * 8));
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t p = 0; p < np; ++p) {
+        const int8_t* src = xq.data() + m * K + p * 64;
+        int8_t* dst = xp.data() + m * K + p * 64;
+        std::copy(src, src + 16, dst);
+        std::copy(src + 32, src + 48, dst + 16);
+        std::copy(src + 16, src + 32, dst + 32);
+        std::copy(src + 48, src + 64, dst + 48);
+        for (int i = 0; i < 4; ++i) {
+          dp[(m * np + p) * 8 + i] = dx[m * nb + 2 * p];
+          dp[(m * np + p) * 8 + 4 + i] = dx[m * nb + 2 * p + 1];
+        }
+      }
+  }
+  // per row, the sums of the (dequantized) activations of each group of G inputs: the -8 offset and zero points
+  const float* group_sums(int64_t G, std::vector<float>& xg) const {
+    const int64_t ng = (K + G - 1) / G, bpg = G / 32;
+    xg.assign(M * ng, 0.f);
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t b = 0; b < nb; ++b) xg[m * ng + b / bpg] += xs[m * nb + b];
+    return xg.data();
   }
 };
 
-void check_matrix(const torch::Tensor& w, const torch::Tensor& scale, const torch::Tensor& zero, int64_t K, int64_t G) {
-  TORCH_CHECK(w.scalar_type() == torch::kUInt8 && w.is_contiguous() && w.dim() == 2 && w.size(1) * 2 == K,
-              "weight: uint8 (N, K/2) contiguous");
-  TORCH_CHECK(K % 32 == 0 && G % 32 == 0 && G > 0, "K and the group size must be multiples of 32");
-  const int64_t ng = (K + G - 1) / G;
-  TORCH_CHECK(scale.scalar_type() == torch::kFloat32 && scale.is_contiguous() && scale.size(0) == w.size(0) &&
-              scale.size(1) == ng, "scale: (N, groups) fp32 contiguous");
-  if (zero.numel() > 0) TORCH_CHECK(zero.sizes() == scale.sizes() && zero.is_contiguous() &&
-                                    zero.scalar_type() == torch::kFloat32, "zero: like scale");
-}
 
-// out (M, N) = or += X @ W.T for the quantized rows X
-void matmul_rows(const QuantRows& X, const torch::Tensor& w, const torch::Tensor& scale, const torch::Tensor& zero,
-                 int64_t G, float* out, bool accumulate) {
-  const int64_t K = X.K, N = w.size(0), nb = X.nb, ng = (K + G - 1) / G, bpg = G / 32, M = X.M;
-  std::vector<float> xg(M * ng, 0.f);
-  for (int64_t m = 0; m < M; ++m)
-    for (int64_t b = 0; b < nb; ++b) xg[m * ng + b / bpg] += X.xs[m * nb + b];
-  const uint8_t* wp = w.data_ptr<uint8_t>();
-  const float* sp = scale.data_ptr<float>();
-  const float* zp = zero.numel() > 0 ? zero.data_ptr<float>() : nullptr;
-  const int64_t grain = std::max<int64_t>(16, (int64_t)262144 / K);
-  at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
-    for (int64_t m = 0; m < M; m += MB) {
-      const int64_t r = std::min<int64_t>(MB, M - m);
-      const int8_t* xqm = X.xq.data() + m * K;
-      const float* dxm = X.dx.data() + m * nb;
-      const float* xgm = xg.data() + m * ng;
-      float* o = out + m * N;
+// one int4 matrix (N, K): dense nibbles (uint8 (N, K/2)) or 2:4 (kept codes uint8 (N, K/4) + positions int32
+// (N, K/32)); fp32 scales (and zero points, dense only) per group of G inputs
+struct Mat {
+  torch::Tensor w, idx, scale, zero;
+  int64_t N = 0, K = 0, G = 0, ng = 0;
+  bool sparse24 = false;
+  Mat() = default;
+  Mat(torch::Tensor w_, torch::Tensor idx_, torch::Tensor scale_, torch::Tensor zero_, int64_t K_, int64_t G_)
+      : w(w_), idx(idx_), scale(scale_), zero(zero_), N(w_.size(0)), K(K_), G(G_), ng((K_ + G_ - 1) / G_),
+        sparse24(idx_.numel() > 0) {
+    TORCH_CHECK(K % 32 == 0 && G % 32 == 0 && G > 0, "K and the group size must be multiples of 32");
+    TORCH_CHECK(w.scalar_type() == torch::kUInt8 && w.is_contiguous() && w.dim() == 2 &&
+                w.size(1) * (sparse24 ? 4 : 2) == K, sparse24 ? "2:4 values: uint8 (N, K/4)" : "weight: uint8 (N, K/2)");
+    if (sparse24) {
+      TORCH_CHECK(idx.scalar_type() == torch::kInt32 && idx.is_contiguous() && idx.size(0) == N &&
+                  idx.size(1) == K / 32, "2:4 positions: int32 (N, K/32)");
+      TORCH_CHECK(zero.numel() == 0, "2:4 matrices take no zero points");
+    }
+    TORCH_CHECK(scale.scalar_type() == torch::kFloat32 && scale.is_contiguous() && scale.dim() == 2 &&
+                scale.size(0) == N && scale.size(1) == ng, "scale: (N, groups) fp32 contiguous");
+    if (zero.numel() > 0) TORCH_CHECK(zero.sizes() == scale.sizes() && zero.is_contiguous() &&
+                                      zero.scalar_type() == torch::kFloat32, "zero: like scale");
+  }
+};
+
+// rows [n0, n1) of out (M, ldo) = or += X @ W.T
+struct Task {
+  const Mat* mat;
+  int64_t n0, n1;
+  const QuantRows* X;
+  const float* xg;
+  float* out;
+  int64_t ldo;
+  bool acc;
+};
+
+// per-thread buffers that only grow: the input's quantized rows, the adapters' intermediate rows and group sums
+struct Workspace {
+  QuantRows x;
+  std::vector<QuantRows> t;
+  std::vector<std::vector<float>> t_out, sums;
+  std::vector<Task> tasks;
+  template <class T>
+  static T& slot(std::vector<T>& pool, size_t i) {
+    if (pool.size() <= i) pool.resize(i + 1);
+    return pool[i];
+  }
+};
+thread_local Workspace workspace;
+
+void run_task(const Task& t) {
+  const Mat& W = *t.mat;
+  const QuantRows& X = *t.X;
+  const int64_t K = W.K, nb = X.nb;
+  const float* sp = W.scale.data_ptr<float>();
+  for (int64_t m = 0; m < X.M; m += MB) {
+    const int64_t r = std::min<int64_t>(MB, X.M - m);
+    const int8_t* xqm = X.xq.data() + m * K;
+    const float* dxm = X.dx.data() + m * nb;
+    float* o = t.out + m * t.ldo;
+    if (W.sparse24) {
+      const uint8_t* vp = W.w.data_ptr<uint8_t>();
+      const uint32_t* ip = reinterpret_cast<const uint32_t*>(W.idx.data_ptr<int32_t>());
+      const int8_t* xpm = X.xp.data() + m * K;
+      const float* dpm = X.dp.data() + m * (nb / 2) * 8;
+#define SLIM_ROWS24(R) rows_kernel_24<R>(vp, ip, xqm, dxm, xpm, dpm, sp, K, W.G, W.ng, t.n0, t.n1, o, t.ldo, t.acc);
+      switch (r) {
+        case 4: SLIM_ROWS24(4) break;
+        case 3: SLIM_ROWS24(3) break;
+        case 2: SLIM_ROWS24(2) break;
+        default: SLIM_ROWS24(1) break;
+      }
+#undef SLIM_ROWS24
+    } else {
+      const uint8_t* wp = W.w.data_ptr<uint8_t>();
+      const float* zp = W.zero.numel() > 0 ? W.zero.data_ptr<float>() : nullptr;
+      const float* xgm = t.xg + m * W.ng;
 #define SLIM_ROWS(R) \
-      if (accumulate) rows_kernel<R, true>(wp, xqm, dxm, xgm, sp, zp, K, G, ng, n0, n1, o, N); \
-      else rows_kernel<R, false>(wp, xqm, dxm, xgm, sp, zp, K, G, ng, n0, n1, o, N);
+      if (t.acc) rows_kernel<R, true>(wp, xqm, dxm, xgm, sp, zp, K, W.G, W.ng, t.n0, t.n1, o, t.ldo); \
+      else rows_kernel<R, false>(wp, xqm, dxm, xgm, sp, zp, K, W.G, W.ng, t.n0, t.n1, o, t.ldo);
       switch (r) {
         case 4: { SLIM_ROWS(4) break; }
         case 3: { SLIM_ROWS(3) break; }
@@ -202,98 +326,121 @@ void matmul_rows(const QuantRows& X, const torch::Tensor& w, const torch::Tensor
       }
 #undef SLIM_ROWS
     }
+  }
+}
+
+// split W's rows into tasks of about the same work
+void add_tasks(std::vector<Task>& tasks, const Mat& W, const QuantRows& X, const float* xg, float* out, int64_t ldo,
+               bool acc) {
+  if (W.sparse24) X.pairs();
+  // a few large tasks per thread: long contiguous row ranges keep the hardware prefetcher streaming
+  const int64_t per = 2 * at::get_num_threads();
+  const int64_t rows = std::max<int64_t>(16, (W.N + per - 1) / per);
+  for (int64_t n0 = 0; n0 < W.N; n0 += rows) tasks.push_back({&W, n0, std::min(W.N, n0 + rows), &X, xg, out, ldo, acc});
+}
+
+// all tasks in one parallel region, handed out one at a time (layers of different widths and layouts balance)
+void run_tasks(const std::vector<Task>& tasks) {
+  int64_t work = 0;
+  for (const Task& t : tasks) work += (t.n1 - t.n0) * t.mat->K * t.X->M;
+  const int64_t nt = std::min<int64_t>(at::get_num_threads(), (int64_t)tasks.size());
+  if (nt <= 1 || work < 65536) {
+    for (const Task& t : tasks) run_task(t);
+    return;
+  }
+  std::atomic<int64_t> next{0};
+  const int64_t n = (int64_t)tasks.size();
+  at::parallel_for(0, nt, 1, [&](int64_t, int64_t) {
+    for (int64_t i = next.fetch_add(1); i < n; i = next.fetch_add(1)) run_task(tasks[i]);
   });
 }
 
-// x: (M, K) fp32 contiguous -> (M, N) fp32
-torch::Tensor int4_gemv(torch::Tensor x, torch::Tensor w, torch::Tensor scale, torch::Tensor zero, int64_t G) {
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32 && x.is_contiguous(), "x: (M, K) contiguous fp32");
-  check_matrix(w, scale, zero, x.size(1), G);
-  QuantRows X(x.data_ptr<float>(), x.size(0), x.size(1));
-  auto out = torch::empty({x.size(0), w.size(0)}, x.options());
-  matmul_rows(X, w, scale, zero, G, out.data_ptr<float>(), false);
-  return out;
+torch::Tensor as_fp32(const torch::Tensor& x) {
+  return x.scalar_type() == torch::kFloat32 ? x.contiguous() : x.to(torch::kFloat32).contiguous();
 }
 
-// one call for a whole compressed layer: y = x W^T + (x A^T) B^T, x quantized once for W and A
-torch::Tensor lowrank_linear(torch::Tensor x, torch::Tensor w, torch::Tensor scale, torch::Tensor zero, int64_t G,
-                             torch::Tensor a, torch::Tensor a_scale, int64_t Ga, torch::Tensor b,
-                             torch::Tensor b_scale, int64_t Gb) {
-  TORCH_CHECK(x.dim() == 2, "x: (M, K)");
-  const auto in_dtype = x.scalar_type();  // fp32, bf16 or fp16 in and out; fp32 inside
-  x = in_dtype == torch::kFloat32 ? x.contiguous() : x.to(torch::kFloat32).contiguous();
-  const int64_t M = x.size(0), K = x.size(1), R = a.size(0);
-  check_matrix(w, scale, zero, K, G);
-  torch::Tensor none = torch::empty({0}, x.options());
-  check_matrix(a, a_scale, none, K, Ga);
-  check_matrix(b, b_scale, none, R, Gb);
-  TORCH_CHECK(b.size(0) == w.size(0), "B must have as many rows as W");
-  QuantRows X(x.data_ptr<float>(), M, K);
-  auto out = torch::empty({M, w.size(0)}, x.options());
-  auto t = torch::empty({M, R}, x.options());
-  matmul_rows(X, a, a_scale, none, Ga, t.data_ptr<float>(), false);
-  matmul_rows(X, w, scale, zero, G, out.data_ptr<float>(), false);
-  QuantRows T(t.data_ptr<float>(), M, R);
-  matmul_rows(T, b, b_scale, none, Gb, out.data_ptr<float>(), true);
-  return in_dtype == torch::kFloat32 ? out : out.to(in_dtype);
-}
+// Compressed linears that read the same input (one layer, or e.g. q/k/v or gate/up): y_l = x W_l^T (+ (x A_l^T)
+// B_l^T), x quantized once, every base and A row in one parallel region and every B row in a second.
+class Linears {
+ public:
+  explicit Linears(int64_t K) : K_(K) { TORCH_CHECK(K % 32 == 0, "K must be a multiple of 32"); }
 
+  // idx empty: dense int4 W; a empty: no adapters
+  void add(torch::Tensor w, torch::Tensor idx, torch::Tensor scale, torch::Tensor zero, int64_t G, torch::Tensor a,
+           torch::Tensor a_scale, int64_t Ga, torch::Tensor b, torch::Tensor b_scale, int64_t Gb) {
+    Layer L;
+    L.W = Mat(w, idx, scale, zero, K_, G);
+    if (a.numel() > 0) {
+      torch::Tensor none = torch::empty({0}), no_idx = torch::empty({0}, torch::kInt32);
+      L.A = Mat(a, no_idx, a_scale, none, K_, Ga);
+      L.B = Mat(b, no_idx, b_scale, none, L.A.N, Gb);
+      TORCH_CHECK(L.B.N == L.W.N, "B must have as many rows as W");
+      L.adapters = true;
+    }
+    layers_.push_back(std::move(L));
+  }
 
-void matmul_rows_24(const QuantRows& X, const torch::Tensor& vals, const torch::Tensor& idx, const torch::Tensor& scale,
-                    int64_t G, float* out) {
-  const int64_t K = X.K, N = vals.size(0), nb = X.nb, ng = (K + G - 1) / G, M = X.M;
-  TORCH_CHECK(vals.scalar_type() == torch::kUInt8 && vals.is_contiguous() && vals.size(1) * 4 == K,
-              "2:4 values: uint8 (N, K/4)");
-  TORCH_CHECK(idx.scalar_type() == torch::kInt32 && idx.is_contiguous() && idx.size(0) == N && idx.size(1) == nb,
-              "2:4 positions: int32 (N, K/32)");
-  TORCH_CHECK(scale.scalar_type() == torch::kFloat32 && scale.is_contiguous() && scale.size(0) == N &&
-              scale.size(1) == ng, "scale: (N, groups) fp32");
-  const uint8_t* vp = vals.data_ptr<uint8_t>();
-  const uint32_t* ip = reinterpret_cast<const uint32_t*>(idx.data_ptr<int32_t>());
-  const float* sp = scale.data_ptr<float>();
-  const int64_t grain = std::max<int64_t>(16, (int64_t)262144 / K);
-  at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
-    for (int64_t m = 0; m < M; m += MB) {
-      const int64_t r = std::min<int64_t>(MB, M - m);
-      const int8_t* xqm = X.xq.data() + m * K;
-      const float* dxm = X.dx.data() + m * nb;
-      float* o = out + m * N;
-      switch (r) {
-        case 4: rows_kernel_24<4>(vp, ip, xqm, dxm, sp, K, G, ng, n0, n1, o, N, false); break;
-        case 3: rows_kernel_24<3>(vp, ip, xqm, dxm, sp, K, G, ng, n0, n1, o, N, false); break;
-        case 2: rows_kernel_24<2>(vp, ip, xqm, dxm, sp, K, G, ng, n0, n1, o, N, false); break;
-        default: rows_kernel_24<1>(vp, ip, xqm, dxm, sp, K, G, ng, n0, n1, o, N, false); break;
+  std::vector<torch::Tensor> forward(torch::Tensor x) const {
+    TORCH_CHECK(x.dim() == 2 && x.size(1) == K_, "x: (M, K) with K = ", K_);
+    const auto in_dtype = x.scalar_type();  // fp32, bf16 or fp16 in and out; fp32 inside
+    x = as_fp32(x);
+    const int64_t M = x.size(0);
+    Workspace& ws = workspace;
+    ws.x.load(x.data_ptr<float>(), M, K_);
+    const QuantRows& X = ws.x;
+    const size_t n = layers_.size();
+    std::vector<torch::Tensor> outs(n);
+    std::vector<Task>& tasks = ws.tasks;
+    tasks.clear();
+    // sized before any slot is referenced: tasks keep pointers into them
+    Workspace::slot(ws.sums, 3 * n), Workspace::slot(ws.t, n), Workspace::slot(ws.t_out, n);
+    size_t k = 0;  // group-sum slots
+    for (size_t l = 0; l < n; ++l) {
+      const Layer& L = layers_[l];
+      outs[l] = torch::empty({M, L.W.N}, x.options());
+      const float* xg = L.W.sparse24 ? nullptr : X.group_sums(L.W.G, Workspace::slot(ws.sums, k++));
+      add_tasks(tasks, L.W, X, xg, outs[l].data_ptr<float>(), L.W.N, false);
+      if (L.adapters) {
+        std::vector<float>& t = Workspace::slot(ws.t_out, l);
+        t.resize(M * L.A.N);
+        add_tasks(tasks, L.A, X, X.group_sums(L.A.G, Workspace::slot(ws.sums, k++)), t.data(), L.A.N, false);
       }
     }
-  });
-}
-
-// y = x W^T (+ (x A^T) B^T when A has rows) for a 2:4 W stored as kept codes + positions
-torch::Tensor sparse24_linear(torch::Tensor x, torch::Tensor vals, torch::Tensor idx, torch::Tensor scale, int64_t G,
-                              torch::Tensor a, torch::Tensor a_scale, int64_t Ga, torch::Tensor b,
-                              torch::Tensor b_scale, int64_t Gb) {
-  TORCH_CHECK(x.dim() == 2, "x: (M, K)");
-  TORCH_CHECK(G % 32 == 0 && G > 0, "group size must be a multiple of 32");
-  const auto in_dtype = x.scalar_type();
-  x = in_dtype == torch::kFloat32 ? x.contiguous() : x.to(torch::kFloat32).contiguous();
-  const int64_t M = x.size(0), K = x.size(1);
-  TORCH_CHECK(K % 32 == 0, "K must be a multiple of 32");
-  QuantRows X(x.data_ptr<float>(), M, K);
-  auto out = torch::empty({M, vals.size(0)}, x.options());
-  matmul_rows_24(X, vals, idx, scale, G, out.data_ptr<float>());
-  if (a.numel() > 0) {
-    const int64_t R = a.size(0);
-    torch::Tensor none = torch::empty({0}, x.options());
-    check_matrix(a, a_scale, none, K, Ga);
-    check_matrix(b, b_scale, none, R, Gb);
-    auto t = torch::empty({M, R}, x.options());
-    matmul_rows(X, a, a_scale, none, Ga, t.data_ptr<float>(), false);
-    QuantRows T(t.data_ptr<float>(), M, R);
-    matmul_rows(T, b, b_scale, none, Gb, out.data_ptr<float>(), true);
+    run_tasks(tasks);
+    tasks.clear();
+    for (size_t l = 0; l < n; ++l) {
+      const Layer& L = layers_[l];
+      if (!L.adapters) continue;
+      QuantRows& T = Workspace::slot(ws.t, l);
+      T.load(ws.t_out[l].data(), M, L.A.N);
+      add_tasks(tasks, L.B, T, T.group_sums(L.B.G, Workspace::slot(ws.sums, k++)), outs[l].data_ptr<float>(), L.B.N,
+                true);
+    }
+    run_tasks(tasks);
+    if (in_dtype != torch::kFloat32)
+      for (auto& o : outs) o = o.to(in_dtype);
+    return outs;
   }
-  return in_dtype == torch::kFloat32 ? out : out.to(in_dtype);
-}
 
+  torch::Tensor forward1(torch::Tensor x) const { return forward(x)[0]; }
+
+ private:
+  struct Layer {
+    Mat W, A, B;
+    bool adapters = false;
+  };
+  int64_t K_;
+  std::vector<Layer> layers_;
+};
+
+// x: (M, K) fp32 -> (M, N) fp32 for one dense int4 matrix
+torch::Tensor int4_gemv(torch::Tensor x, torch::Tensor w, torch::Tensor scale, torch::Tensor zero, int64_t G) {
+  TORCH_CHECK(x.dim() == 2, "x: (M, K)");
+  Linears one(x.size(1));
+  torch::Tensor e8 = torch::empty({0}, torch::kUInt8);
+  one.add(w, torch::empty({0}, torch::kInt32), scale, zero, G, e8, torch::empty({0}), 32, e8, torch::empty({0}), 32);
+  return one.forward1(as_fp32(x));
+}
 
 // the dense (N, K) fp32 weight of a 2:4 matrix (for the GEMM path at many tokens)
 torch::Tensor sparse24_dequant(torch::Tensor vals, torch::Tensor idx, torch::Tensor scale, int64_t G) {
@@ -324,7 +471,7 @@ torch::Tensor sparse24_dequant(torch::Tensor vals, torch::Tensor idx, torch::Ten
 // the dense (N, K) fp32 weight of a dense int4 matrix
 torch::Tensor int4_dequant(torch::Tensor w, torch::Tensor scale, torch::Tensor zero, int64_t G) {
   const int64_t N = w.size(0), K = w.size(1) * 2, ng = (K + G - 1) / G;
-  check_matrix(w, scale, zero, K, G);
+  Mat(w, torch::empty({0}, torch::kInt32), scale, zero, K, G);  // checks the layout
   auto out = torch::empty({N, K}, torch::dtype(torch::kFloat32));
   const uint8_t* p = w.data_ptr<uint8_t>();
   const float* sp = scale.data_ptr<float>();
@@ -343,10 +490,70 @@ torch::Tensor int4_dequant(torch::Tensor w, torch::Tensor scale, torch::Tensor z
   return out;
 }
 
+// y (M, N) fp32 = x (M, K) fp32 @ W^T for a bf16 or fp16 W (N, K): the dense parts of a compressed model (lm_head)
+// stay 16-bit in memory while activations run in fp32 on CPUs without 16-bit arithmetic; K a multiple of 16
+template <bool BF16>
+inline __m256 load8(const uint16_t* p) {
+  __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  if (BF16) return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+  return _mm256_cvtph_ps(h);
+}
+
+template <bool BF16, int R>
+void half_rows(const uint16_t* w, const float* x, int64_t K, int64_t n0, int64_t n1, float* out, int64_t N) {
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint16_t* wr = w + n * K;
+    __m256 a0[R], a1[R];
+    for (int r = 0; r < R; ++r) { a0[r] = _mm256_setzero_ps(); a1[r] = _mm256_setzero_ps(); }
+    for (int64_t k = 0; k < K; k += 16) {
+      const __m256 w0 = load8<BF16>(wr + k), w1 = load8<BF16>(wr + k + 8);
+      for (int r = 0; r < R; ++r) {
+        a0[r] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x + r * K + k), a0[r]);
+        a1[r] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(x + r * K + k + 8), a1[r]);
+      }
+    }
+    for (int r = 0; r < R; ++r) out[r * N + n] = hsum(_mm256_add_ps(a0[r], a1[r]));
+  }
+}
+
+torch::Tensor half_linear(torch::Tensor x, torch::Tensor w) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32, "x: (M, K) fp32");
+  TORCH_CHECK(w.dim() == 2 && w.is_contiguous() && w.size(1) == x.size(1) && w.size(1) % 16 == 0 &&
+              (w.scalar_type() == torch::kBFloat16 || w.scalar_type() == torch::kHalf),
+              "w: (N, K) contiguous bf16 or fp16 with K a multiple of 16");
+  x = x.contiguous();
+  const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
+  auto out = torch::empty({M, N}, x.options());
+  const uint16_t* wp = reinterpret_cast<const uint16_t*>(w.data_ptr());
+  const float* xp = x.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  const bool bf16 = w.scalar_type() == torch::kBFloat16;
+  at::parallel_for(0, N, std::max<int64_t>(16, (int64_t)262144 / K), [&](int64_t n0, int64_t n1) {
+    for (int64_t m = 0; m < M; m += MB) {
+      const int64_t r = std::min<int64_t>(MB, M - m);
+#define SLIM_HALF(R) \
+      if (bf16) half_rows<true, R>(wp, xp + m * K, K, n0, n1, op + m * N, N); \
+      else half_rows<false, R>(wp, xp + m * K, K, n0, n1, op + m * N, N);
+      switch (r) {
+        case 4: { SLIM_HALF(4) break; }
+        case 3: { SLIM_HALF(3) break; }
+        case 2: { SLIM_HALF(2) break; }
+        default: { SLIM_HALF(1) break; }
+      }
+#undef SLIM_HALF
+    }
+  });
+  return out;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("int4_gemv", &int4_gemv, "int4 weight x int8-quantized activation GEMV (AVX2)");
-  m.def("lowrank_linear", &lowrank_linear, "x W^T + (x A^T) B^T with int4 W, A, B in one call");
   m.def("sparse24_dequant", &sparse24_dequant, "dense fp32 weight of a 2:4 matrix");
   m.def("int4_dequant", &int4_dequant, "dense fp32 weight of an int4 matrix");
-  m.def("sparse24_linear", &sparse24_linear, "2:4 int4 W (3 bits a weight) + optional int4 adapters");
+  m.def("half_linear", &half_linear, "fp32 activations x a bf16/fp16 weight, fp32 accumulation");
+  py::class_<Linears>(m, "Linears", "compressed linears sharing one input, run in one call")
+      .def(py::init<int64_t>())
+      .def("add", &Linears::add)
+      .def("forward", &Linears::forward)
+      .def("forward1", &Linears::forward1);
 }
