@@ -173,6 +173,21 @@ def test_tiny_model_logits_auto_vs_reference(tmp_path, dtype):
             assert 256 in t.shape, t.shape  # only the embedding / lm_head are dense
 
 
+@needs_native
+@pytest.mark.parametrize("kw", [dict(), dict(group_size=128), dict(group_size=96), dict(rank=40)])
+def test_sparse24_kernel_equals_dense_int4_kernel(kw, monkeypatch):
+    """The 2:4 kernel (3 bits a weight, gathered activations, two blocks a step) computes what the dense-int4 kernel
+    computes from the same int8-quantized activations: equal up to float summation order."""
+    layer = random_slim_linear(192, 576, seed=3, **kw)
+    fast = cpu_int4.convert(layer)
+    monkeypatch.setenv("SLIM_CPU_SPARSE24", "0")
+    dense = cpu_int4.convert(layer)
+    assert fast.sparse24 and not dense.sparse24
+    for tokens in (1, 2, 3, 5, 8, 17):
+        x = torch.randn(tokens, 576)
+        assert _rel_err(fast(x), dense(x)) < 2e-6, (kw, tokens)
+
+
 @needs_int4
 def test_fp32_activations_keep_16bit_weights(tmp_path, monkeypatch):
     """Where the CPU has no bf16 arithmetic a bf16 model runs fp32 activations; its dense weights stay bf16."""

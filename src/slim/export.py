@@ -85,10 +85,6 @@ def check_exportable(layouts: dict[str, dict], fmt: str) -> None:
                               "format cannot hold on a quantization grid: export --format merged")
 
 
-def _scheme_key(d: dict) -> tuple:
-    return (d["bits"], d.get("group_size", 0), bool(d.get("zero_point")))
-
-
 def ct_tensors(layer: SlimLinear, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """One layer as compressed-tensors `pack-quantized` tensors: the dense layout of signed int4 codes q with
     w = (q - zp) * scale, pruned slots at q = zp (so w = 0), packed 8 codes an int32 by compressed-tensors itself."""
@@ -142,7 +138,7 @@ def _dense_state(model: nn.Module, skip: set[str], dtype: torch.dtype) -> dict[s
     for key, t in model.state_dict().items():
         if key.rpartition(".")[0] in skip:
             continue
-        if t.data_ptr() in seen:  # tied (lm_head = embed_tokens): transformers re-ties on load
+        if t.numel() and t.data_ptr() in seen:  # tied (lm_head = embed_tokens): transformers re-ties on load
             continue
         seen[t.data_ptr()] = key
         sd[key] = t.detach().to(dtype).contiguous() if t.is_floating_point() else t.detach().contiguous()
@@ -165,18 +161,27 @@ def _save_config(model: nn.Module, dst: Path, dtype: torch.dtype) -> None:
         cfg.dtype = old
 
 
-def _write_base(model: nn.Module, layers: dict[str, SlimLinear], src: Path, dst: Path, dtype: torch.dtype) -> None:
+def _nbytes(tensors: Any) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def _write_base(model: nn.Module, layers: dict[str, SlimLinear], src: Path, dst: Path, dtype: torch.dtype) -> int:
+    """The compressed-tensors base; returns the bytes of its compressed layers' tensors."""
     from compressed_tensors.compressors import ModelCompressor
     from safetensors.torch import save_file
 
     sd = _dense_state(model, set(layers), dtype)
+    linear = 0
     for name, layer in layers.items():
-        for k, t in ct_tensors(layer, dtype).items():
+        tensors = ct_tensors(layer, dtype)
+        linear += _nbytes(tensors.values())
+        for k, t in tensors.items():
             sd[f"{name}.{k}"] = t
     save_file(sd, str(dst / "model.safetensors"), metadata={"format": "pt"})
     _save_config(model, dst, dtype)
     ModelCompressor(quantization_config=quantization_config(model, layers)).update_config(str(dst))
     _copy_side_files(src, dst)
+    return linear
 
 
 def vllm_rank(r: int) -> int:
@@ -226,7 +231,8 @@ def peft_adapter(layers: dict[str, SlimLinear], dtype: torch.dtype,
 
 
 def _write_adapter(layers: dict[str, SlimLinear], dst: Path, base: Path, dtype: torch.dtype,
-                   pad_rank: str | None) -> dict[str, Any]:
+                   pad_rank: str | None) -> tuple[dict[str, Any], int]:
+    """The PEFT adapter directory; returns its LoraConfig arguments and the adapter tensors' bytes."""
     peft = _require("peft")
     from safetensors.torch import save_file
 
@@ -234,7 +240,7 @@ def _write_adapter(layers: dict[str, SlimLinear], dst: Path, base: Path, dtype: 
     cfg = peft.LoraConfig(base_model_name_or_path=str(base), **kwargs)
     cfg.save_pretrained(str(dst))
     save_file(tensors, str(dst / "adapter_model.safetensors"), metadata={"format": "pt"})
-    return kwargs
+    return kwargs, _nbytes(tensors.values())
 
 
 def _write_merged(model: nn.Module, layers: dict[str, SlimLinear], src: Path, dst: Path, dtype: torch.dtype) -> None:
@@ -281,6 +287,9 @@ def export(src: str | os.PathLike, out: str | os.PathLike, fmt: str, dtype: str 
         raise ExportError(f"unknown dtype {dtype!r}; choose fp16, bf16 or fp32")
     if pad_rank not in (None, "vllm"):
         raise ExportError(f"unknown --pad-rank {pad_rank!r}; the only choice is vllm")
+    if pad_rank == "vllm":
+        for d in cfg["layers"].values():
+            vllm_rank(d.get("rank", 0))  # a rank vLLM cannot serve fails now
     if fmt in ("compressed-tensors", "peft"):
         _require("compressed_tensors")
     if fmt == "peft":
@@ -291,15 +300,20 @@ def export(src: str | os.PathLike, out: str | os.PathLike, fmt: str, dtype: str 
     layers = {n: m for n, m in model.named_modules() if isinstance(m, SlimLinear)}
     info: dict[str, Any] = {"format": fmt, "source": str(src), "dtype": dtype, "layers": len(layers)}
 
+    n_weights = sum(m.layout.d_in * m.layout.d_out for m in layers.values())
+
     def write(tmp: Path) -> None:
         if fmt == "compressed-tensors":
-            _write_base(model, layers, src, tmp, tdtype)
+            linear = _write_base(model, layers, src, tmp, tdtype)
         elif fmt == "merged":
             _write_merged(model, layers, src, tmp, tdtype)
+            linear = n_weights * DTYPES[dtype].itemsize
         else:
             (tmp / "base").mkdir()
-            _write_base(model, layers, src, tmp / "base", tdtype)
-            info["lora"] = _write_adapter(layers, tmp / "adapter", out.resolve() / "base", tdtype, pad_rank)
+            linear = _write_base(model, layers, src, tmp / "base", tdtype)
+            info["lora"], ad = _write_adapter(layers, tmp / "adapter", out.resolve() / "base", tdtype, pad_rank)
+            linear += ad
+        info["linear_bytes"], info["bits_per_weight"] = linear, 8 * linear / n_weights
         info["bytes"] = dir_bytes(tmp)
         (tmp / "README.md").write_text(model_card(cfg, fmt, out, info, src))
         write_json(tmp / "slim_export.json", {**info, "slim_config": {k: cfg.get(k) for k in (
@@ -369,6 +383,10 @@ def model_card(cfg: dict[str, Any], fmt: str, path: Path, info: dict[str, Any] |
         lines.append(f"- compressed linears: {rep['bits_per_weight']:.3f} bits per weight as slim stores them "
                      f"({rep.get('linear_bytes', 0) / 2**20:.1f} MiB vs {rep.get('linear_fp16_bytes', 0) / 2**20:.1f} "
                      "MiB in fp16)")
+    if info and info.get("bits_per_weight"):
+        with_ad = ", adapters included" if fmt != "compressed-tensors" else ""
+        lines.append(f"- compressed linears in this format: {info['bits_per_weight']:.3f} bits per weight "
+                     f"({info['linear_bytes'] / 2**20:.1f} MiB{with_ad})")
     if info and info.get("bytes"):
         lines.append(f"- this directory: {info['bytes'] / 2**20:.1f} MiB on disk")
     if src is not None:
