@@ -37,10 +37,10 @@ def main() -> None:
     from transformers import AutoModelForCausalLM, CompressedTensorsConfig
 
     import slim
-    from slim.checkpoint import load_tokenizer, write_json
+    from slim.checkpoint import dir_bytes, load_tokenizer, write_json
     from slim.data import wikitext2_ids
     from slim.evaluate import perplexity
-    from slim.export import base_only, dir_bytes, export
+    from slim.export import base_only, export
 
     torch.manual_seed(0)
     ck, work = Path(args.checkpoint), Path(args.work)

@@ -131,7 +131,9 @@ def speed_worker(args: argparse.Namespace) -> None:
 
 
 def dir_bytes(p: Path) -> int:
-    return sum(f.stat().st_size for f in p.iterdir() if f.is_file())
+    from slim.checkpoint import dir_bytes as nbytes
+
+    return nbytes(p)
 
 
 def smollm2_dense_dir(work: Path) -> Path:

@@ -59,9 +59,9 @@ def test_later_blocks_see_compressed_outputs(monkeypatch):
     seen = []
     orig = c.run_block
 
-    def spy(block, hidden, kwargs, device, keep=True):
+    def spy(block, hidden, kwargs, device, keep=True, **kw):
         seen.append((any(isinstance(m, SlimLinear) for m in block.modules()), keep))
-        return orig(block, hidden, kwargs, device, keep)
+        return orig(block, hidden, kwargs, device, keep, **kw)
 
     monkeypatch.setattr(c, "run_block", spy)
     compress_model(tiny_model("llama"), _ids(), CompressConfig.from_dict(CAL), progress=False)

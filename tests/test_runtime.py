@@ -188,6 +188,35 @@ def test_sparse24_kernel_equals_dense_int4_kernel(kw, monkeypatch):
         assert _rel_err(fast(x), dense(x)) < 2e-6, (kw, tokens)
 
 
+def _int8_rows(x: torch.Tensor, block: int) -> torch.Tensor:
+    """x as the kernel sees it: int8 with one scale (max |x| / 127) per `block` inputs, dequantized."""
+    xb = x.view(x.shape[0], -1, block)
+    d = xb.abs().amax(-1, keepdim=True) / 127
+    inv = torch.where(d > 0, 1 / d, torch.zeros_like(d))
+    return (torch.round(xb * inv) * d).view_as(x)
+
+
+@needs_native
+@pytest.mark.parametrize("zero_point", [False, True])
+def test_kernel_quantizes_activations_per_16_inputs(zero_point):
+    """The kernel's one approximation is int8 activations with a scale per 16 inputs: emulated in torch, it agrees
+    to float summation order, and a scale per 32 (llama.cpp's Q8_0) would not."""
+    g = torch.Generator().manual_seed(0)
+    n, k, group = 64, 256, 64
+    nibbles = torch.randint(0, 16, (n, k), generator=g)
+    scale = torch.rand(n, k // group, generator=g) + 0.5
+    zero = torch.randn(n, k // group, generator=g) if zero_point else None
+    mat = cpu_int4.NativeInt4Matrix(nibbles, scale, zero, group)
+    w = (nibbles.float() - 8) * scale.repeat_interleave(group, 1)
+    if zero_point:
+        w = w + zero.repeat_interleave(group, 1)
+    x = torch.randn(5, k, generator=g)
+    x[:, 5] *= 40  # an outlier channel, as LLM activations have
+    y = mat.mm(x)
+    assert _rel_err(y, _int8_rows(x, 16) @ w.T) < 2e-6
+    assert _rel_err(y, _int8_rows(x, 32) @ w.T) > 1e-4
+
+
 @needs_int4
 def test_fp32_activations_keep_16bit_weights(tmp_path, monkeypatch):
     """Where the CPU has no bf16 arithmetic a bf16 model runs fp32 activations; its dense weights stay bf16."""

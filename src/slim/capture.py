@@ -2,12 +2,77 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
 from .models import get_layers
+from .stream import fault
+
+
+class Activations:
+    """Calibration activations, one tensor per batch: held in memory, or, with `spill` set, each batch written to its
+    own file there and read back when a block runs over it (plain reads and writes, not a memory map: mapped pages
+    would count in resident memory again). Results are the same either way."""
+
+    def __init__(self, spill: Path | None = None, tag: str = "act") -> None:
+        self.spill, self.tag = spill, tag
+        self._items: list[Any] = []
+
+    def append(self, t: torch.Tensor) -> None:
+        if self.spill is None:
+            self._items.append(t)
+            return
+        from .checkpoint import _ST_NAMES
+
+        t = t.detach().cpu().contiguous()
+        path = self.spill / f"{self.tag}-{len(self._items):05d}.bin"
+        with open(path, "wb") as f:
+            f.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+        nbytes = t.numel() * t.element_size()
+        self._items.append((path, {"dtype": _ST_NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [0, nbytes]}))
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        item = self._items[i]
+        if isinstance(item, torch.Tensor):
+            return item
+        from .checkpoint import _ST_DTYPES, _read_into
+
+        path, e = item
+        t = torch.empty(e["shape"], dtype=_ST_DTYPES[e["dtype"]])
+        with open(path, "rb") as f:
+            _read_into(f, {"t": e}, "t", t, path)
+        return t
+
+    def __iter__(self):  # noqa: ANN204
+        return (self[i] for i in range(len(self)))
+
+    def source(self, i: int) -> Any:
+        """Batch i as `write_safetensors` takes it: the tensor, or its file (copied without being loaded)."""
+        from .checkpoint import FileSlice
+
+        item = self._items[i]
+        return item if isinstance(item, torch.Tensor) else FileSlice(*item)
+
+    def signature(self) -> list[tuple[list[int], str]]:
+        """(shape, dtype) of every batch, without reading spilled ones."""
+        from .checkpoint import _ST_NAMES
+
+        return [(list(t.shape), _ST_NAMES[t.dtype]) if isinstance(t, torch.Tensor) else (t[1]["shape"], t[1]["dtype"])
+                for t in self._items]
+
+    def drop(self) -> None:
+        """Delete the spilled files (the activations of a block that has been run)."""
+        for item in self._items:
+            if not isinstance(item, torch.Tensor):
+                item[0].unlink(missing_ok=True)
+        self._items = []
 
 
 class BlockInputsCaptured(Exception):
@@ -49,9 +114,10 @@ def _to(obj: Any, device: torch.device | str) -> Any:
 
 @torch.no_grad()
 def capture_block_inputs(
-    model: nn.Module, ids: torch.Tensor, batch_size: int, device: str = "cpu"
-) -> tuple[list[torch.Tensor], list[dict[str, Any]]]:
-    """Hidden states entering block 0 (on CPU), per batch, with the keyword arguments blocks receive."""
+    model: nn.Module, ids: torch.Tensor, batch_size: int, device: str = "cpu", spill: Path | None = None,
+) -> tuple[Activations, list[dict[str, Any]]]:
+    """Hidden states entering block 0 (on CPU, or in files under `spill`), per batch, with the keyword arguments
+    blocks receive."""
     layers = get_layers(model)
     first = layers[0]
     layers[0] = _Catcher(first)
@@ -61,9 +127,10 @@ def capture_block_inputs(
         setattr(parent, attr, nn.ModuleList([layers[0]]))
         model.to(device)
         setattr(parent, attr, layers)
-    hidden, kwargs = [], []
+    hidden, kwargs = Activations(spill, "in"), []
     try:
         for b in range(0, ids.shape[0], batch_size):
+            fault("capture")
             try:
                 model(ids[b : b + batch_size].to(device), use_cache=False)
             except BlockInputsCaptured as c:
@@ -87,10 +154,12 @@ def _layers_attr(model: nn.Module) -> tuple[str, str, str]:
 
 @torch.no_grad()
 def run_block(
-    block: nn.Module, hidden: list[torch.Tensor], kwargs: list[dict[str, Any]], device: str, keep: bool = True
-) -> list[torch.Tensor]:
-    """Run one block over every calibration batch; returns the outputs on CPU (or nothing)."""
-    outs = []
+    block: nn.Module, hidden: Sequence[torch.Tensor], kwargs: list[dict[str, Any]], device: str, keep: bool = True,
+    spill: Path | None = None, tag: str = "act",
+) -> Activations:
+    """Run one block over every calibration batch; returns the outputs on CPU or in files under `spill` (or
+    nothing)."""
+    outs = Activations(spill, tag)
     for h, kw in zip(hidden, kwargs, strict=True):
         out = block(h.to(device), **_to(kw, device))
         out = out[0] if isinstance(out, (tuple, list)) else out

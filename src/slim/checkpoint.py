@@ -7,6 +7,7 @@ interrupted run never leaves a directory that loads as if it were finished.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -16,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_model
 from torch import nn
 
 from . import __version__
@@ -102,7 +102,8 @@ def resolve_dtype(name: str, source_dtype: torch.dtype, gguf: bool = False) -> t
 
 
 def cast_dense_parts(model: nn.Module, dtype: torch.dtype) -> nn.Module:
-    """Cast embeddings, norms, lm_head (and SlimLinear biases) to `dtype`; packed codes and fp16 scales stay."""
+    """Cast embeddings, norms, lm_head (and SlimLinear biases) of a model, or of one block, to `dtype`; packed codes
+    and fp16 scales stay."""
     for mod in model.modules():
         if isinstance(mod, SlimLinear):
             if mod.bias is not None:
@@ -114,7 +115,8 @@ def cast_dense_parts(model: nn.Module, dtype: torch.dtype) -> nn.Module:
         for name, b in list(mod._buffers.items()):
             if b is not None and b.is_floating_point() and not name.endswith("inv_freq"):
                 mod._buffers[name] = b.to(dtype)
-    model.config.dtype = dtype
+    if hasattr(model, "config"):
+        model.config.dtype = dtype
     return model
 
 
@@ -133,30 +135,137 @@ def save(
 
     `dtype` casts everything that is not a compressed linear (embeddings, norms, lm_head) first."""
     out = Path(out)
-    layers = {n: m.layout.to_dict() for n, m in model.named_modules() if isinstance(m, SlimLinear)}
-    if not layers:
+    if not any(isinstance(m, SlimLinear) for m in model.modules()):
         raise CheckpointError("the model has no SlimLinear layers: compress it before saving")
     if dtype is not None:
         cast_dense_parts(model, dtype)
-    dtype_name = str(_dense_dtype(model)).removeprefix("torch.")
-
-    def write(tmp: Path) -> None:
-        save_model(model, str(tmp / WEIGHTS_NAME), metadata={"format": "pt", "slim_format": str(FORMAT_VERSION)})
-        model.config.save_pretrained(tmp)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        cfg = {
-            "format": "slim", "format_version": FORMAT_VERSION, "dtype": dtype_name, "versions": versions(),
-            **(meta or {}), "layers": layers,
-        }
-        from .export import model_card
-
-        (tmp / "README.md").write_text(model_card(cfg, "slim", out))
-        write_json(tmp / CONFIG_NAME, cfg)  # written last: its presence marks a complete checkpoint
-
-    atomic_dir(out, write, overwrite)
+    atomic_dir(out, lambda tmp: write_checkpoint(tmp, model, model_tensors(model), tokenizer, meta, out), overwrite)
     log.info("saved %s", out)
     return out
+
+
+def model_tensors(model: nn.Module, skip_prefix: str | None = None) -> dict[str, torch.Tensor]:
+    """The tensors a checkpoint stores: the state dict with a tensor shared by several keys (tied embeddings)
+    stored once, under its first key; keys under `skip_prefix` left out (blocks written elsewhere)."""
+    out: dict[str, torch.Tensor] = {}
+    seen: set[tuple[int, torch.dtype, tuple[int, ...]]] = set()
+    for k, t in model.state_dict().items():
+        if skip_prefix and k.startswith(skip_prefix):
+            continue
+        if t.device.type != "meta" and t.numel():
+            ident = (t.data_ptr(), t.dtype, tuple(t.shape))
+            if ident in seen:
+                continue
+            seen.add(ident)
+        out[k] = t
+    return out
+
+
+def write_checkpoint(tmp: Path, model: nn.Module, tensors: dict[str, Any], tokenizer, meta: dict[str, Any] | None,
+                     out: Path) -> str:
+    """The files of a checkpoint into `tmp`; slim_config.json last, with the content hash of the tensors."""
+    layers = {n: m.layout.to_dict() for n, m in model.named_modules() if isinstance(m, SlimLinear)}
+    if not layers:
+        raise CheckpointError("the model has no SlimLinear layers: compress it before saving")
+    digest = write_safetensors(tmp / WEIGHTS_NAME, tensors, {"format": "pt", "slim_format": str(FORMAT_VERSION)})
+    model.config.save_pretrained(tmp)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp)
+    cfg = {
+        "format": "slim", "format_version": FORMAT_VERSION, "dtype": str(_dense_dtype(model)).removeprefix("torch."),
+        "versions": versions(), **(meta or {}), "content_sha256": digest, "layers": layers,
+    }
+    from .export import model_card
+
+    (tmp / "README.md").write_text(model_card(cfg, "slim", out))
+    write_json(tmp / CONFIG_NAME, cfg)  # written last: its presence marks a complete checkpoint
+    return digest
+
+
+class FileSlice:
+    """A tensor's bytes inside another safetensors file (copied without being loaded)."""
+
+    def __init__(self, path: Path, entry: dict[str, Any]) -> None:
+        self.path, self.dtype, self.shape = path, entry["dtype"], list(entry["shape"])
+        self.start, self.stop = entry["data_offsets"]
+
+    @property
+    def nbytes(self) -> int:
+        return self.stop - self.start
+
+
+def write_safetensors(path: Path, tensors: dict[str, torch.Tensor | FileSlice], metadata: dict[str, str],
+                      fault_point: str = "save") -> str:
+    """A safetensors file with its tensors in key order (so equal contents give equal bytes), written to a
+    temporary name, flushed to disk and renamed; returns the SHA-256 of the file. Tensors given as `FileSlice`s are
+    copied from their files in chunks, so assembling a large checkpoint never holds it in memory."""
+    from . import stream
+
+    keys = sorted(tensors)
+    header: dict[str, Any] = {"__metadata__": metadata}
+    off = 0
+    for k in keys:
+        t = tensors[k]
+        if isinstance(t, FileSlice):
+            dt, shape, n = t.dtype, t.shape, t.nbytes
+        else:
+            dt, shape, n = _ST_NAMES[t.dtype], list(t.shape), t.numel() * t.element_size()
+        header[k] = {"dtype": dt, "shape": shape, "data_offsets": [off, off + n]}
+        off += n
+    head = json.dumps(header, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)
+    h = hashlib.sha256()
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        def put(b: bytes | memoryview) -> None:
+            f.write(b)
+            h.update(b)
+
+        put(len(head).to_bytes(8, "little"))
+        put(head)
+        for j, k in enumerate(keys):
+            if j == len(keys) // 2:
+                stream.fault(fault_point)
+            t = tensors[k]
+            if isinstance(t, FileSlice):
+                with open(t.path, "rb") as src:
+                    src.seek(t.start)
+                    left = t.nbytes
+                    while left:
+                        chunk = src.read(min(left, 16 << 20))
+                        if not chunk:
+                            raise CheckpointError(f"{t.path} ended while copying {k}")
+                        put(chunk)
+                        left -= len(chunk)
+            elif t.numel():
+                put(memoryview(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return h.hexdigest()
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(16 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def verify(path: str | os.PathLike) -> str:
+    """Check a checkpoint's tensors against the content hash in its slim_config.json; returns the hash."""
+    p = Path(path)
+    cfg = read_slim_config(p)
+    want = cfg.get("content_sha256")
+    if not want:
+        raise CheckpointError(f"{p / CONFIG_NAME} records no content hash (written by an older slim); nothing to "
+                              "verify against")
+    got = file_sha256(p / WEIGHTS_NAME)
+    if got != want:
+        raise CheckpointError(f"{p / WEIGHTS_NAME} does not match its recorded content hash (sha256 {got[:16]}… vs "
+                              f"{want[:16]}…): the file was modified or damaged; compress again or restore it")
+    return got
 
 
 def read_slim_config(path: str | os.PathLike) -> dict[str, Any]:
@@ -172,12 +281,28 @@ def read_slim_config(path: str | os.PathLike) -> dict[str, Any]:
         raise CheckpointError(f"{f} is not valid JSON: {e}") from None
     if not isinstance(cfg, dict) or cfg.get("format") != "slim":
         raise CheckpointError(f"{f} is not a slim config (missing \"format\": \"slim\")")
-    if int(cfg.get("format_version", 0)) > FORMAT_VERSION or "layers" not in cfg:
+    version = cfg.get("format_version")
+    if type(version) is not int or version < 1:
+        raise CheckpointError(f"{f}: format_version must be a positive integer, not {version!r}")
+    if version > FORMAT_VERSION:
         raise CheckpointError(
-            f"{f}: format version {cfg.get('format_version')} is not readable by slim {__version__} "
-            f"(reads up to {FORMAT_VERSION}); upgrade slim"
+            f"{f}: format version {version} is not readable by slim {__version__} (reads up to {FORMAT_VERSION}); "
+            "upgrade slim"
         )
+    layers = cfg.get("layers")
+    if not isinstance(layers, dict) or not layers or not all(isinstance(k, str) for k in layers):
+        raise CheckpointError(f"{f}: \"layers\" must map layer names to layouts")
+    if not isinstance(cfg.get("dtype", "float32"), str) or cfg.get("dtype", "float32") not in _DENSE_DTYPES:
+        raise CheckpointError(f"{f}: dtype {cfg.get('dtype')!r} is not one of {sorted(_DENSE_DTYPES)}")
     return cfg
+
+
+_DENSE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def stored_dtype(cfg: dict[str, Any]) -> torch.dtype:
+    """The dtype a checkpoint's dense parts are stored in (checked by read_slim_config)."""
+    return _DENSE_DTYPES[cfg.get("dtype", "float32")]
 
 
 def is_checkpoint(path: str | os.PathLike) -> bool:
@@ -205,22 +330,31 @@ def load(
         raise CheckpointError(f"{p} has no {WEIGHTS_NAME}")
     order = resolve(backend, device)  # an unknown or unavailable backend fails before reading anything
     if isinstance(dtype, str):
-        dtype = resolve_dtype(dtype, getattr(torch, cfg.get("dtype", "float32")))
-    dtype = dtype or getattr(torch, cfg.get("dtype", "float32"))
+        dtype = resolve_dtype(dtype, stored_dtype(cfg))
+    dtype = dtype or stored_dtype(cfg)
     try:
         header = read_safetensors_header(weights)
     except (OSError, ValueError) as e:
         raise CheckpointError(f"cannot read {weights}: {e}") from None
-    hf_config = AutoConfig.from_pretrained(p)
+    try:
+        hf_config = AutoConfig.from_pretrained(p)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{p}: cannot read its config.json ({e})") from None
+    layouts = {}
+    for name, d in cfg["layers"].items():  # checked before the skeleton is built
+        try:
+            layouts[name] = Layout.from_dict(d)
+        except (ValueError, TypeError) as e:
+            raise CheckpointError(f"{p / CONFIG_NAME}: layer {name}: {e}") from None
     with compact_heap():
-        model = _build(p, cfg, hf_config, header, order, device, dtype, cache, backend)
+        model = _build(p, layouts, hf_config, header, order, device, dtype, cache, backend)
     release_free_memory()
     model.eval()
     return model.to(device)
 
 
-def _build(p: Path, cfg: dict, hf_config: Any, header: dict, order: list[str], device: str, dtype: torch.dtype,
-           cache: bool, backend: str) -> nn.Module:
+def _build(p: Path, layouts: dict[str, Layout], hf_config: Any, header: dict, order: list[str], device: str,
+           dtype: torch.dtype, cache: bool, backend: str) -> nn.Module:
     """The model skeleton with the dense tensors read into it and each compressed layer converted in turn."""
     from transformers import AutoModelForCausalLM
     from transformers.initialization import no_init_weights
@@ -232,12 +366,15 @@ def _build(p: Path, cfg: dict, hf_config: Any, header: dict, order: list[str], d
         model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype)
     if getattr(hf_config, "tie_word_embeddings", False):
         model.tie_weights()
-    layouts = cfg["layers"]
-    for name in layouts:
+    for name, L in layouts.items():
         try:
-            model.get_submodule(name)
+            mod = model.get_submodule(name)
         except AttributeError:
             raise CheckpointError(f"{CONFIG_NAME} names layer {name!r} that the model does not have") from None
+        if not isinstance(mod, nn.Linear) or (mod.in_features, mod.out_features) != (L.d_in, L.d_out):
+            raise CheckpointError(f"{CONFIG_NAME}: layer {name} is {L.d_out} x {L.d_in} there, but the model's "
+                                  f"{name} is {type(mod).__name__} {getattr(mod, 'out_features', '?')} x "
+                                  f"{getattr(mod, 'in_features', '?')}")
     by_layer: dict[str, list[str]] = {}
     dense_keys = []
     for key in header:
@@ -256,7 +393,7 @@ def _build(p: Path, cfg: dict, hf_config: Any, header: dict, order: list[str], d
         if missing:
             raise CheckpointError(f"{weights} does not match its config: missing {missing[:5]}")
         for name, layout in layouts.items():  # one compressed layer at a time: read, convert, drop the packed copy
-            layer = SlimLinear(Layout.from_dict(layout), dtype=dtype)
+            layer = SlimLinear(layout, dtype=dtype)
             lsd = layer.state_dict(keep_vars=True)
             got = set(by_layer.get(name, []))
             if set(lsd) != {k.rpartition(".")[2] for k in got}:
@@ -318,6 +455,7 @@ def compact_heap():
 
 _ST_DTYPES = {"U8": torch.uint8, "I8": torch.int8, "BOOL": torch.bool, "F16": torch.float16, "BF16": torch.bfloat16,
               "I16": torch.int16, "F32": torch.float32, "I32": torch.int32, "I64": torch.int64, "F64": torch.float64}
+_ST_NAMES = {v: k for k, v in _ST_DTYPES.items()}
 
 
 def read_safetensors_header(path: Path) -> dict[str, dict[str, Any]]:
@@ -332,11 +470,20 @@ def read_safetensors_header(path: Path) -> dict[str, dict[str, Any]]:
         if n <= 0 or n > 100 * 2**20:
             raise ValueError("not a safetensors file (bad header length)")
         head = json.loads(f.read(n))
+        size = os.fstat(f.fileno()).st_size
+    if not isinstance(head, dict):
+        raise ValueError("the header is not a JSON object")
     head.pop("__metadata__", None)
-    for v in head.values():
-        if v.get("dtype") not in _ST_DTYPES:
-            raise ValueError(f"unsupported tensor dtype {v.get('dtype')}")
-        v["data_offsets"] = [8 + n + o for o in v["data_offsets"]]
+    for k, v in head.items():
+        if not isinstance(v, dict) or not isinstance(v.get("dtype"), str) or v["dtype"] not in _ST_DTYPES:
+            raise ValueError(f"tensor {k!r}: unsupported entry or dtype")
+        shape, offs = v.get("shape"), v.get("data_offsets")
+        if not isinstance(shape, list) or not all(type(d) is int and 0 <= d < 1 << 40 for d in shape):
+            raise ValueError(f"tensor {k!r}: bad shape {shape!r}")
+        if (not isinstance(offs, list) or len(offs) != 2 or not all(type(o) is int for o in offs)
+                or not 0 <= offs[0] <= offs[1] or 8 + n + offs[1] > size):
+            raise ValueError(f"tensor {k!r}: data offsets {offs!r} outside the file")
+        v["data_offsets"] = [8 + n + o for o in offs]
     return head
 
 
@@ -379,6 +526,11 @@ def _not_tied(model: nn.Module, missing: list[str]) -> list[str]:
     return [k for k in missing if k not in sd or sd[k].data_ptr() not in loaded]
 
 
+def dir_bytes(p: str | os.PathLike) -> int:
+    """Bytes of every file under a directory (a checkpoint or an export)."""
+    return sum(f.stat().st_size for f in Path(p).rglob("*") if f.is_file())
+
+
 def stored_sizes(path: str | os.PathLike) -> dict[str, int]:
     """Bytes of a checkpoint's tensors (from the safetensors header): compressed linears and everything else."""
     from safetensors import safe_open
@@ -399,7 +551,7 @@ def stored_sizes(path: str | os.PathLike) -> dict[str, int]:
             else:
                 other += nbytes
     return {"linear_bytes": linear, "other_bytes": other, "total_bytes": linear + other,
-            "disk_bytes": sum(f.stat().st_size for f in p.iterdir() if f.is_file())}
+            "disk_bytes": dir_bytes(p)}
 
 
 _DTYPE_BYTES = {"U8": 1, "I8": 1, "BOOL": 1, "F16": 2, "BF16": 2, "I16": 2, "F32": 4, "I32": 4, "I64": 8, "F64": 8}

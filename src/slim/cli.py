@@ -37,7 +37,17 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("compress", help="compress a model and save a packed checkpoint", epilog=EPILOG)
     c.add_argument("model", nargs="?", default=None, help="HF directory, hub id, .gguf file (default: SmolLM2)")
     c.add_argument("--out", required=True, help="output checkpoint directory (must not exist)")
-    c.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    c.add_argument("--overwrite", action="store_true",
+                   help="replace --out if it exists (and discard an interrupted run's partial output)")
+    c.add_argument("--resume", action="store_true",
+                   help="continue an interrupted run of the same command after its last committed block")
+    c.add_argument("--load", choices=["auto", "stream", "memory"], default="auto",
+                   help="stream: read one block at a time from a local safetensors model (memory ~ one block); "
+                        "memory: load the whole model first; auto (default): stream where the source allows it")
+    c.add_argument("--max-memory", default="0.5",
+                   help="memory budget: calibration activations move to files on disk when their two copies would "
+                        "exceed a quarter of it; refused before work if one block cannot fit (e.g. 12G, 800M; "
+                        "default 0.5 = half this machine's RAM)")
     c.add_argument("--config", help="YAML file with sections sparsity/quant/adapter/calib (unknown keys rejected)")
     c.add_argument("--preset", choices=sorted(PRESETS),
                    help="a named recipe ('paper': the SLiM paper's); flags and --config override it")
@@ -125,6 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     i = sub.add_parser("info", help="summarize a slim checkpoint (layers, sizes, recipe)")
     i.add_argument("path")
+    i.add_argument("--verify", action="store_true",
+                   help="check the tensors against the content hash recorded when the checkpoint was written")
 
     x = sub.add_parser("export", help="write a checkpoint in a format other tools load (compressed-tensors, peft, "
                        "merged)", epilog="formats: compressed-tensors = the base as a W4A16 pack-quantized checkpoint "
@@ -150,7 +162,7 @@ def config_from_args(args: argparse.Namespace) -> CompressConfig:
     if args.config:
         d = merge(d, load_yaml_config(args.config))
     for key, val in vars(args).items():
-        if val is None or key in ("model", "mask_file", "dtype"):
+        if val is None or key in ("model", "mask_file", "dtype", "max_memory"):
             continue
         if "." in key:
             sec, name = key.split(".", 1)
@@ -167,55 +179,80 @@ def _fmt_bytes(n: float) -> str:
 def cmd_compress(args: argparse.Namespace) -> int:
     import torch
 
-    from . import checkpoint, data, evaluate, models
+    from . import checkpoint, data, evaluate, models, stream
     from .api import check_masks, compress, load_masks
-    from .packed import set_dense_cache
-    from .runtime import model_bytes as runtime_sizes
 
     cfg = config_from_args(args)
     out = checkpoint.check_output_dir(args.out, args.overwrite)
+    stream.check_partial(out, args.resume, args.overwrite)
+    try:
+        max_memory = stream.parse_size(args.max_memory)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     masks = load_masks(args.mask_file) if args.mask_file else None  # a bad file fails now, not after evaluation
     if args.eval or args.eval_dense:
         data.wikitext2_rows(args.data_dir)  # fail now, not after compressing
-    data.read_texts(cfg.calib.data, args.data_dir)
+    _, calib_prov = data.read_texts(cfg.calib.data, args.data_dir)
     print(f"slim: recipe sparsity={cfg.sparsity.pattern}/{cfg.sparsity.method} quant={cfg.quant.method}"
           f"/{cfg.quant.bits}b{' +error-feedback' if cfg.quant.error_feedback else ''} adapter={cfg.adapter.method}"
           f"/rank {cfg.adapter.rank}{'/q' + str(cfg.adapter.bits) if cfg.adapter.quantize else ''}"
           f"{f'/refit {cfg.adapter.refit_rounds}' if cfg.adapter.refit_rounds else ''}; calibration "
           f"{cfg.calib.n_samples} x {cfg.calib.seqlen} tokens from {cfg.calib.data}, seed {cfg.calib.seed}"
           + (" (seqlen 512 is the CPU default; the paper uses 2048)" if cfg.calib.seqlen == 512 else ""))
-    model, tok, source = models.load_model(args.model)
+    streamed = stream.streamable(args.model) if args.load == "auto" else args.load == "stream"
+    if streamed and not stream.streamable(args.model):
+        raise ConfigError(f"--load stream needs a local model directory with safetensors weights; {args.model!r} is "
+                          "not one (use --load memory)")
+    weights = None
+    if streamed:
+        from transformers import AutoTokenizer
+
+        weights = stream.SourceWeights(args.model)
+        model = stream.skeleton(args.model, weights)
+        tok = AutoTokenizer.from_pretrained(args.model)
+        source = {"model": args.model, "path": args.model, "gguf_file": None}
+        print(f"slim: streaming {args.model} block by block from its safetensors files")
+    else:
+        model, tok, source = models.load_model(args.model)
     dtype = checkpoint.resolve_dtype(args.dtype, model.get_input_embeddings().weight.dtype,
                                      bool(source.get("gguf_file")))
     models.family_of(model)
     models.check_compressible(model, cfg)
     if masks is not None:
         check_masks(model, masks, cfg)
+    stream.check_budget(model, max_memory)
     results: dict[str, Any] = {}
     ids = None
-    if args.eval_dense:
+    if args.eval_dense:  # streaming: the whole dense model, loaded for this and dropped before compressing
+        dense = models.load_model(args.model)[0] if streamed else model
         ids, prov = data.wikitext2_ids(tok, args.data_dir)
-        results["dense"] = evaluate.perplexity(
-            model, ids, args.eval_seqlen, args.eval_limit, cfg.device, not args.quiet
-        )
+        results["dense"] = evaluate.perplexity(dense, ids, args.eval_seqlen, args.eval_limit, cfg.device,
+                                               not args.quiet)
         results["eval_data"] = prov
         print(f"slim: dense WikiText-2 ppl {results['dense']['ppl']:.3f}")
+        del dense
+    mask_hash = {"path": args.mask_file, "sha256": data.sha256(args.mask_file)} if args.mask_file else None
+    fingerprint = {"config": cfg.to_dict(), "source": source, "source_files": _file_stamps(source["path"]),
+                   "calibration_data": calib_prov, "mask_file": mask_hash, "dtype": str(dtype),
+                   "versions": checkpoint.versions()}
+    run = stream.BlockRun(out, fingerprint, dtype, weights, resume=args.resume, overwrite=args.overwrite)
     t0 = time.perf_counter()
-    model, tok, meta = compress(model, cfg, tok, data_dir=args.data_dir, progress=not args.quiet, masks=masks)
-    if args.mask_file:
-        meta["mask_file"] = {"path": args.mask_file, "sha256": data.sha256(args.mask_file)}
+    model, tok, meta = compress(model, cfg, tok, data_dir=args.data_dir, progress=not args.quiet, masks=masks,
+                                run=run, max_memory=max_memory)
+    if mask_hash:
+        meta["mask_file"] = mask_hash
     meta["source"] = source
     meta["command"] = "slim " + " ".join(sys.argv[1:])
     elapsed = time.perf_counter() - t0
     meta["dtype"] = str(dtype).removeprefix("torch.")
-    checkpoint.save(model, out, tok, meta, overwrite=args.overwrite, dtype=dtype)
+    run.finish(model, tok, meta, overwrite=args.overwrite)
     rep = meta["report"]
-    sizes = runtime_sizes(model)
-    disk = sum(f.stat().st_size for f in Path(out).iterdir())
-    if args.eval:
-        set_dense_cache(model, True)  # the reference layers, evaluated as compressed (exact)
-        if cfg.device == "cpu":  # the saved values, widened exactly to fp32: bf16 matmuls are slow on most CPUs
-            checkpoint.cast_dense_parts(model, torch.float32)
+    sizes = checkpoint.stored_sizes(out)
+    disk = checkpoint.dir_bytes(out)
+    if args.eval:  # the checkpoint as written, through the reference layers (exact); on a CPU with its dense parts
+        # widened exactly to fp32 (bf16 matmuls are slow on most CPUs)
+        model = checkpoint.load(out, device=cfg.device, backend="reference", cache=True,
+                                dtype=torch.float32 if cfg.device == "cpu" else None)
         if ids is None:
             ids, prov = data.wikitext2_ids(tok, args.data_dir)
             results["eval_data"] = prov
@@ -241,6 +278,14 @@ def cmd_compress(args: argparse.Namespace) -> int:
     if "compressed" in results:
         print(f"compressed ppl    {results['compressed']['ppl']:.3f}  ({results['compressed']['windows']} windows)")
     return 0
+
+
+def _file_stamps(path: str) -> list[tuple[str, int, int]]:
+    """Names, sizes and modification times of a local model's files: a resumed run must read the same model."""
+    p = Path(path)
+    if not p.is_dir():
+        return []
+    return sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in p.iterdir() if f.is_file())
 
 
 def load_any(model_arg: str | None, backend: str, dtype: str | None, device: str) -> tuple[Any, Any, str]:
@@ -326,15 +371,18 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    from .checkpoint import read_slim_config, stored_sizes
+    from .checkpoint import read_slim_config, stored_sizes, verify
 
     cfg = read_slim_config(args.path)
+    if args.verify:
+        print(f"slim: {args.path}: content hash OK (sha256 {verify(args.path)})")
     rep = cfg.get("report", {})
     sizes = stored_sizes(args.path)
     print(json.dumps({"format_version": cfg["format_version"], "config": cfg.get("config"), "dtype": cfg.get("dtype"),
                       "model_bytes": sizes["total_bytes"], "linear_bytes_stored": sizes["linear_bytes"],
                       "other_bytes": sizes["other_bytes"], "disk_bytes": sizes["disk_bytes"],
                       "layers": len(cfg["layers"]), "versions": cfg.get("versions"),
+                      "content_sha256": cfg.get("content_sha256"),
                       **{k: rep.get(k) for k in ("compress_seconds", "linear_bytes", "linear_fp16_bytes",
                                                  "linear_ratio_vs_fp16", "bits_per_weight")}}, indent=2))
     return 0

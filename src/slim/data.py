@@ -84,7 +84,11 @@ def read_texts(spec: str, data_root: str | os.PathLike | None = None) -> tuple[l
             return _hub_texts(spec), {"hub_dataset": spec}
     texts: list[str] = []
     for f in files:
-        texts += _read_jsonl_texts(f) if f.suffix in (".jsonl", ".json") else [f.read_text(encoding="utf-8")]
+        try:
+            texts += _read_jsonl_texts(f) if f.suffix in (".jsonl", ".json") else [f.read_text(encoding="utf-8")]
+        except UnicodeDecodeError as e:
+            raise DataError(f"{f} is not UTF-8 text (byte {e.start}: {e.reason}); convert it, e.g. with "
+                            f"`iconv -f latin1 -t utf-8`") from None
     texts = [t for t in texts if t.strip()]
     if not texts:
         raise DataError(f"calibration data {spec} is empty")
@@ -109,7 +113,8 @@ def calibration_ids(tokenizer, texts: list[str], n_samples: int, seqlen: int, se
     """
     ids = tokenizer("\n\n".join(texts), return_tensors="pt", add_special_tokens=False).input_ids[0]
     if ids.numel() <= seqlen:
-        raise DataError(f"calibration text has {ids.numel()} tokens, fewer than seqlen={seqlen}")
+        raise DataError(f"calibration text has {ids.numel()} tokens, too few for one window of seqlen={seqlen}; give "
+                        "more text (--calib-data) or shorter windows (--calib-seqlen)")
     g = torch.Generator().manual_seed(seed)
     starts = torch.randint(0, ids.numel() - seqlen, (n_samples,), generator=g)
     return torch.stack([ids[s : s + seqlen] for s in starts.tolist()])

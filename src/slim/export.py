@@ -32,6 +32,7 @@ from .checkpoint import (
     CheckpointError,
     atomic_dir,
     check_output_dir,
+    dir_bytes,
     read_slim_config,
     write_json,
 )
@@ -269,10 +270,6 @@ def base_only(model: nn.Module) -> nn.Module:
                 lin.bias.data = mod.bias.detach().float()
             set_submodule(model, name, lin)
     return model
-
-
-def dir_bytes(p: Path) -> int:
-    return sum(f.stat().st_size for f in Path(p).rglob("*") if f.is_file())
 
 
 def export(src: str | os.PathLike, out: str | os.PathLike, fmt: str, dtype: str = "fp16",

@@ -91,6 +91,25 @@ def check_compressible(model: nn.Module, cfg: CompressConfig) -> None:
         )
     if not any(find_linears(b) for b in layers):
         raise ConfigError("the model has no nn.Linear layers inside its decoder blocks to compress")
+    ad = cfg.adapter
+    if ad.method != "none" and ad.rank >= 1:
+        lins = [(f"layers.{i}.{k}", lin) for i, b in enumerate(layers) for k, lin in find_linears(b).items()]
+        name, lin = min(lins, key=lambda t: min(t[1].in_features, t[1].out_features))
+        cap = min(lin.in_features, lin.out_features)
+        if ad.rank > cap:
+            raise ConfigError(f"adapter rank {int(ad.rank)} is larger than min(d_out, d_in) = {cap} of {name} "
+                              f"({lin.out_features} x {lin.in_features}); use a rank <= {cap} or a ratio < 1")
+    check_finite(model.named_parameters())
+
+
+def check_finite(tensors, prefix: str = "") -> None:  # noqa: ANN001 - (name, tensor) pairs
+    """Refuse NaN or Inf weights (a corrupt or overflowed checkpoint) before compressing them; meta tensors (not read
+    yet) are checked when they are read."""
+    for name, t in tensors:
+        if t.device.type != "meta" and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            bad = int((~torch.isfinite(t)).sum())
+            raise ConfigError(f"{prefix}{name} holds {bad} NaN or Inf values: the model's weights are damaged "
+                              "(or overflowed in a cast to fp16); re-download or re-convert it")
 
 
 def bundled_gguf() -> Path | None:

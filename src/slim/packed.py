@@ -106,7 +106,42 @@ class Layout:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Layout:
-        return cls(**d)
+        """A layout read from a file, checked field by field (ValueError says which): a checkpoint's config is
+        input, and a layout decides how much memory a layer allocates."""
+        if not isinstance(d, dict):
+            raise ValueError(f"a layout is a JSON object, not {type(d).__name__}")
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - set(fields))
+        if unknown:
+            raise ValueError(f"unknown layout fields {unknown}")
+        for k, v in d.items():
+            want = {"int": int, "bool": bool, "str": str}[fields[k].type]
+            if type(v) is not want:
+                raise ValueError(f"layout field {k!r} must be {fields[k].type}, not {v!r}")
+        if "d_in" not in d or "d_out" not in d:
+            raise ValueError("a layout needs d_in and d_out")
+        L = cls(**d)
+        L.check()
+        return L
+
+    def check(self) -> None:
+        """Raise ValueError if the fields contradict each other or leave their ranges."""
+        def need(ok: bool, what: str) -> None:
+            if not ok:
+                raise ValueError(f"inconsistent layout: {what}")
+
+        need(0 < self.d_in <= 1 << 20 and 0 < self.d_out <= 1 << 20, "d_in and d_out in 1..2^20")
+        need(self.sparsity in ("dense", "nm", "unstructured"), "sparsity is dense, nm or unstructured")
+        need(0 < self.keep <= self.d_in, "0 < keep <= d_in")
+        if self.sparsity == "nm":
+            need(0 < self.n <= self.m <= 64 and self.d_in % self.m == 0 and self.keep == self.d_in // self.m * self.n,
+                 "N:M with 0 < N <= M <= 64, M dividing d_in and keep = d_in / M * N")
+        elif self.sparsity == "dense":
+            need(self.keep == self.d_in, "a dense layer keeps d_in weights a row")
+        need(self.bits in (0, 2, 3, 4, 8) and self.adapter_bits in (0, 2, 3, 4, 8), "bits in 0, 2, 3, 4, 8")
+        need(0 <= self.group_size <= 1 << 20 and 0 < self.adapter_group <= 1 << 20, "group sizes in range")
+        need(not self.zero_point or (self.group_size > 0 and self.bits > 0), "zero points need quantized groups")
+        need(0 <= self.rank <= min(self.d_in, self.d_out), "0 <= rank <= min(d_in, d_out)")
 
 
 @dataclass

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import shutil
+import tempfile
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -17,6 +20,7 @@ from .models import check_compressible, find_linears, get_layers, layers_prefix,
 from .packed import SlimLinear, set_dense_cache
 from .solver import allocate_ranks, compress_weight, error_spectrum
 from .stats import InputStats
+from .stream import BlockRun, fault
 
 log = logging.getLogger(__name__)
 
@@ -30,32 +34,58 @@ def _resolve_device(device: str) -> str:
 @torch.no_grad()
 def compress_model(
     model: nn.Module, calib_ids: torch.Tensor, cfg: CompressConfig, progress: bool = True,
-    masks: dict[str, torch.Tensor] | None = None,
+    masks: dict[str, torch.Tensor] | None = None, run: BlockRun | None = None, max_memory: int | None = None,
 ) -> dict[str, Any]:
     """Compress every linear inside the decoder blocks, block by block, in place.
 
     Block i+1 is calibrated on the outputs of the already compressed block i. Only one block is on
-    the compute device at a time. Returns a report with per-layer errors and timings.
+    the compute device at a time. With a `run` (`slim.stream.BlockRun`), blocks are read from disk when it
+    streams, each compressed block is committed to disk and dropped, and an interrupted run resumes after its
+    last committed block. When the calibration activations (two copies: a block's inputs and outputs) would take
+    more than a quarter of `max_memory` bytes, they live in files on disk instead, read one batch at a time.
+    Returns a report with per-layer errors and timings.
     """
     check_compressible(model, cfg)
     device = _resolve_device(cfg.device)
     t0 = time.perf_counter()
+    log.info(
+        "calibrating on %d x %d tokens (seed %d)%s", calib_ids.shape[0], calib_ids.shape[1], cfg.calib.seed,
+        "; CPU default seqlen is 512 (the paper uses 2048)" if device == "cpu" else "",
+    )
+    act_bytes = calib_ids.numel() * model.config.hidden_size * model.get_input_embeddings().weight.element_size()
+    spill = None
+    if max_memory is not None and 2 * act_bytes > max_memory / 4:
+        spill = Path(tempfile.mkdtemp(prefix="slim-act-")) if run is None else run.dir / "activations"
+        spill.mkdir(exist_ok=True)
+        log.info("calibration activations (2 x %.0f MiB) exceed a quarter of the memory budget (%.0f MiB): kept in "
+                 "files under %s", act_bytes / 2**20, max_memory / 2**20, spill)
+    try:
+        return _compress_blocks(model, calib_ids, cfg, progress, masks, run, spill, device, t0)
+    finally:
+        if spill is not None and run is None:
+            shutil.rmtree(spill, ignore_errors=True)
+
+
+def _compress_blocks(model: nn.Module, calib_ids: torch.Tensor, cfg: CompressConfig, progress: bool,
+                     masks: dict[str, torch.Tensor] | None, run: BlockRun | None, spill: Path | None, device: str,
+                     t0: float) -> dict[str, Any]:
     layers = get_layers(model)
     prefix = layers_prefix(model)
     fp8 = cfg.fp8_inputs
     kind = cfg.sparsity.kind
     n, m = cfg.sparsity.nm if kind == "nm" else (0, 0)
     jsq_clip = cfg.sparsity.jsq_clip if cfg.sparsity.method == "jsq" and masks is None else None
-    log.info(
-        "calibrating on %d x %d tokens (seed %d)%s", calib_ids.shape[0], calib_ids.shape[1], cfg.calib.seed,
-        "; CPU default seqlen is 512 (the paper uses 2048)" if device == "cpu" else "",
-    )
-    hidden, kwargs = capture_block_inputs(model, calib_ids, cfg.calib.batch_size, device)
+    hidden, kwargs = capture_block_inputs(model, calib_ids, cfg.calib.batch_size, device, spill)
     per_layer: dict[str, dict[str, Any]] = {}
+    start = 0
+    if run is not None:
+        start, hidden = run.resume(model, hidden, spill)
+        per_layer.update(run.per_layer)
     with_gram = cfg.needs_gram or cfg.calib.gram_errors
-    bar = tqdm(range(len(layers)), desc="compressing blocks", unit="block", disable=not progress)
+    bar = tqdm(range(start, len(layers)), desc="compressing blocks", unit="block", disable=not progress,
+               initial=start, total=len(layers))
     for i in bar:
-        block = layers[i].to(device)
+        block = (layers[i] if run is None else run.load(model, i)).to(device)
         linears = find_linears(block)
         stats, groups = _collect_stats(block, linears, hidden, kwargs, device, with_gram, jsq_clip=jsq_clip,
                                        with_abs=cfg.needs_abs)
@@ -82,15 +112,23 @@ def compress_model(
                 new.cache = True  # the block runs on every calibration batch next; dropped after that
                 set_submodule(block, k, new.to(device))
                 per_layer[full] = {"shape": list(lin.weight.shape), **cw.info}
+                fault("block")
         del stats
-        hidden = run_block(block, hidden, kwargs, device)
+        out = run_block(block, hidden, kwargs, device, spill=spill, tag=f"b{i:05d}")
+        hidden.drop()
+        hidden = out
         set_dense_cache(block, False)
         layers[i] = block.to("cpu")
-        errs = [per_layer[f"{prefix}.{i}.{k}"]["rel_err_final"] for k in linears]
+        names = [f"{prefix}.{i}.{k}" for k in linears]
+        errs = [per_layer[k]["rel_err_final"] for k in names]
         bar.set_postfix(rel_err=f"{sum(errs) / len(errs):.4f}")
+        if run is not None:
+            run.commit(model, i, hidden, {k: per_layer[k] for k in names})
     elapsed = time.perf_counter() - t0
-    log.info("compressed %d blocks in %.1f s", len(layers), elapsed)
-    return {"compress_seconds": elapsed, "layers": per_layer, **size_report(model)}
+    log.info("compressed %d blocks in %.1f s%s", len(layers) - start, elapsed,
+             f" (resumed after block {start - 1})" if start else "")
+    return {"compress_seconds": elapsed, "layers": per_layer, **size_report(model),
+            **({"resumed_at_block": start} if start else {})}
 
 
 def _split_gram(

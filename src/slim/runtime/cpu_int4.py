@@ -1,11 +1,12 @@
 """`cpu-int4`: int4 kernels on the CPU, converted from the stored layout (format 1) at load time.
 
 Two kernels, chosen per layer:
-- slim's own (runtime/csrc, built on first use; see `native`): activations are quantized to int8 per block of 32
-  inside the call (llama.cpp's Q8_0 scheme; about the size of bf16 rounding) so a block's dot product is one
-  `maddubs`. A 2:4 layer is read in its stored form, 3 bits a weight (kept codes + 2-bit positions, the kept
-  activations gathered with a byte shuffle); other layouts as dense int4 with pruned slots at zero. Scales stay
-  fp32, group scales per stored group, zero points exact. Base weight and adapters run in one call.
+- slim's own (runtime/csrc, built on first use; see `native`): activations are quantized to int8 with one scale
+  per 16 inputs inside the call (llama.cpp's Q8_0 scheme at half its block; below bf16 rounding) so a block of 32
+  weights costs one `maddubs`. A 2:4 layer is read in its stored form, 3 bits a weight (kept codes + 2-bit
+  positions, the kept activations gathered with a byte shuffle); other layouts as dense int4 with pruned slots at
+  zero. Scales stay fp32, group scales per stored group, zero points exact. Base weight and adapters run in one
+  call.
 - PyTorch's `_weight_int4pack_mm_for_cpu`, where slim's cannot be built: codes c become nibbles q = c + 8, a pruned
   slot the nibble that dequantizes to 0 (8, or z + 8 with a zero point); the kernel computes
   w = (q - 8) * scale + zero per group of 32-256 inputs with bf16 activations, so group scales are rounded to bf16
@@ -255,7 +256,7 @@ class NativeInt4Matrix(nn.Module):
         self._kernel = native.load()
 
     def mm(self, x: torch.Tensor) -> torch.Tensor:
-        """x: (m, k) -> (m, n) fp32; activations are quantized to int8 per block of 32 inside the kernel."""
+        """x: (m, k) -> (m, n) fp32; activations are quantized to int8 per 16 inputs inside the kernel."""
         return self._kernel.int4_gemv(x.float().contiguous(), self.packed, self.scale, self.zero, self.group)
 
     def dequantize(self, dtype: torch.dtype) -> torch.Tensor:

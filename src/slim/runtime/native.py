@@ -46,7 +46,7 @@ def load() -> ModuleType | None:
         from torch.utils.cpp_extension import load as build
 
         t0 = time.perf_counter()
-        mod = build(name="slim_int4_gemv_v18", sources=[str(SOURCE)],
+        mod = build(name="slim_int4_gemv_v19", sources=[str(SOURCE)],
                     extra_cflags=["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"],
                     extra_ldflags=["-fopenmp"], verbose=False)
         log.info("slim's CPU kernel ready (%.1f s)", time.perf_counter() - t0)

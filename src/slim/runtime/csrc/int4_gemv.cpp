@@ -2,8 +2,10 @@
 //
 // Weights: uint8 (N, K/2), per row blocks of 32 weights in 16 bytes, byte j = q[j] | q[j + 16] << 4, q in 0..15
 // meaning w = (q - 8) * scale[n, g] + zero[n, g] with g = k / G (G a multiple of 32; the last group may be short).
-// Activations are quantized to int8 per block of 32 (scale = max|x| / 127) inside the call, so a block's dot product
-// is one _mm256_maddubs_epi16 (u8 weights x s8 activations) instead of 32 float conversions and FMAs.
+// Activations are quantized to int8 with one scale per 16 inputs (scale = max|x| / 127) inside the call, so a block's
+// dot product is one _mm256_maddubs_epi16 (u8 weights x s8 activations) instead of 32 float conversions and FMAs;
+// a block's 8 int32 partial sums then meet a vector of its two half-block scales (same cost as one broadcast scale,
+// half the activation rounding error of a scale per 32 on outlier-heavy rows).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
@@ -21,29 +23,35 @@ inline float hsum(__m256 v) {
   return _mm_cvtss_f32(lo);
 }
 
-// one row of activations -> int8 blocks of 32 with a float scale each, and each block's sum (scaled)
+// one row of activations -> int8 with a float scale per 16 inputs (dx: 2 per block of 32), and each block's
+// dequantized sum
 void quantize_row(const float* x, int64_t K, int8_t* xq, float* dx, float* xs) {
   for (int64_t b = 0; b < K / 32; ++b) {
-    const float* p = x + b * 32;
-    float amax = 0.f;
-    for (int i = 0; i < 32; ++i) amax = std::max(amax, std::fabs(p[i]));
-    float d = amax / 127.f, inv = d > 0.f ? 1.f / d : 0.f;
-    int s = 0;
-    for (int i = 0; i < 32; ++i) {
-      int v = (int)std::nearbyint(p[i] * inv);
-      xq[b * 32 + i] = (int8_t)v;
-      s += v;
+    float sum = 0.f;
+    for (int h = 0; h < 2; ++h) {
+      const float* p = x + b * 32 + h * 16;
+      float amax = 0.f;
+      for (int i = 0; i < 16; ++i) amax = std::max(amax, std::fabs(p[i]));
+      const float d = amax / 127.f, inv = d > 0.f ? 1.f / d : 0.f;
+      int s = 0;
+      for (int i = 0; i < 16; ++i) {
+        const int v = (int)std::nearbyint(p[i] * inv);
+        xq[b * 32 + h * 16 + i] = (int8_t)v;
+        s += v;
+      }
+      dx[2 * b + h] = d;
+      sum += d * (float)s;
     }
-    dx[b] = d;
-    xs[b] = d * (float)s;
+    xs[b] = sum;
   }
 }
 
 constexpr int MB = 4;  // activation rows per weight pass
 
 template <int R, bool ACC>
-void rows_kernel(const uint8_t* w, const int8_t* xq, const float* dx, const float* xg, const float* scale,
+void rows_kernel(const uint8_t* w, const int8_t* xq, const float* dv, const float* xg, const float* scale,
                  const float* zero, int64_t K, int64_t G, int64_t ng, int64_t n0, int64_t n1, float* out, int64_t N) {
+  // dv[(r * nb + b) * 8 ..]: block b's scales as its partial sums need them (int32 lanes 0-3 cover inputs 0-15);
   // xg[r * ng + g]: the group's sum of (dequantized) activations, for the -8 offset and the zero points
   const int64_t nb = K / 32, bpg = G / 32;
   const __m256i low = _mm256_set1_epi8(0x0F);
@@ -73,8 +81,8 @@ void rows_kernel(const uint8_t* w, const int8_t* xq, const float* dx, const floa
               _mm256_maddubs_epi16(q0, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xr))), ones);
           __m256i p1 = _mm256_madd_epi16(
               _mm256_maddubs_epi16(q1, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xr + 32))), ones);
-          gacc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p0), _mm256_broadcast_ss(dx + r * nb + b), gacc[r]);
-          gacc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p1), _mm256_broadcast_ss(dx + r * nb + b + 1), gacc[r]);
+          gacc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p0), _mm256_loadu_ps(dv + (r * nb + b) * 8), gacc[r]);
+          gacc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p1), _mm256_loadu_ps(dv + (r * nb + b + 1) * 8), gacc[r]);
         }
       }
       for (; b < b1; ++b) {
@@ -85,7 +93,7 @@ void rows_kernel(const uint8_t* w, const int8_t* xq, const float* dx, const floa
           __m256i p = _mm256_madd_epi16(
               _mm256_maddubs_epi16(qv, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + r * K + b * 32))),
               ones);
-          gacc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_broadcast_ss(dx + r * nb + b), gacc[r]);
+          gacc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_loadu_ps(dv + (r * nb + b) * 8), gacc[r]);
         }
       }
       const __m256 sv = _mm256_set1_ps(s);
@@ -106,7 +114,8 @@ void rows_kernel(const uint8_t* w, const int8_t* xq, const float* dx, const floa
 // 16 positions inside their group of 4 (one 32-bit word: byte k holds the positions of kept k, k+4, k+8, k+12 in
 // bits 0-1, 2-3, 4-5, 6-7). The kept activations are gathered with a byte shuffle; 3 bits a weight are read.
 // Two blocks per 256-bit step (one per 128-bit lane); `xp`/`dp` hold the activations regrouped for that (see
-// QuantRows::pairs), `xq`/`dx` the plain layout for a block left alone at a group's edge.
+// QuantRows::pairs), `xq`/`dx` the plain layout for a block left alone at a group's edge. A lane's 4 int32 partial
+// sums cover inputs 0-7, 8-15, 16-23, 24-31 of its block (kept j lies in group of 4 j / 2).
 struct Gather24 {  // one block's signed codes, their magnitudes and its shuffle control, per 128-bit lane
   __m128i codes, ac, ctrl;
 };
@@ -152,7 +161,8 @@ void rows_kernel_24(const uint8_t* vals, const uint32_t* idx, const int8_t* xq, 
           __m128i xhi = _mm_loadu_si128(reinterpret_cast<const __m128i*>(xr + 16));
           __m128i sel = _mm_blend_epi32(_mm_shuffle_epi8(xlo, q.ctrl), _mm_shuffle_epi8(xhi, q.ctrl), 0xC);
           __m128i p = _mm_madd_epi16(_mm_maddubs_epi16(q.ac, _mm_sign_epi8(sel, q.codes)), ones4);
-          gone[r] = _mm_fmadd_ps(_mm_cvtepi32_ps(p), _mm_set1_ps(dx[r * nb + b]), gone[r]);
+          const float* d = dx + (r * nb + b) * 2;  // int32 lanes 0-1 sum inputs 0-15, lanes 2-3 inputs 16-31
+          gone[r] = _mm_fmadd_ps(_mm_cvtepi32_ps(p), _mm_setr_ps(d[0], d[0], d[1], d[1]), gone[r]);
         }
       };
       int64_t b = b0;
@@ -190,22 +200,33 @@ void rows_kernel_24(const uint8_t* vals, const uint32_t* idx, const int8_t* xq, 
 
 }  // namespace
 
-// activations quantized to int8 blocks of 32; the buffers are reused from call to call (see Workspace), so a
-// forward pass does not churn the heap with per-layer transients
+// activations quantized to int8 with a scale per 16 inputs; the buffers are reused from call to call (see
+// Workspace), so a forward pass does not churn the heap with per-layer transients
 struct QuantRows {
   int64_t M = 0, K = 0, nb = 0;
   std::vector<int8_t> xq;
-  std::vector<float> dx, xs;
+  std::vector<float> dx, xs;  // dx: (M, nb, 2) half-block scales; xs: (M, nb) block sums
+  // the dense kernel's scale vectors, built on first use: per block, its half-block scales 4 times each
+  mutable std::vector<float> dv;
+  mutable bool expanded = false;
   // the layout of the 2:4 kernel's two-block steps, built on first use: per pair of blocks (b, b+1), bytes
-  // [b 0-15, b+1 0-15, b 16-31, b+1 16-31] and the two blocks' scales 4 times each
+  // [b 0-15, b+1 0-15, b 16-31, b+1 16-31] and the four half-block scales twice each
   mutable std::vector<int8_t> xp;
   mutable std::vector<float> dp;
   mutable bool paired = false;
 
   void load(const float* x, int64_t M_, int64_t K_) {
-    M = M_, K = K_, nb = K_ / 32, paired = false;
-    xq.resize(M * K), dx.resize(M * nb), xs.resize(M * nb);
-    for (int64_t m = 0; m < M; ++m) quantize_row(x + m * K, K, xq.data() + m * K, dx.data() + m * nb, xs.data() + m * nb);
+    M = M_, K = K_, nb = K_ / 32, paired = false, expanded = false;
+    xq.resize(M * K), dx.resize(M * nb * 2), xs.resize(M * nb);
+    for (int64_t m = 0; m < M; ++m)
+      quantize_row(x + m * K, K, xq.data() + m * K, dx.data() + m * nb * 2, xs.data() + m * nb);
+  }
+  void expand() const {
+    if (expanded) return;
+    expanded = true;
+    dv.resize(std::max<int64_t>(1, M * nb * 8));
+    for (int64_t i = 0; i < M * nb; ++i)
+      for (int j = 0; j < 8; ++j) dv[i * 8 + j] = dx[i * 2 + j / 4];
   }
   void pairs() const {
     if (paired) return;
@@ -221,10 +242,7 @@ struct QuantRows {
         std::copy(src + 32, src + 48, dst + 16);
         std::copy(src + 16, src + 32, dst + 32);
         std::copy(src + 48, src + 64, dst + 48);
-        for (int i = 0; i < 4; ++i) {
-          dp[(m * np + p) * 8 + i] = dx[m * nb + 2 * p];
-          dp[(m * np + p) * 8 + 4 + i] = dx[m * nb + 2 * p + 1];
-        }
+        for (int i = 0; i < 8; ++i) dp[(m * np + p) * 8 + i] = dx[(m * nb + 2 * p) * 2 + i / 2];
       }
   }
   // per row, the sums of the (dequantized) activations of each group of G inputs: the -8 offset and zero points
@@ -296,7 +314,7 @@ void run_task(const Task& t) {
   for (int64_t m = 0; m < X.M; m += MB) {
     const int64_t r = std::min<int64_t>(MB, X.M - m);
     const int8_t* xqm = X.xq.data() + m * K;
-    const float* dxm = X.dx.data() + m * nb;
+    const float* dxm = X.dx.data() + m * nb * 2;
     float* o = t.out + m * t.ldo;
     if (W.sparse24) {
       const uint8_t* vp = W.w.data_ptr<uint8_t>();
@@ -315,9 +333,10 @@ void run_task(const Task& t) {
       const uint8_t* wp = W.w.data_ptr<uint8_t>();
       const float* zp = W.zero.numel() > 0 ? W.zero.data_ptr<float>() : nullptr;
       const float* xgm = t.xg + m * W.ng;
+      const float* dvm = X.dv.data() + m * nb * 8;
 #define SLIM_ROWS(R) \
-      if (t.acc) rows_kernel<R, true>(wp, xqm, dxm, xgm, sp, zp, K, W.G, W.ng, t.n0, t.n1, o, t.ldo); \
-      else rows_kernel<R, false>(wp, xqm, dxm, xgm, sp, zp, K, W.G, W.ng, t.n0, t.n1, o, t.ldo);
+      if (t.acc) rows_kernel<R, true>(wp, xqm, dvm, xgm, sp, zp, K, W.G, W.ng, t.n0, t.n1, o, t.ldo); \
+      else rows_kernel<R, false>(wp, xqm, dvm, xgm, sp, zp, K, W.G, W.ng, t.n0, t.n1, o, t.ldo);
       switch (r) {
         case 4: { SLIM_ROWS(4) break; }
         case 3: { SLIM_ROWS(3) break; }
@@ -333,6 +352,7 @@ void run_task(const Task& t) {
 void add_tasks(std::vector<Task>& tasks, const Mat& W, const QuantRows& X, const float* xg, float* out, int64_t ldo,
                bool acc) {
   if (W.sparse24) X.pairs();
+  else X.expand();
   // a few large tasks per thread: long contiguous row ranges keep the hardware prefetcher streaming
   const int64_t per = 2 * at::get_num_threads();
   const int64_t rows = std::max<int64_t>(16, (W.N + per - 1) / per);

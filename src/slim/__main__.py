@@ -1,0 +1,7 @@
+"""`python -m slim …`, the same as the `slim` command."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())
