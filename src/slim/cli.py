@@ -162,7 +162,7 @@ def config_from_args(args: argparse.Namespace) -> CompressConfig:
     if args.config:
         d = merge(d, load_yaml_config(args.config))
     for key, val in vars(args).items():
-        if val is None or key in ("model", "mask_file", "dtype", "max_memory"):
+        if val is None or key in ("model", "mask_file", "dtype"):
             continue
         if "." in key:
             sec, name = key.split(".", 1)
