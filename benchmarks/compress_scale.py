@@ -80,7 +80,8 @@ def compress(src: Path, out: Path, args: argparse.Namespace, load: str) -> dict:
                "'/proc/self/status').read().split('VmHWM:')[1].split()[0], flush=True)\nsys.exit(rc)")
     cmd = [sys.executable, "-c", wrapper, "compress", str(src), "--out", str(out), "--overwrite", "--load", load,
            "--calib-samples", str(args.calib_samples), "--calib-seqlen", str(args.calib_seqlen),
-           "--calib-batch-size", str(args.calib_samples), "-q", *(["--preset", args.preset] if args.preset else [])]
+           "--calib-batch-size", str(args.calib_samples), "-q", *(["--preset", args.preset] if args.preset else []),
+           *args.extra.split()]
     if args.data_dir:
         cmd += ["--data-dir", args.data_dir]
     t0 = time.perf_counter()
@@ -107,6 +108,7 @@ def main() -> None:
     ap.add_argument("--calib-samples", type=int, default=8, help="calibration windows (8)")
     ap.add_argument("--calib-seqlen", type=int, default=128, help="tokens per window (128)")
     ap.add_argument("--preset", help="a recipe preset (default: slim's default recipe)")
+    ap.add_argument("--extra", default="", help="more `slim compress` options, e.g. '--adapter none'")
     ap.add_argument("--data-dir")
     args = ap.parse_args()
     sys.path.insert(0, str(HERE))
@@ -137,7 +139,10 @@ def main() -> None:
             shutil.rmtree(work / f"{label}-{blocks}-{load}-ck")
     stream7 = sorted((r for r in runs if r["shape"] == label and r["load"] == "stream"), key=lambda r: r["blocks"])
     lo, hi = stream7[0], stream7[-1]
-    per_block = (hi["compress_seconds"] - lo["compress_seconds"]) / max(1, hi["blocks"] - lo["blocks"])
+    if hi["blocks"] > lo["blocks"]:
+        per_block = (hi["compress_seconds"] - lo["compress_seconds"]) / (hi["blocks"] - lo["blocks"])
+    else:  # one depth: fixed costs stay in (small next to a 7B block's)
+        per_block = hi["compress_seconds"] / hi["blocks"]
     summary = {"per_block_seconds_7b": per_block,
                "rss_spread_7b": max(r["peak_rss_mib"] for r in stream7) / min(r["peak_rss_mib"] for r in stream7) - 1,
                "projected_llama2_7b_hours": 32 * per_block / 3600}
@@ -149,7 +154,8 @@ def main() -> None:
                                     "summary": summary})
     lines = ["# Compression at scale: memory and time against depth\n", f"Machine: {describe_machine(m)}.",
              f"Calibration {args.calib_samples} x {args.calib_seqlen} tokens, recipe "
-             f"{args.preset or 'default'}; random bf16 weights written as sharded safetensors.\n",
+             f"{args.preset or 'default'}{' ' + args.extra if args.extra else ''}; random bf16 weights written as "
+             "sharded safetensors.\n",
              "| model | blocks | load | source MiB | peak RSS MiB | compress s | checkpoint MiB |",
              "|---|---|---|---|---|---|---|"]
     for r in runs:

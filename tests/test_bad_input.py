@@ -7,6 +7,7 @@ import torch
 from conftest import tiny_model
 
 import slim
+from slim.checkpoint import CheckpointError
 from slim.cli import main
 from slim.config import CompressConfig, ConfigError
 from slim.data import DataError, calibration_ids, read_texts
@@ -22,6 +23,28 @@ def test_rank_larger_than_the_layer(tiny_llama_dir, shared_data, tmp_path, capsy
     err = capsys.readouterr().err
     assert "adapter rank 5000 is larger than min(d_out, d_in) = 32" in err and "k_proj" in err
     assert not (tmp_path / "o").exists() and not (tmp_path / ".o.partial").exists()
+
+
+def test_budget_below_one_block_is_refused_before_work(tiny_llama_dir, shared_data, tmp_path, capsys):
+    """--max-memory below the parts outside the blocks + one block (+ the Gram matrices' float64 copies for the
+    recipes that use them) is refused before anything is computed, with the figure to give."""
+    from slim.stream import check_budget
+
+    args = ["compress", str(tiny_llama_dir), "--out", str(tmp_path / "o"), *FAST, "--data-dir", str(shared_data)]
+    assert main([*args, "--max-memory", "10K"]) == 2
+    err = capsys.readouterr().err
+    assert "below what one block needs" in err and "Gram matrices" in err and "give at least" in err
+    assert not (tmp_path / "o").exists() and not (tmp_path / ".o.partial").exists()
+    model = tiny_model("llama", layers=1)  # the boundary: embeddings + head + one block (as stored and in fp32)
+    outside = sum(t.numel() * t.element_size() for k, t in model.state_dict().items() if ".layers." not in k)
+    block = sum(t.numel() * (t.element_size() + 4) for t in model.model.layers[0].state_dict().values())
+    gram = 7 * 8 * max(m.in_features for m in model.modules() if isinstance(m, torch.nn.Linear)) ** 2
+    check_budget(model, outside + block, needs_gram=False)
+    with pytest.raises(CheckpointError, match="below what one block needs"):
+        check_budget(model, outside + block - 1, needs_gram=False)
+    with pytest.raises(CheckpointError, match="Gram"):
+        check_budget(model, outside + block + gram - 1, needs_gram=True)
+    check_budget(model, outside + block + gram, needs_gram=True)
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])

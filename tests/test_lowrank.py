@@ -61,3 +61,18 @@ def test_truncated_matches_full_svd():
         assert torch.allclose(s, sf[:10], rtol=1e-10)
         assert torch.allclose((u * s) @ vh, (uf[:, :10] * sf[:10]) @ vhf[:10], atol=1e-10)
         assert torch.allclose(u.T @ u, torch.eye(10, dtype=torch.float64), atol=1e-8)
+
+
+def test_fit_product_gives_the_output_error_without_another_product():
+    """tr(E H E^T) = ||E L||^2 - shift ||E||^2 for the damped factor L L^T = H + shift I, and the chunked
+    triangular product equals the full one."""
+    from slim.lowrank import gram_factor, times_lower
+
+    x = correlated_inputs(3000, 300).double()
+    h = x.T @ x / 3000
+    e = torch.randn(50, 300, dtype=torch.float64)
+    f = gram_factor(h, 0.01)
+    p = times_lower(e, f.low)
+    torch.testing.assert_close(p, e @ f.low, rtol=1e-12, atol=1e-12)
+    ref = output_error(e, h)
+    assert abs(f.energy(e, p) - ref) <= 1e-9 * ref

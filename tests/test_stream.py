@@ -1,5 +1,6 @@
 """Streamed compression (one block in memory), committed blocks, resume after SIGKILL, content hashes."""
 
+import fcntl
 import json
 import os
 import subprocess
@@ -134,6 +135,15 @@ def test_resume_refuses_another_run(tiny_llama_dir, shared_data, tmp_path, capsy
     assert r.returncode == -9 and (partial / "progress.json").is_file()
     assert main([*args, "--resume", "--rank", "0.2"]) == 2
     assert "different run" in capsys.readouterr().err
+    with open(partial / ".lock") as held:  # a live run holds its lock: --overwrite must not delete its files
+        fcntl.flock(held, fcntl.LOCK_EX)
+        assert main([*args, "--overwrite"]) == 2
+        assert "another slim process" in capsys.readouterr().err
+    good = (partial / "progress.json").read_text()
+    (partial / "progress.json").write_text("{not json")
+    assert main([*args, "--resume"]) == 2
+    assert "damaged" in capsys.readouterr().err
+    (partial / "progress.json").write_text(good)
     assert main([*args, "--resume"]) == 0
 
 

@@ -21,13 +21,15 @@ def compress(
     model: nn.Module | str | None, config: CompressConfig | None = None, tokenizer=None,
     data_dir: str | os.PathLike | None = None, progress: bool = True,
     masks: dict[str, torch.Tensor] | None = None, run: Any = None, max_memory: int | None = None,
+    ranks: Any = None,
 ) -> tuple[nn.Module, Any, dict[str, Any]]:
     """Compress a model (object, local path, hub id, or None for the bundled SmolLM2) in place.
 
     Returns (model, tokenizer, metadata) where metadata holds the resolved config, data hashes
     and the compression report; pass it to `slim.save` to record it next to the checkpoint. `run` (a
     `slim.stream.BlockRun`) commits each block to disk as it is done; `slim compress` uses it. `max_memory` (bytes)
-    moves the calibration activations to disk when they would take more than a quarter of it.
+    moves the calibration activations to disk when they would take more than a quarter of it. `ranks`
+    (`slim.dist.from_env()`) shares the work among the processes torchrun started.
     """
     cfg = config or CompressConfig()
     source: dict[str, Any] = {}
@@ -42,7 +44,8 @@ def compress(
     torch.manual_seed(cfg.calib.seed)
     texts, prov = read_texts(cfg.calib.data, data_dir)
     ids = calibration_ids(tokenizer, texts, cfg.calib.n_samples, cfg.calib.seqlen, cfg.calib.seed)
-    report = compress_model(model, ids, cfg, progress=progress, masks=masks, run=run, max_memory=max_memory)
+    report = compress_model(model, ids, cfg, progress=progress, masks=masks, run=run, max_memory=max_memory,
+                            ranks=ranks)
     meta = {"source": source, "config": cfg.to_dict(), "calibration_data": prov, "report": report}
     return model, tokenizer, meta
 

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -177,14 +179,33 @@ def _fmt_bytes(n: float) -> str:
 
 
 def cmd_compress(args: argparse.Namespace) -> int:
+    from . import dist
+
+    cfg = config_from_args(args)
+    ranks, _ = dist.from_env(cfg.device)  # torchrun: one process per rank (else a plain single process)
+    try:
+        if ranks.main:
+            return _compress(args, cfg, ranks)
+        with open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink):  # rank 0 reports
+            return _compress(args, cfg, ranks)
+    finally:
+        dist.close()
+
+
+def _compress(args: argparse.Namespace, cfg: Any, ranks: Any) -> int:
     import torch
 
     from . import checkpoint, data, evaluate, models, stream
     from .api import check_masks, compress, load_masks
 
-    cfg = config_from_args(args)
+    try:
+        ranks.batches(-(-cfg.calib.n_samples // cfg.calib.batch_size))
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
     out = checkpoint.check_output_dir(args.out, args.overwrite)
     stream.check_partial(out, args.resume, args.overwrite)
+    ranks.barrier()  # every rank has checked before rank 0 creates anything
     try:
         max_memory = stream.parse_size(args.max_memory)
     except ValueError as e:
@@ -220,10 +241,10 @@ def cmd_compress(args: argparse.Namespace) -> int:
     models.check_compressible(model, cfg)
     if masks is not None:
         check_masks(model, masks, cfg)
-    stream.check_budget(model, max_memory)
+    stream.check_budget(model, max_memory, cfg.needs_gram)
     results: dict[str, Any] = {}
     ids = None
-    if args.eval_dense:  # streaming: the whole dense model, loaded for this and dropped before compressing
+    if args.eval_dense and ranks.main:  # streaming: the whole dense model, loaded for this and dropped before
         dense = models.load_model(args.model)[0] if streamed else model
         ids, prov = data.wikitext2_ids(tok, args.data_dir)
         results["dense"] = evaluate.perplexity(dense, ids, args.eval_seqlen, args.eval_limit, cfg.device,
@@ -234,18 +255,22 @@ def cmd_compress(args: argparse.Namespace) -> int:
     mask_hash = {"path": args.mask_file, "sha256": data.sha256(args.mask_file)} if args.mask_file else None
     fingerprint = {"config": cfg.to_dict(), "source": source, "source_files": _file_stamps(source["path"]),
                    "calibration_data": calib_prov, "mask_file": mask_hash, "dtype": str(dtype),
-                   "versions": checkpoint.versions()}
-    run = stream.BlockRun(out, fingerprint, dtype, weights, resume=args.resume, overwrite=args.overwrite)
+                   "versions": checkpoint.versions(), "native_loop": _native_loop(cfg)}
+    run = stream.BlockRun(out, fingerprint, dtype, weights, resume=args.resume, overwrite=args.overwrite,
+                          ranks=ranks)
     t0 = time.perf_counter()
-    model, tok, meta = compress(model, cfg, tok, data_dir=args.data_dir, progress=not args.quiet, masks=masks,
-                                run=run, max_memory=max_memory)
+    model, tok, meta = compress(model, cfg, tok, data_dir=args.data_dir, progress=not args.quiet and ranks.main,
+                                masks=masks, run=run, max_memory=max_memory, ranks=ranks)
     if mask_hash:
         meta["mask_file"] = mask_hash
     meta["source"] = source
     meta["command"] = "slim " + " ".join(sys.argv[1:])
     elapsed = time.perf_counter() - t0
     meta["dtype"] = str(dtype).removeprefix("torch.")
+    meta["processes"] = ranks.world
     run.finish(model, tok, meta, overwrite=args.overwrite)
+    if not ranks.main:
+        return 0
     rep = meta["report"]
     sizes = checkpoint.stored_sizes(out)
     disk = checkpoint.dir_bytes(out)
@@ -278,6 +303,16 @@ def cmd_compress(args: argparse.Namespace) -> int:
     if "compressed" in results:
         print(f"compressed ppl    {results['compressed']['ppl']:.3f}  ({results['compressed']['windows']} windows)")
     return 0
+
+
+def _native_loop(cfg: Any) -> bool | None:
+    """Whether the error-feedback loop runs compiled (built now, before any block, when the recipe uses it):
+    a resumed run must use the same loop (its float sums may differ from Python's in a last bit)."""
+    if not cfg.quant.error_feedback:
+        return None
+    from .optq import native_available
+
+    return native_available()
 
 
 def _file_stamps(path: str) -> list[tuple[str, int, int]]:

@@ -11,8 +11,33 @@ within each column block for a ratio, so every row keeps the same count).
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
+from types import ModuleType
 
 import torch
+
+
+@dataclass(frozen=True)
+class ColumnGrid:
+    """`quantize_column` in the form slim's native loop takes: b-bit rounding (as `quant.fake_quant`) with a
+    scale, and optionally a zero point, per row and column. `params(cols)` gives both for the columns `cols`
+    (indices into the weight as the caller knows it), each (d_out, len(cols)); bits 0 = no rounding."""
+
+    bits: int
+    params: Callable[[torch.Tensor], tuple[torch.Tensor | None, torch.Tensor | None]]
+
+
+def _native_loop() -> ModuleType | None:
+    from .runtime.native import load
+
+    mod = load()
+    return mod if mod is not None and hasattr(mod, "optq_block") else None
+
+
+def native_available() -> bool:
+    """Whether the error-feedback column loop runs in slim's compiled kernel (else in Python: same
+    algorithm, ~10x slower at LLM layer sizes, equal to float rounding, not bit for bit)."""
+    return _native_loop() is not None
 
 
 def inverse_hessian_cholesky(h: torch.Tensor, damping: float = 0.01) -> torch.Tensor:
@@ -49,6 +74,7 @@ def optq(
     nm: tuple[int, int] | None = None,
     ratio: float | None = None,
     on_block: Callable[[int, int, torch.Tensor], None] | None = None,
+    grid: ColumnGrid | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Return (dense fake-quantized weight with pruned entries exactly zero, mask used).
 
@@ -57,6 +83,8 @@ def optq(
     nothing is pruned. Pass `hinv_chol` (from `inverse_hessian_cholesky`) to reuse the factorization.
     `on_block(b0, b1, cur)` is called at the start of each column block with the current (error-updated)
     values of columns b0.. onwards, so a quantizer can fit group parameters there as GPTQ does.
+    `grid`, the same quantizer as `quantize_column` in parameter form, lets the column loop run in slim's
+    compiled kernel (CPU, mask given); without it, or without the kernel, the loop runs in Python.
     """
     w = w.double().clone()
     d_out, d_in = w.shape
@@ -71,6 +99,8 @@ def optq(
     total_keep = d_in - int(d_in * ratio) if ratio is not None else d_in
     kept_so_far = 0
     q = torch.zeros_like(w)
+    native = _native_loop() if grid is not None and not choose and w.device.type == "cpu" else None
+    none = torch.empty(0)
     for b0 in range(0, d_in, block_size):
         b1 = min(b0 + block_size, d_in)
         wb = w[:, b0:b1].clone()
@@ -85,6 +115,13 @@ def optq(
         if on_block is not None:
             on_block(b0, b1, torch.cat([wb, w[:, b1:]], dim=1).float())
         keep = None if choose and nm is not None else mask[:, b0:b1].double()
+        if native is not None:
+            sc, z = (none if t is None else t.float().expand(wb.shape).contiguous()
+                     for t in grid.params(torch.arange(b0, b1, device=w.device)))
+            q[:, b0:b1], err = native.optq_block(wb.contiguous(), ub.contiguous(), keep.contiguous(),
+                                                 sc if grid.bits else none, z, grid.bits)
+            w[:, b1:] -= err @ u[b0:b1, b1:]
+            continue
         for j in range(b1 - b0):
             if choose and nm is not None and j % nm[1] == 0:
                 n, m = nm

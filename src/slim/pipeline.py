@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 
 from .capture import capture_block_inputs, run_block
 from .config import CompressConfig
+from .dist import Ranks
 from .models import check_compressible, find_linears, get_layers, layers_prefix, set_submodule
 from .packed import SlimLinear, set_dense_cache
 from .solver import allocate_ranks, compress_weight, error_spectrum
@@ -35,6 +36,7 @@ def _resolve_device(device: str) -> str:
 def compress_model(
     model: nn.Module, calib_ids: torch.Tensor, cfg: CompressConfig, progress: bool = True,
     masks: dict[str, torch.Tensor] | None = None, run: BlockRun | None = None, max_memory: int | None = None,
+    ranks: Ranks | None = None,
 ) -> dict[str, Any]:
     """Compress every linear inside the decoder blocks, block by block, in place.
 
@@ -43,10 +45,15 @@ def compress_model(
     streams, each compressed block is committed to disk and dropped, and an interrupted run resumes after its
     last committed block. When the calibration activations (two copies: a block's inputs and outputs) would take
     more than a quarter of `max_memory` bytes, they live in files on disk instead, read one batch at a time.
+    With `ranks` (`slim.dist`, several processes under torchrun), each rank runs its share of the calibration
+    batches, statistics are summed across ranks and each block's linears are solved on different ranks.
     Returns a report with per-layer errors and timings.
     """
     check_compressible(model, cfg)
     device = _resolve_device(cfg.device)
+    ranks = ranks or Ranks()
+    if ranks.active:
+        calib_ids = _share(calib_ids, cfg.calib.batch_size, ranks)
     t0 = time.perf_counter()
     log.info(
         "calibrating on %d x %d tokens (seed %d)%s", calib_ids.shape[0], calib_ids.shape[1], cfg.calib.seed,
@@ -60,7 +67,7 @@ def compress_model(
         log.info("calibration activations (2 x %.0f MiB) exceed a quarter of the memory budget (%.0f MiB): kept in "
                  "files under %s", act_bytes / 2**20, max_memory / 2**20, spill)
     try:
-        return _compress_blocks(model, calib_ids, cfg, progress, masks, run, spill, device, t0)
+        return _compress_blocks(model, calib_ids, cfg, progress, masks, run, spill, device, t0, ranks)
     finally:
         if spill is not None and run is None:
             shutil.rmtree(spill, ignore_errors=True)
@@ -68,12 +75,9 @@ def compress_model(
 
 def _compress_blocks(model: nn.Module, calib_ids: torch.Tensor, cfg: CompressConfig, progress: bool,
                      masks: dict[str, torch.Tensor] | None, run: BlockRun | None, spill: Path | None, device: str,
-                     t0: float) -> dict[str, Any]:
+                     t0: float, ranks: Ranks) -> dict[str, Any]:
     layers = get_layers(model)
     prefix = layers_prefix(model)
-    fp8 = cfg.fp8_inputs
-    kind = cfg.sparsity.kind
-    n, m = cfg.sparsity.nm if kind == "nm" else (0, 0)
     jsq_clip = cfg.sparsity.jsq_clip if cfg.sparsity.method == "jsq" and masks is None else None
     hidden, kwargs = capture_block_inputs(model, calib_ids, cfg.calib.batch_size, device, spill)
     per_layer: dict[str, dict[str, Any]] = {}
@@ -89,30 +93,42 @@ def _compress_blocks(model: nn.Module, calib_ids: torch.Tensor, cfg: CompressCon
         linears = find_linears(block)
         stats, groups = _collect_stats(block, linears, hidden, kwargs, device, with_gram, jsq_clip=jsq_clip,
                                        with_abs=cfg.needs_abs)
+        _reduce(stats, ranks)
         stats, measure = _split_gram(stats, cfg)
-        ranks: dict[str, int] = {}
+        adapter_ranks: dict[str, int] = {}
         if cfg.adapter.allocation == "greedy" and cfg.adapter.method != "none":
             spectra = {k: error_spectrum(lin.weight.data, stats[k], cfg, _mask(masks, f"{prefix}.{i}.{k}"), k)
                        for k, lin in linears.items()}
-            ranks = allocate_ranks(spectra, {k: tuple(lin.weight.shape) for k, lin in linears.items()}, cfg.adapter)
-        for gi, group in enumerate(groups):
-            if cfg.true_sequential and gi > 0:  # re-measure this group's inputs behind compressed groups
-                again, again_measure = _split_gram(_collect_stats(
-                    block, linears, hidden, kwargs, device, with_gram, only=group, jsq_clip=jsq_clip,
-                    with_abs=cfg.needs_abs)[0], cfg)
+            adapter_ranks = allocate_ranks(spectra, {k: tuple(lin.weight.shape) for k, lin in linears.items()},
+                                      cfg.adapter)
+        # true-sequential: group by group, each measured behind the compressed ones; else the block at once
+        units = groups if cfg.true_sequential else [[k for g in groups for k in g]]
+        for gi, unit in enumerate(units):
+            if gi > 0:  # re-measure this group's inputs behind compressed groups
+                again = _collect_stats(block, linears, hidden, kwargs, device, with_gram, only=unit,
+                                       jsq_clip=jsq_clip, with_abs=cfg.needs_abs)[0]
+                _reduce(again, ranks)
+                again, again_measure = _split_gram(again, cfg)
                 stats.update(again)
                 measure.update(again_measure)
-            for k in group:
-                lin = linears[k]
-                full = f"{prefix}.{i}.{k}"
-                cw = compress_weight(lin.weight.data, stats[k], cfg, mask=_mask(masks, full), name=k, rank=ranks.get(k),
-                                     measure_gram=measure.get(k))
-                bias = None if lin.bias is None else lin.bias.data.detach().cpu()
-                new = SlimLinear.from_compressed(cw, bias, kind, n, m, fp8_inputs=fp8)
-                new.cache = True  # the block runs on every calibration batch next; dropped after that
-                set_submodule(block, k, new.to(device))
-                per_layer[full] = {"shape": list(lin.weight.shape), **cw.info}
+            owner = ranks.owners([linears[k].weight.numel() for k in unit])
+            solved = {}
+            for k, o in zip(unit, owner, strict=True):
+                if o != ranks.rank:
+                    continue
+                cw = compress_weight(linears[k].weight.data, stats[k], cfg, mask=_mask(masks, f"{prefix}.{i}.{k}"),
+                                     name=k, rank=adapter_ranks.get(k), measure_gram=measure.get(k))
+                if ranks.active:  # installed below, once every rank has solved its share
+                    solved[k] = cw
+                else:
+                    _install(block, linears[k], k, cw, cfg, device)
+                    per_layer[f"{prefix}.{i}.{k}"] = {"shape": list(linears[k].weight.shape), **cw.info}
                 fault("block")
+            for k, o in zip(unit, owner, strict=True):
+                if ranks.active:
+                    cw = ranks.broadcast(solved.pop(k, None), o)
+                    _install(block, linears[k], k, cw, cfg, device)
+                    per_layer[f"{prefix}.{i}.{k}"] = {"shape": list(linears[k].weight.shape), **cw.info}
         del stats
         out = run_block(block, hidden, kwargs, device, spill=spill, tag=f"b{i:05d}")
         hidden.drop()
@@ -129,6 +145,38 @@ def _compress_blocks(model: nn.Module, calib_ids: torch.Tensor, cfg: CompressCon
              f" (resumed after block {start - 1})" if start else "")
     return {"compress_seconds": elapsed, "layers": per_layer, **size_report(model),
             **({"resumed_at_block": start} if start else {})}
+
+
+def _install(block: nn.Module, lin: nn.Linear, name: str, cw: Any, cfg: CompressConfig, device: str) -> None:
+    """Put the compressed linear in place of `lin` inside the block."""
+    kind = cfg.sparsity.kind
+    n, m = cfg.sparsity.nm if kind == "nm" else (0, 0)
+    bias = None if lin.bias is None else lin.bias.data.detach().cpu()
+    new = SlimLinear.from_compressed(cw, bias, kind, n, m, fp8_inputs=cfg.fp8_inputs)
+    new.cache = True  # the block runs on every calibration batch next; dropped after that
+    set_submodule(block, name, new.to(device))
+
+
+def _share(ids: torch.Tensor, batch_size: int, ranks: Ranks) -> torch.Tensor:
+    """This rank's calibration windows: whole batches, every world-th one (the last, possibly short, batch stays
+    last), so each batch is computed exactly as one process computes it."""
+    n = -(-ids.shape[0] // batch_size)
+    return torch.cat([ids[b * batch_size : (b + 1) * batch_size] for b in ranks.batches(n)])
+
+
+def _reduce(stats: dict[str, InputStats], ranks: Ranks) -> None:
+    """Sum every rank's statistics (linears sharing one InputStats are reduced once)."""
+    if not ranks.active:
+        return
+    for st in {id(s): s for s in stats.values()}.values():
+        jsq = st.jsq
+        counts = torch.tensor([st.n_tokens, jsq.n_seqs if jsq else 0], dtype=torch.float64, device=st.sum_sq.device)
+        parts = (st.sum_sq, st.gram, st.sum_abs, counts, *((jsq.sum_sq, jsq.pos_sum) if jsq else ()))
+        ranks.all_reduce([t for t in parts if t is not None])
+        st.n_tokens = int(counts[0])
+        if jsq:
+            jsq.n_seqs = int(counts[1])
+        st.cache.clear()
 
 
 def _split_gram(

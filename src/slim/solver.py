@@ -10,8 +10,8 @@ import torch
 
 from .baselines import awq_search, jsq_score
 from .config import AdapterConfig, CompressConfig, QuantConfig
-from .lowrank import fullcov_adapter, naive_adapter, output_error, slim_adapter, sqrt_and_inv_sqrt
-from .optq import inverse_hessian_cholesky, optq
+from .lowrank import GramFactor, fullcov_adapter, gram_factor, naive_adapter, output_error, slim_adapter, times_lower
+from .optq import ColumnGrid, inverse_hessian_cholesky, optq
 from .packed import CompressedWeight
 from .prune import make_mask, make_mask_from_score, sparsegpt_mask
 from .quant import (
@@ -99,7 +99,7 @@ def fit_scale(w: torch.Tensor, mask: torch.Tensor, q: QuantConfig) -> tuple[torc
 
 def _ef_pass(
     w: torch.Tensor, gram: torch.Tensor, col_fn, mask: torch.Tensor | None, fb: Feedback, q: QuantConfig,
-    choose: tuple[str, int, int, float] | None = None, on_block=None,
+    choose: tuple[str, int, int, float] | None = None, on_block=None, grid: ColumnGrid | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One OPTQ pass (columns permuted under act-order, and put back)."""
     nm = ratio = None
@@ -107,13 +107,15 @@ def _ef_pass(
         kind, n, m, r = choose
         nm, ratio = ((n, m), None) if kind == "nm" else (None, r)
     if fb.perm is None:
-        return optq(w, gram, col_fn, mask, q.damping, hinv_chol=fb.chol, nm=nm, ratio=ratio, on_block=on_block)
+        return optq(w, gram, col_fn, mask, q.damping, hinv_chol=fb.chol, nm=nm, ratio=ratio, on_block=on_block,
+                    grid=grid)
     if choose is not None:
         raise ValueError("act-order cannot be combined with choosing the mask in the same pass (SparseGPT)")
     perm, inv = fb.perm, torch.argsort(fb.perm)
+    pgrid = None if grid is None else ColumnGrid(grid.bits, lambda cols: grid.params(perm[cols]))
     out, used = optq(
         w[:, perm], None, lambda c, j: col_fn(c, int(perm[j])), None if mask is None else mask[:, perm],
-        q.damping, hinv_chol=fb.chol,
+        q.damping, hinv_chol=fb.chol, grid=pgrid,
     )
     return out[:, inv], used[:, inv]
 
@@ -138,7 +140,7 @@ def quantize_masked(
     if q.method == "none":
         if not q.error_feedback:
             return QuantResult(None, None, 0, w * mask, {}, mask)
-        dense, used = _ef_pass(w, gram, lambda c, j: c, mask, fb, q, choose)
+        dense, used = _ef_pass(w, gram, lambda c, j: c, mask, fb, q, choose, grid=ColumnGrid(0, lambda c: (None, None)))
         return QuantResult(None, None, 0, dense, {}, used)
     d_in = w.shape[1]
     info: dict = {}
@@ -174,7 +176,13 @@ def quantize_masked(
             z_j = None if zero is None else zero[:, j // gsize]
             return fake_quant(clamp(c, j), s_j, q.bits, z_j)
 
-        target, mask = _ef_pass(w, gram, col_fn, mask, fb, q, choose, on_block)
+        def params(cols: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+            if gsize == 0:
+                return scale.reshape(-1, 1), None if zero is None else zero.reshape(-1, 1)
+            return scale[:, cols // gsize], None if zero is None else zero[:, cols // gsize]
+
+        grid = ColumnGrid(q.bits, params) if clip is None else None  # AWQ's clipping stays in Python
+        target, mask = _ef_pass(w, gram, col_fn, mask, fb, q, choose, on_block, grid)
     else:
         target = clamp(w * mask, slice(None))
     sf, zf = full(scale), full(zero)
@@ -194,7 +202,7 @@ def diag_weight(stats: InputStats, method: str) -> torch.Tensor | None:
 
 def fit_adapter(
     err: torch.Tensor, stats: InputStats, gram: torch.Tensor | None, rank: int, ad: AdapterConfig,
-    roots: tuple[torch.Tensor, torch.Tensor] | None = None,
+    factor: GramFactor | None = None, product: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(A, B) with B @ A ~ err under the adapter method's weighting."""
     if ad.method == "naive":
@@ -204,7 +212,7 @@ def fit_adapter(
         return slim_adapter(err, d, rank)
     if gram is None:
         raise ValueError("fullcov adapters need the Gram matrix of the layer inputs")
-    return fullcov_adapter(err, gram, rank, ad.damping, roots)
+    return fullcov_adapter(err, gram, rank, ad.damping, factor, product)
 
 
 def quantize_grouped(t: torch.Tensor, bits: int, group: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -224,7 +232,7 @@ class Prepared:
     mask: torch.Tensor
     fb: Feedback | None
     params: FixedParams | None
-    roots: tuple[torch.Tensor, torch.Tensor] | None
+    factor: GramFactor | None  # fullcov: Cholesky factor of the damped Gram matrix
     input_scale: torch.Tensor | None
     qr: QuantResult
     info: dict
@@ -282,18 +290,19 @@ def prepare_weight(
     fb = None
     if q.error_feedback:
         fb = _cached(stats, ("fb", q.damping, q.act_order), lambda: Feedback.build(gram, q.damping, q.act_order))
-    roots = None
+    factor = None
     if ad.method == "fullcov" and gram is not None:
-        roots = _cached(stats, ("roots", ad.damping), lambda: sqrt_and_inv_sqrt(gram, ad.damping))
+        factor = _cached(stats, ("factor", ad.damping), lambda: gram_factor(gram, ad.damping))
     qr = quantize_masked(w, mask, q, gram, fb, params, choose)
     info.update(qr.info)
-    return Prepared(w, stats, qr.mask, fb, params, roots, input_scale, qr, info)
+    return Prepared(w, stats, qr.mask, fb, params, factor, input_scale, qr, info)
 
 
 def weighted(err: torch.Tensor, prep: Prepared, ad: AdapterConfig) -> torch.Tensor:
-    """The error as the adapter method sees it, E S, whose truncated SVD the adapter keeps."""
+    """The error as the adapter method sees it, E S, whose truncated SVD the adapter keeps (fullcov: S the
+    Cholesky factor of H, whose singular values are those of E H^(1/2))."""
     if ad.method == "fullcov":
-        return err.double() @ prep.roots[0]
+        return times_lower(err, prep.factor.low)
     d = diag_weight(prep.stats, ad.method)
     return err.double() if d is None else err.double() * d.double()[None, :]
 
@@ -344,7 +353,7 @@ def compress_weight(
     """
     q, ad = cfg.quant, cfg.adapter
     prep = stats.cache.pop(("prep", name), None) or prepare_weight(w, stats, cfg, mask, name)
-    w, stats, mask, fb, params, roots = prep.w, prep.stats, prep.mask, prep.fb, prep.params, prep.roots
+    w, stats, mask, fb, params, factor = prep.w, prep.stats, prep.mask, prep.fb, prep.params, prep.factor
     input_scale, qr, info = prep.input_scale, prep.qr, prep.info
     gram, rms = stats.mean_gram, stats.rms
     base = max(output_error(w, gram, rms), 1e-30)
@@ -355,19 +364,23 @@ def compress_weight(
     def quantize(target: torch.Tensor) -> QuantResult:
         return quantize_masked(target, mask, q, gram, fb, params)
 
-    def fit(err: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return fit_adapter(err, stats, gram, rank, ad, roots)
+    def fit(err: torch.Tensor, product: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        return fit_adapter(err, stats, gram, rank, ad, factor, product)
 
+    # fullcov: E L is needed for each fit; the error of the state before it then costs no extra product
+    low = None if factor is None or gram is None else factor.low
+    product = None if low is None else times_lower(w - qr.dense, low)
     info["err_metric"] = "gram" if gram is not None else "diag"  # tr(E H E^T), or its diagonal approximation
-    info["rel_err_compressed"] = rel(w - qr.dense)
+    info["rel_err_compressed"] = (rel(w - qr.dense) if product is None
+                                  else factor.energy(w - qr.dense, product) / base)
     if rank is None:
         rank = ad.rank_for(*w.shape) if ad.method != "none" else 0
-    a = b = None
+    a = b = best = None
     adapter_q = None
     if rank:
         if ad.refit_rounds == 0:
             # the paper's order: fit on E, re-quantize W - BA under the same mask, then quantize the adapters
-            a, b = fit(w - qr.dense)
+            a, b = fit(w - qr.dense, product)
             qr = quantize(w - b @ a)
             if ad.quantize:
                 ca, sa, a = quantize_grouped(a, ad.bits, ad.group_size)
@@ -376,22 +389,28 @@ def compress_weight(
         else:
             # alternate: adapters (as stored) fitted to the current weights' error, weights re-quantized
             # against them; keep the best state by calibration error, stop when it stops falling
-            best = None
             cur = qr
+            errs: list[float] = []
             for rnd in range(ad.refit_rounds + 1):
-                a1, b1 = fit(w - cur.dense)
+                a1, b1 = fit(w - cur.dense, product)
                 aq = None
                 if ad.quantize:
                     ca, sa, a1 = quantize_grouped(a1, ad.bits, ad.group_size)
                     cb, sb, b1 = quantize_grouped(b1, ad.bits, ad.group_size)
                     aq = ((ca, cb), (sa, sb))
                 cur = quantize(w - b1 @ a1)
-                e = rel(w - cur.dense - b1 @ a1)
+                if product is None:
+                    e = rel(w - cur.dense - b1 @ a1)
+                else:  # (E - BA) L = E L - B (A L): the next fit's product serves this measurement too
+                    product = times_lower(w - cur.dense, low)
+                    e = factor.energy(w - cur.dense - b1 @ a1, product - b1.double() @ times_lower(a1, low)) / base
+                errs.append(e)
                 if best is not None and e >= best[0]:
                     break
                 best = (e, cur, a1, b1, aq, rnd)
             _, qr, a, b, adapter_q, rounds = best
             info["refit_rounds_used"] = rounds
+            info["refit_rel_errs"] = errs
         info.update({k + "_final": v for k, v in qr.info.items()})
         info["rank"] = rank
     cw = CompressedWeight(
@@ -403,7 +422,8 @@ def compress_weight(
         cw.adapter_codes, cw.adapter_scales = adapter_q
         cw.adapter_bits = ad.bits
     final_err = w - qr.dense - (b @ a if rank else 0)
-    info["rel_err_final"] = rel(final_err)
+    # the refit loop measured exactly this error for the state it kept
+    info["rel_err_final"] = best[0] if rank and ad.refit_rounds else rel(final_err)
     # the diagonal metric as well, which every method has: errors of methods that collect the full
     # Gram matrix and of those that do not can then be compared layer by layer
     info["rel_err_final_diag"] = (info["rel_err_final"] if gram is None

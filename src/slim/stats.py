@@ -19,6 +19,24 @@ def clip_top(x: torch.Tensor, fraction: float) -> torch.Tensor:
     return x.clamp(-thr, thr)
 
 
+def add_gram(gram: torch.Tensor, x: torch.Tensor, chunk: int = 256) -> None:
+    """gram += x^T x for x (tokens, d): the upper triangle by column chunks, mirrored.
+
+    About (k + 1) / 2k of the multiply-adds of one full product for k chunks (torch has no symmetric rank-k
+    update); measured 1.2-1.7x faster for d = 576 and 1536 on a 2-core CPU. Each entry is the same dot product
+    over the tokens as in the full product.
+    """
+    d = x.shape[1]
+    if d <= chunk:
+        gram += (x.T @ x).double()
+        return
+    for i0 in range(0, d, chunk):
+        i1 = min(i0 + chunk, d)
+        blk = (x[:, i0:i1].T @ x[:, i0:]).double()
+        gram[i0:i1, i0:] += blk
+        gram[i1:, i0:i1] += blk[:, i1 - i0:].T
+
+
 @dataclass
 class JSQStats:
     """What JSQ's pruning metric needs: Wanda's norms and the per-position mean input, both taken
@@ -81,7 +99,7 @@ class InputStats:
         if self.sum_abs is not None:
             self.sum_abs += xf.abs().sum(0).double()
         if self.gram is not None:
-            self.gram += (xf.T @ xf).double()
+            add_gram(self.gram, xf)
         self.n_tokens += x.shape[0]
         self.cache.clear()
 

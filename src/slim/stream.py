@@ -45,6 +45,7 @@ from .checkpoint import (
     write_json,
     write_safetensors,
 )
+from .dist import Ranks
 from .models import check_finite, get_layers, layers_prefix, set_submodule
 from .packed import Layout, SlimLinear
 
@@ -211,17 +212,29 @@ def parse_size(text: str) -> int:
     return int(v * total_ram()) if 0 < v <= 1 else int(v)
 
 
-def check_budget(model: nn.Module, max_memory: int) -> None:
+# float64 d_in x d_in matrices alive at once while one linear's Gram matrix is factorized (its sum, its mean, the
+# damped copy and its Cholesky factors for error feedback, the adapters' factor): what the Gram-based recipes add
+GRAM_COPIES = 7
+
+
+def check_budget(model: nn.Module, max_memory: int, needs_gram: bool = False) -> None:
     """Refuse, before any work, a budget below what one block needs: everything outside the blocks (held
-    throughout), the largest block as stored and in fp32 for the solver."""
+    throughout), the largest block as stored and in fp32 for the solver, and, for recipes that use the inputs'
+    Gram matrix, that matrix's float64 copies at the widest linear input (an MLP's down projection)."""
     prefix = layers_prefix(model) + "."
     outside = sum(t.numel() * t.element_size() for k, t in model.state_dict().items() if not k.startswith(prefix))
     block = max(sum(t.numel() * (t.element_size() + 4) for t in b.state_dict().values()) for b in get_layers(model))
-    need = outside + block
+    d_in = max((m.in_features for m in get_layers(model)[0].modules() if isinstance(m, nn.Linear)), default=0)
+    gram = GRAM_COPIES * 8 * d_in**2 if needs_gram else 0
+    need = outside + block + gram
     if need > max_memory:
-        raise CheckpointError(f"--max-memory {max_memory / 2**20:.0f} MiB is below what one block needs: "
-                              f"{outside / 2**20:.0f} MiB outside the blocks (embeddings, head) + {block / 2**20:.0f} "
-                              f"MiB for the largest block; give at least {need / 2**20:.0f} MiB")
+        parts = f"{outside / 2**20:.0f} MiB outside the blocks (embeddings, head) + {block / 2**20:.0f} MiB for the " \
+                "largest block"
+        if gram:
+            parts += (f" + {gram / 2**20:.0f} MiB for the solver's float64 Gram matrices ({GRAM_COPIES} x {d_in} x "
+                      f"{d_in}; --preset paper needs none)")
+        raise CheckpointError(f"--max-memory {max_memory / 2**20:.0f} MiB is below what one block needs: {parts}; "
+                              f"give at least {need / 2**20:.0f} MiB")
 
 
 # ------------------------------------------------------------------ committing blocks, resuming
@@ -244,24 +257,44 @@ class BlockRun:
     streaming) and commits each compressed one, and what `--resume` reads back."""
 
     def __init__(self, out: str | os.PathLike, fingerprint: dict[str, Any], dtype: torch.dtype,
-                 weights: SourceWeights | None = None, resume: bool = False, overwrite: bool = False) -> None:
+                 weights: SourceWeights | None = None, resume: bool = False, overwrite: bool = False,
+                 ranks: Ranks | None = None) -> None:
+        self.ranks = ranks = ranks or Ranks()
         self.out = Path(out)
         self.dir = partial_dir(self.out)
         self.dtype, self.weights = dtype, weights
+        if ranks.active:  # each rank's hidden states hold its share of the batches
+            fingerprint = {**fingerprint, "world_size": ranks.world}
         self.fingerprint = hashlib.sha256(json.dumps(fingerprint, sort_keys=True, default=str).encode()).hexdigest()
         self.done = -1
         self.per_layer: dict[str, Any] = {}
         self.layouts: dict[str, dict[str, Any]] = {}
         self.threads = torch.get_num_threads()
         progress = self.dir / PROGRESS
-        check_partial(self.out, resume, overwrite)
-        if self.dir.exists() and not resume:
-            shutil.rmtree(self.dir)
+        if ranks.main:  # rank 0 owns the directory; the others only add their hidden-state files
+            check_partial(self.out, resume, overwrite)
+            if self.dir.exists() and not resume:
+                _not_locked(self.dir / ".lock")  # --overwrite must not delete a live run's files
+                shutil.rmtree(self.dir)
+            with _writing(self.dir):
+                self.dir.mkdir(parents=True, exist_ok=True)
+                self._lock = open(self.dir / ".lock", "w")  # noqa: SIM115 - held for the run; dropped on any exit
+            try:
+                fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                raise ResumeError(f"another slim process is writing {self.dir}") from None
+        ranks.barrier()
         if resume and progress.is_file():
-            state = json.loads(progress.read_text())
+            try:
+                state = json.loads(progress.read_text())
+                if not isinstance(state, dict) or not isinstance(state.get("done"), int):
+                    raise ValueError("no block count")
+            except (ValueError, UnicodeDecodeError) as e:
+                raise ResumeError(f"{progress} is damaged ({e}); pass --overwrite to start over") from None
             if state.get("fingerprint") != self.fingerprint:
-                raise ResumeError(f"{self.dir} was written by a different run (model, recipe, data, dtype or slim "
-                                  "version differ): resume with the same command, or pass --overwrite to start over")
+                raise ResumeError(f"{self.dir} was written by a different run (model, recipe, data, dtype, number of "
+                                  "processes or slim version differ): resume with the same command, or pass "
+                                  "--overwrite to start over")
             if state.get("threads") != self.threads:
                 log.warning("resuming with %d threads where the run began with %s: float sums may differ in the last "
                             "bits from an uninterrupted run", self.threads, state.get("threads"))
@@ -270,19 +303,13 @@ class BlockRun:
             log.info("resuming %s after block %d", self.dir, self.done)
         elif resume:
             log.info("nothing to resume in %s; starting from the first block", self.dir)
-        with _writing(self.dir):
-            self.dir.mkdir(parents=True, exist_ok=True)
-            self._lock = open(self.dir / ".lock", "w")  # noqa: SIM115 - held for the run; dropped on any exit
-        try:
-            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            raise ResumeError(f"another slim process is writing {self.dir}") from None
 
     def _block_file(self, i: int) -> Path:
         return self.dir / f"block-{i:05d}.safetensors"
 
     def _hidden_file(self, i: int) -> Path:
-        return self.dir / f"hidden-{i:05d}.safetensors"
+        rank = f".rank{self.ranks.rank}" if self.ranks.active else ""
+        return self.dir / f"hidden-{i:05d}{rank}.safetensors"
 
     def resume(self, model: nn.Module, hidden: Activations, spill: Path | None = None) -> tuple[int, Activations]:
         """(first block to compress, the hidden states entering it): committed blocks become meta skeletons of
@@ -329,23 +356,31 @@ class BlockRun:
         block = layers[i]
         cast_dense_parts(block, self.dtype)
         base = f"{layers_prefix(model)}.{i}."
-        write_safetensors(self._block_file(i), {base + k: v for k, v in block.state_dict().items()}, {}, "commit")
+        main = self.ranks.main
+        if main:
+            write_safetensors(self._block_file(i), {base + k: v for k, v in block.state_dict().items()}, {}, "commit")
         fault("commit")
         write_safetensors(self._hidden_file(i), {f"h{j}": hidden.source(j) for j in range(len(hidden))}, {}, "commit")
         self.per_layer.update(per_layer)
         self.layouts.update({base + n: m.layout.to_dict() for n, m in block.named_modules()
                              if isinstance(m, SlimLinear)})
         self.done = i
-        write_json(self.dir / PROGRESS, {"fingerprint": self.fingerprint, "done": i, "threads": self.threads,
-                                         "per_layer": self.per_layer, "layouts": self.layouts})
-        _fsync_dir(self.dir)
+        self.ranks.barrier()  # every rank's hidden states are on disk before the block counts as done
+        if main:
+            write_json(self.dir / PROGRESS, {"fingerprint": self.fingerprint, "done": i, "threads": self.threads,
+                                             "per_layer": self.per_layer, "layouts": self.layouts})
+            _fsync_dir(self.dir)
+        self.ranks.barrier()  # ... and it counts before any rank drops the states a resume would otherwise need
         if i > 0:
             self._hidden_file(i - 1).unlink(missing_ok=True)
         layers[i] = block.to("meta")
         release_free_memory()  # glibc keeps the freed block's pages otherwise: ~7 MB a block of resident growth
 
     def finish(self, model: nn.Module, tokenizer, meta: dict[str, Any], overwrite: bool) -> Path:
-        """Assemble the checkpoint from the committed blocks and rename it into place."""
+        """Assemble the checkpoint from the committed blocks and rename it into place (rank 0; the others wait)."""
+        if not self.ranks.main:
+            self.ranks.barrier()
+            return self.out
         cast_dense_parts(model, self.dtype)
         n = len(get_layers(model))
         prefix = layers_prefix(model) + "."
@@ -372,7 +407,21 @@ class BlockRun:
             os.replace(ck, self.out)
         shutil.rmtree(self.dir)
         self._lock.close()
+        self.ranks.barrier()
         return self.out
+
+
+def _not_locked(lock: Path) -> None:
+    """Refuse when another process holds a run's lock file (a missing file is no lock)."""
+    try:
+        f = open(lock)  # noqa: SIM115 - closed below
+    except OSError:
+        return
+    with f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise ResumeError(f"another slim process is writing {lock.parent}; wait for it or stop it first") from None
 
 
 @contextlib.contextmanager

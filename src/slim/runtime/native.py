@@ -1,8 +1,10 @@
-"""slim's own CPU kernel (csrc/int4_gemv.cpp), compiled on first use with torch's C++ extension builder.
+"""slim's own CPU kernels (csrc/int4_gemv.cpp, and csrc/optq.cpp for the compressor's error-feedback loop),
+compiled on first use with torch's C++ extension builder.
 
 Optional: it needs a C++ compiler, `ninja` and an x86-64 CPU with AVX2 + FMA; without them (or with
-SLIM_NATIVE=0) the cpu-int4 backend uses PyTorch's int4 kernel alone. The build is cached by torch
-(TORCH_EXTENSIONS_DIR, default ~/.cache/torch_extensions) and takes about a minute once.
+SLIM_NATIVE=0) the cpu-int4 backend uses PyTorch's int4 kernel alone and the error-feedback loop runs in
+Python. The build is cached by torch (TORCH_EXTENSIONS_DIR, default ~/.cache/torch_extensions) and takes
+about a minute once.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import torch
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).parent / "csrc" / "int4_gemv.cpp"
+SOURCES = (SOURCE, SOURCE.with_name("optq.cpp"))
 
 
 def unavailable_reason() -> str | None:
@@ -30,8 +33,9 @@ def unavailable_reason() -> str | None:
     cap = torch.backends.cpu.get_cpu_capability()
     if not cap.startswith("AVX2") and not cap.startswith("AVX512"):
         return f"needs AVX2 (torch reports {cap})"
-    if not SOURCE.is_file():
-        return f"kernel source {SOURCE} is missing"
+    missing = [str(p) for p in SOURCES if not p.is_file()]
+    if missing:
+        return f"kernel source {missing[0]} is missing"
     return None
 
 
@@ -46,12 +50,13 @@ def load() -> ModuleType | None:
         from torch.utils.cpp_extension import load as build
 
         t0 = time.perf_counter()
-        mod = build(name="slim_int4_gemv_v19", sources=[str(SOURCE)],
+        mod = build(name="slim_int4_gemv_v20", sources=[str(p) for p in SOURCES],
                     extra_cflags=["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"],
                     extra_ldflags=["-fopenmp"], verbose=False)
         log.info("slim's CPU kernel ready (%.1f s)", time.perf_counter() - t0)
         return mod
     except Exception as e:  # no compiler, no ninja, build error: fall back, say why
-        log.warning("slim's CPU kernel could not be built (%s); using PyTorch's int4 kernel only",
+        log.warning("slim's CPU kernel could not be built (%s); using PyTorch's int4 kernel only, and the "
+                    "compressor's error-feedback loop in Python (slower)",
                     str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__)
         return None

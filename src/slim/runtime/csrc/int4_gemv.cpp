@@ -566,7 +566,11 @@ torch::Tensor half_linear(torch::Tensor x, torch::Tensor w) {
   return out;
 }
 
+std::vector<torch::Tensor> optq_block(torch::Tensor wb, torch::Tensor ub, torch::Tensor keep, torch::Tensor scale,
+                                      torch::Tensor zero, int64_t bits);  // optq.cpp
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("optq_block", &optq_block, "OPTQ's column loop over one block of columns, rows in parallel");
   m.def("int4_gemv", &int4_gemv, "int4 weight x int8-quantized activation GEMV (AVX2)");
   m.def("sparse24_dequant", &sparse24_dequant, "dense fp32 weight of a 2:4 matrix");
   m.def("int4_dequant", &int4_dequant, "dense fp32 weight of an int4 matrix");
