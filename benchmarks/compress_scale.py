@@ -103,6 +103,8 @@ def main() -> None:
     ap.add_argument("--work", default="runs/scale", help="where the random models and checkpoints go")
     ap.add_argument("--depths", default="2,4,8", help="7B-shaped depths (2,4,8)")
     ap.add_argument("--no-70b", action="store_true", help="skip the 70B-shaped block")
+    ap.add_argument("--no-memory-load", action="store_true",
+                    help="skip the deepest model loaded whole (--load memory) for comparison")
     ap.add_argument("--hidden", type=int, default=4096, help="hidden size of the deep models (4096, Llama-2-7B)")
     ap.add_argument("--mlp", type=int, default=11008, help="MLP width of the deep models (11008)")
     ap.add_argument("--calib-samples", type=int, default=8, help="calibration windows (8)")
@@ -128,7 +130,8 @@ def main() -> None:
         src = work / f"{label}-{blocks}"
         if not (src / "config.json").is_file():
             write_model(src, hidden, mlp, blocks, heads, kv, vocab=49152)
-        loads = ["stream", "memory"] if label != "70B" and blocks == deepest else ["stream"]
+        whole = label != "70B" and blocks == deepest and not args.no_memory_load
+        loads = ["stream", "memory"] if whole else ["stream"]
         for load in loads:
             print(f"{label} x {blocks} blocks, --load {load} ...", flush=True)
             r = compress(src, work / f"{label}-{blocks}-{load}-ck", args, load)
