@@ -34,7 +34,6 @@ def write_model(d: Path, hidden: int, mlp: int, blocks: int, heads: int, kv_head
     cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=mlp, num_hidden_layers=blocks,
                       num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=4096,
                       tie_word_embeddings=False, dtype="bfloat16")
-    cfg.save_pretrained(d)
     g = torch.Generator().manual_seed(0)
     hd = hidden // heads
 
@@ -69,6 +68,7 @@ def write_model(d: Path, hidden: int, mlp: int, blocks: int, heads: int, kv_head
 
     g = bundled_gguf()  # SmolLM2's tokenizer (49152 tokens, the vocabulary these models get)
     AutoTokenizer.from_pretrained(str(g.parent), gguf_file=g.name).save_pretrained(d)
+    cfg.save_pretrained(d)  # last: a folder with config.json is a complete model (an interrupted write is redone)
     return total
 
 
@@ -112,17 +112,19 @@ def main() -> None:
     ap.add_argument("--preset", help="a recipe preset (default: slim's default recipe)")
     ap.add_argument("--extra", default="", help="more `slim compress` options, e.g. '--adapter none'")
     ap.add_argument("--data-dir")
+    ap.add_argument("--from-json", action="store_true",
+                    help="only re-render OUT/scale.json's runs (summary and table), measuring nothing")
     args = ap.parse_args()
-    sys.path.insert(0, str(HERE))
-    from grid import describe_machine, machine, source_commit
-
-    from slim.checkpoint import write_json
-
     work, out = Path(args.work), Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    label7 = "7B" if (args.hidden, args.mlp) == (4096, 11008) else f"{args.hidden}/{args.mlp}"
+    if args.from_json:
+        saved = json.loads((out / "scale.json").read_text())
+        write_outputs(out, saved["runs"], argparse.Namespace(**{**saved["args"], "from_json": False}), label7,
+                      saved.get("commit"))
+        return
     runs = []
-    label = "7B" if (args.hidden, args.mlp) == (4096, 11008) else f"{args.hidden}/{args.mlp}"
-    shapes = [(label, args.hidden, args.mlp, int(b), 32, 32) for b in args.depths.split(",")]
+    shapes = [(label7, args.hidden, args.mlp, int(b), 32, 32) for b in args.depths.split(",")]
     if not args.no_70b:
         shapes.append(("70B", 8192, 28672, 1, 64, 8))
     deepest = max(b for _, _, _, b, _, _ in shapes[: len(args.depths.split(","))])
@@ -140,7 +142,18 @@ def main() -> None:
             print(f"  peak RSS {r['peak_rss_mib']:.0f} MiB, {r['compress_seconds']:.0f} s", flush=True)
             runs.append(r)
             shutil.rmtree(work / f"{label}-{blocks}-{load}-ck")
-    stream7 = sorted((r for r in runs if r["shape"] == label and r["load"] == "stream"), key=lambda r: r["blocks"])
+    write_outputs(out, runs, args, label7)
+
+
+def write_outputs(out: Path, runs: list[dict], args: argparse.Namespace, label7: str,
+                  commit: str | None = None) -> None:
+    """scale.json (runs + the summary derived from them) and scale.md; `commit`: the code that measured them."""
+    sys.path.insert(0, str(HERE))
+    from grid import describe_machine, machine, source_commit
+
+    from slim.checkpoint import write_json
+
+    stream7 = sorted((r for r in runs if r["shape"] == label7 and r["load"] == "stream"), key=lambda r: r["blocks"])
     lo, hi = stream7[0], stream7[-1]
     if hi["blocks"] > lo["blocks"]:
         per_block = (hi["compress_seconds"] - lo["compress_seconds"]) / (hi["blocks"] - lo["blocks"])
@@ -153,7 +166,7 @@ def main() -> None:
     if big:
         summary["projected_llama2_70b_hours"] = 80 * big[0]["compress_seconds"] / 3600
     m = machine()
-    write_json(out / "scale.json", {"machine": m, "commit": source_commit(), "args": vars(args), "runs": runs,
+    write_json(out / "scale.json", {"machine": m, "commit": commit or source_commit(), "args": vars(args), "runs": runs,
                                     "summary": summary})
     lines = ["# Compression at scale: memory and time against depth\n", f"Machine: {describe_machine(m)}.",
              f"Calibration {args.calib_samples} x {args.calib_seqlen} tokens, recipe "
@@ -164,9 +177,10 @@ def main() -> None:
     for r in runs:
         lines.append(f"| {r['shape']}-shaped | {r['blocks']} | {r['load']} | {r['source_mib']:.0f} | "
                      f"{r['peak_rss_mib']:.0f} | {r['compress_seconds']:.0f} | {r['checkpoint_mib']:.0f} |")
-    lines += ["", f"Peak RSS spread over 7B-shaped depths (streamed): {100 * summary['rss_spread_7b']:.1f} %.",
-              f"Time per 7B-shaped block (slope): {per_block:.0f} s; LLaMA-2-7B (32 blocks) projected at "
-              f"{summary['projected_llama2_7b_hours']:.2f} h with this calibration."]
+    lines += ["", f"Peak RSS spread over {label7}-shaped depths (streamed): {100 * summary['rss_spread_7b']:.1f} %.",
+              f"Time per {label7}-shaped block (slope between the shallowest and the deepest): {per_block:.0f} s; "
+              f"LLaMA-2-7B (32 blocks) projected at {summary['projected_llama2_7b_hours']:.2f} h with this "
+              "calibration."]
     if big:
         lines.append(f"70B-shaped block: {big[0]['compress_seconds']:.0f} s, peak RSS {big[0]['peak_rss_mib']:.0f} "
                      f"MiB; LLaMA-2-70B (80 blocks) projected at {summary['projected_llama2_70b_hours']:.1f} h.")
