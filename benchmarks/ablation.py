@@ -26,6 +26,7 @@ EF = {"quant": {"error_feedback": True}}
 REFIT = {"adapter": {"refit_rounds": 3}}
 BEST = merge(merge(FULLCOV, EF), REFIT)
 GREEDY = {"adapter": {"allocation": "greedy"}}
+TUNE = {"tune": {"steps": 32, "lr": 0.03, "teacher": "dense"}}
 
 # name -> (description, overrides on top of the paper preset); "dense" is the uncompressed model
 ROWS: dict[str, tuple[str, dict]] = {
@@ -45,6 +46,7 @@ ROWS: dict[str, tuple[str, dict]] = {
     "slim-group": ("4. SLiM-Quant with group-128 scales (+0.125 bit/weight)", {"quant": {"method": "slim-group"}}),
     "greedy": ("5. greedy rank allocation by error spectrum (same adapter budget)", GREEDY),
     "best+greedy": ("1 + 2 + 3 + 5", merge(BEST, GREEDY)),
+    "best+tune": ("1 + 2 + 3 + block tuning (32 steps, lr 3e-2, dense teacher)", merge(BEST, TUNE)),
 }
 
 
@@ -81,7 +83,7 @@ def main() -> int:
     base = CompressConfig.from_dict(paper)
     grid_rows = {n: (d, None if n == "dense" else merge(paper, o)) for n, (d, o) in ROWS.items()}
     res = run_grid(grid_rows, rows, Path(args.out), base, args.model, args.data_dir, args.limit, table,
-                   [Path(r) for r in args.reuse])
+                   [Path(r) for r in args.reuse], [r for r in args.redo.split(",") if r])
     print(table(res))
     return 0
 

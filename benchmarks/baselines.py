@@ -141,7 +141,7 @@ def main() -> int:
         names = ["dense"] + [n for n in names[1:] if n.split("/", 1)[1] in want]
     base = CompressConfig.from_dict(with_calib(PRESETS["paper"], args.calib_samples))
     res = run_grid(rows, names, Path(args.out), base, args.model, args.data_dir, args.limit, render,
-                   [Path(r) for r in args.reuse])
+                   [Path(r) for r in args.reuse], [r for r in args.redo.split(",") if r])
     if res.get("rows"):
         print(render(res))
     return 0

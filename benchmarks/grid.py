@@ -82,6 +82,8 @@ def add_common_args(ap: argparse.ArgumentParser, with_eval: bool = True) -> None
     ap.add_argument("--out", required=True, help="results directory")
     if with_eval:
         ap.add_argument("--limit", type=positive_int, default=None, help="perplexity windows (default: all)")
+        ap.add_argument("--redo", default="", metavar="ROWS",
+                        help="comma-separated rows to measure again even when OUT/results.json has them (code changed)")
         ap.add_argument("--reuse", action="append", default=[], metavar="RESULTS_JSON",
                         help="take a row from another grid's results.json instead of recomputing it when that row "
                              "has the same recipe, model, calibration and evaluation windows (repeatable)")
@@ -144,12 +146,13 @@ def find_reusable(
 def run_grid(
     rows: dict[str, tuple[str, dict[str, Any] | None]], names: list[str], out: Path, base: CompressConfig,
     model_name: str | None, data_dir: str | None, limit: int | None, render: Callable[[dict], str],
-    reuse: list[Path] | None = None,
+    reuse: list[Path] | None = None, redo: list[str] | None = None,
 ) -> dict:
     """Compress and evaluate each named row (config None = the dense model); returns the results dict.
 
     A row already in OUT/results.json (with the same --limit setting) is skipped; one found in a
-    --reuse file (see find_reusable) is copied with a note of where it came from.
+    --reuse file (see find_reusable) is copied with a note of where it came from. Rows in `redo` are measured
+    again whatever OUT/results.json holds.
     """
     out.mkdir(parents=True, exist_ok=True)
     rfile = out / "results.json"
@@ -157,8 +160,8 @@ def run_grid(
     if res["rows"] and res.get("calib", calib_label(base)) != calib_label(base):
         raise SystemExit(f"{rfile} holds rows calibrated on {res['calib']}, not {calib_label(base)}; "
                          "use another --out to keep the two apart")
-    todo = [n for n in names
-            if not (n in res["rows"] and (limit is None) == (res["rows"][n].get("limit") is None))]
+    todo = [n for n in names if n in (redo or [])
+            or not (n in res["rows"] and (limit is None) == (res["rows"][n].get("limit") is None))]
     for n in names:
         if n not in todo:
             print(f"[{n}] done already: ppl {res['rows'][n]['ppl']:.3f}")
@@ -171,7 +174,7 @@ def run_grid(
                 "calib_data": prov, "eval_data": eval_prov, "command": "python " + " ".join(sys.argv)})
     for k, name in enumerate(tqdm(todo, desc="grid rows", unit="row")):
         desc, cfg_dict = rows[name]
-        found = find_reusable(cfg_dict, limit, res, reuse or [])
+        found = None if name in (redo or []) else find_reusable(cfg_dict, limit, res, reuse or [])
         if found is not None:
             old, res["eval"] = found
             print(f"[{name}] reused from {old['reused_from']}: ppl {old['ppl']:.3f}", flush=True)

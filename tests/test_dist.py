@@ -26,10 +26,12 @@ def _run(cmd: list[str]) -> None:
     assert r.returncode == 0, r.stderr[-3000:]
 
 
-@pytest.mark.parametrize("recipe", [[], ["--preset", "paper", "--true-sequential"]], ids=["default", "paper-seq"])
+@pytest.mark.parametrize("recipe", [[], ["--preset", "paper", "--true-sequential"], ["--block-tune-steps", "6"]],
+                         ids=["default", "paper-seq", "block-tune"])
 def test_two_processes_give_the_one_process_checkpoint(tiny_llama_dir, shared_data, tmp_path, recipe):
     """`torchrun --nproc-per-node 2 -m slim compress` (batches split, statistics all-reduced, linears solved on
-    both ranks and broadcast) writes the same bytes as one process."""
+    both ranks and broadcast; block tuning's steps on the rank holding their batch, gradients all-reduced) writes
+    the same bytes as one process."""
     args = ["compress", str(tiny_llama_dir), *ARGS, *recipe, "--data-dir", str(shared_data)]
     _run([sys.executable, "-m", "slim", *args, "--out", str(tmp_path / "one")])
     _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",

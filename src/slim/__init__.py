@@ -4,10 +4,17 @@ __version__ = "0.1.0"
 
 from .api import compress  # noqa: E402
 from .checkpoint import load, save  # noqa: E402
-from .config import AdapterConfig, CalibConfig, CompressConfig, QuantConfig, SparsityConfig  # noqa: E402
+from .config import (  # noqa: E402
+    AdapterConfig,
+    CalibConfig,
+    CompressConfig,
+    QuantConfig,
+    SparsityConfig,
+    TuneConfig,
+)
 from .packed import SlimLinear  # noqa: E402
 
 __all__ = [
-    "AdapterConfig", "CalibConfig", "CompressConfig", "QuantConfig", "SlimLinear", "SparsityConfig",
+    "AdapterConfig", "CalibConfig", "CompressConfig", "QuantConfig", "SlimLinear", "SparsityConfig", "TuneConfig",
     "compress", "load", "save", "__version__",
 ]

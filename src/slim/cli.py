@@ -50,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="memory budget: calibration activations move to files on disk when their two copies would "
                         "exceed a quarter of it; refused before work if one block cannot fit (e.g. 12G, 800M; "
                         "default 0.5 = half this machine's RAM)")
-    c.add_argument("--config", help="YAML file with sections sparsity/quant/adapter/calib (unknown keys rejected)")
+    c.add_argument("--config", help="YAML file with sections sparsity/quant/adapter/calib/tune (unknown keys rejected)")
     c.add_argument("--preset", choices=sorted(PRESETS),
                    help="a named recipe ('paper': the SLiM paper's); flags and --config override it")
     g = c.add_argument_group("sparsity")
@@ -88,6 +88,18 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--calib-batch-size", dest="calib.batch_size", type=int, help="windows per forward (8)")
     g.add_argument("--gram-errors", dest="calib.gram_errors", action="store_true", default=None,
                    help="also report each layer's error with the full input Gram (to compare methods; slower)")
+    g = c.add_argument_group("block tuning (after each block's closed form)")
+    g.add_argument("--block-tune-steps", dest="tune.steps", type=int,
+                   help="Adam steps per block on its adapters against the dense block's outputs (0 = off)")
+    g.add_argument("--block-tune-lr", dest="tune.lr", type=float,
+                   help="learning rate relative to each tensor's RMS, cosine-decayed (3e-2)")
+    g.add_argument("--block-tune-teacher", dest="tune.teacher", choices=["dense", "compressed"],
+                   help="targets: the dense model's own stream (dense, default) or the dense block on the compressed "
+                        "stream's inputs")
+    g.add_argument("--block-tune-scales", dest="tune.scales", action=argparse.BooleanOptionalAction, default=None,
+                   help="also train the weight quantizer's scales (codes frozen)")
+    g.add_argument("--block-tune-holdout", dest="tune.holdout", type=float,
+                   help="share of calibration batches held out to stop early (0.125)")
     c.add_argument("--fp8-inputs", dest="fp8_inputs", action="store_true", default=None,
                    help="FP8 per-tensor input quantization (off by default)")
     c.add_argument("--device", dest="device", help="cpu (default) or cuda")
@@ -134,6 +146,35 @@ def build_parser() -> argparse.ArgumentParser:
     gn.add_argument("--device", default="cpu")
     _add_load_args(gn)
     gn.add_argument("--out", help="write the timings (and text) as JSON here")
+
+    f = sub.add_parser("finetune", help="train a checkpoint's adapters on text (the paper's +FT), base frozen",
+                       epilog="The paper's recipe by default: 1024-token blocks of C4, global batch 64 by gradient "
+                       "accumulation, Adafactor, linear schedule, lr 1e-4. The shipped C4 sample holds ~0.55 M tokens: "
+                       "larger --max-tokens repeat it in epochs (say so when reporting). A resumable state is saved "
+                       "every --save-every steps inside .OUT.partial/; continue a killed run with --resume.")
+    f.add_argument("path", help="a slim checkpoint directory")
+    f.add_argument("--out", required=True, help="output checkpoint directory (refused if it exists; see --overwrite)")
+    f.add_argument("--overwrite", action="store_true", help="replace --out (and discard an interrupted run's state)")
+    f.add_argument("--resume", action="store_true", help="continue an interrupted run of the same command")
+    f.add_argument("--max-tokens", type=int, default=2_000_000, help="training tokens in all (2,000,000)")
+    f.add_argument("--seqlen", type=int, default=1024, help="tokens per training block (1024)")
+    f.add_argument("--batch", type=int, default=64, help="sequences per optimizer step (64)")
+    f.add_argument("--micro-batch", type=int, default=4, help="sequences per forward/backward (4)")
+    f.add_argument("--lr", type=float, default=1e-4, help="learning rate (1e-4), linear decay to 0")
+    f.add_argument("--warmup", type=float, default=0.0, help="share of steps with a linear warm-up (0)")
+    f.add_argument("--optimizer", choices=["adafactor", "adam"], default="adafactor")
+    f.add_argument("--distill", type=float, nargs="?", const=1.0, default=0.0, metavar="WEIGHT",
+                   help="add WEIGHT (1.0 when given bare) x KL(dense || student) on the logits")
+    f.add_argument("--temperature", type=float, default=1.0, help="distillation temperature (1.0)")
+    f.add_argument("--teacher", help="the dense model for --distill (default: the checkpoint's recorded source)")
+    f.add_argument("--scales", action="store_true", help="also train the weight quantizer's scales (codes frozen)")
+    f.add_argument("--data", default="c4", help="training text: c4 (the shipped sample), a .jsonl/.txt file or folder")
+    f.add_argument("--data-dir", help="data folder (default: $SLIM_DATA_DIR or ../shared/data)")
+    f.add_argument("--seed", type=int, default=0)
+    f.add_argument("--save-every", type=int, default=10, help="optimizer steps between resumable states (10)")
+    f.add_argument("--eval", action="store_true", help="WikiText-2 perplexity before and after")
+    f.add_argument("--eval-limit", type=int, default=None, help="perplexity on the first N windows only")
+    f.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
 
     i = sub.add_parser("info", help="summarize a slim checkpoint (layers, sizes, recipe)")
     i.add_argument("path")
@@ -199,7 +240,7 @@ def _compress(args: argparse.Namespace, cfg: Any, ranks: Any) -> int:
     from .api import check_masks, compress, load_masks
 
     try:
-        ranks.batches(-(-cfg.calib.n_samples // cfg.calib.batch_size))
+        ranks.batches(-(-cfg.calib.n_samples // cfg.calib.batch_size))  # enough batches for every rank
     except ValueError as e:
         raise ConfigError(str(e)) from None
 
@@ -433,6 +474,73 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_finetune(args: argparse.Namespace) -> int:
+    import shutil
+
+    import torch
+
+    from . import checkpoint, data, evaluate, models, stream
+    from .finetune import FinetuneConfig, check_paths, epochs_note, finetune, training_blocks
+    from .packed import set_dense_cache
+
+    cfg = FinetuneConfig(max_tokens=args.max_tokens, seqlen=args.seqlen, batch=args.batch,
+                         micro_batch=args.micro_batch, lr=args.lr, optimizer=args.optimizer, warmup=args.warmup,
+                         distill=args.distill, temperature=args.temperature, scales=args.scales, data=args.data,
+                         seed=args.seed, save_every=args.save_every)
+    src, out = Path(args.path), Path(args.out)
+    check_paths(src, out, args.resume, args.overwrite)
+    texts, prov = data.read_texts(cfg.data, args.data_dir)  # a missing data file fails before any loading
+    src_cfg = checkpoint.read_slim_config(src)
+    teacher = None
+    if cfg.distill:
+        source = src_cfg.get("source") or {}
+        name = args.teacher or source.get("model") or source.get("path")
+        if not name:
+            raise ConfigError(f"--distill needs the dense model: {src} records no source; pass --teacher MODEL")
+        teacher, _, _ = models.load_model(name, dtype=torch.float32)
+    model = checkpoint.load(src, backend="reference", dtype=torch.float32)
+    tok = checkpoint.load_tokenizer(src)
+    blocks = training_blocks(tok, texts, cfg.seqlen)
+    print(f"slim: fine-tuning the adapters of {src}: {epochs_note(cfg, blocks.shape[0])}; {cfg.optimizer}, lr "
+          f"{cfg.lr}, {'distillation weight ' + str(cfg.distill) if cfg.distill else 'no distillation'}")
+    results: dict[str, Any] = {}
+    ids = None
+    if args.eval:
+        ids, results["eval_data"] = data.wikitext2_ids(tok, args.data_dir)
+        set_dense_cache(model, True)
+        results["before"] = evaluate.perplexity(model, ids, 2048, args.eval_limit, "cpu", not args.quiet)
+        set_dense_cache(model, False)
+    part = stream.partial_dir(out)
+    if args.overwrite and part.exists() and not args.resume:
+        shutil.rmtree(part)
+    part.mkdir(parents=True, exist_ok=True)
+    fingerprint = {"source_sha256": src_cfg.get("content_sha256"), "config": cfg.to_dict(),
+                   "data": prov.get("sha256"), "teacher": args.teacher, "blocks": list(blocks.shape)}
+    summary = finetune(model, tok, blocks, cfg, part, fingerprint, teacher, progress=not args.quiet)
+    summary["data"] = prov
+    keep = {k: v for k, v in src_cfg.items()
+            if k not in ("format", "format_version", "dtype", "versions", "content_sha256", "layers")}
+    meta = {**keep, "finetune": summary, "finetuned_from": str(src), "command": "slim " + " ".join(sys.argv[1:])}
+    if args.eval:
+        set_dense_cache(model, True)
+        results["after"] = evaluate.perplexity(model, ids, 2048, args.eval_limit, "cpu", not args.quiet)
+        set_dense_cache(model, False)
+        meta["finetune"]["wikitext2"] = {"before": results["before"]["ppl"], "after": results["after"]["ppl"]}
+    checkpoint.save(model, out, tok, meta, overwrite=args.overwrite, dtype=checkpoint.stored_dtype(src_cfg))
+    shutil.rmtree(part, ignore_errors=True)
+    if results:
+        results.update({"finetune": {k: v for k, v in summary.items() if k != "history"},
+                        "versions": checkpoint.versions()})
+        checkpoint.write_json(out / "results.json", results)
+    print(f"slim: wrote {out}: {summary['tokens']:,} tokens in {summary['seconds']:.0f} s "
+          f"({summary['tokens_per_second']:.0f} tokens/s), LM loss {summary['history'][0]['lm_loss']:.3f} -> "
+          f"{summary['history'][-1]['lm_loss']:.3f}")
+    if args.eval:
+        print(f"slim: WikiText-2 ppl {results['before']['ppl']:.3f} -> {results['after']['ppl']:.3f}"
+              f"{' (first ' + str(args.eval_limit) + ' windows)' if args.eval_limit else ''}")
+    return 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from .report import write_report
 
@@ -457,7 +565,7 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         commands = {"compress": cmd_compress, "eval": cmd_eval, "info": cmd_info, "report": cmd_report,
-                    "generate": cmd_generate, "export": cmd_export}
+                    "generate": cmd_generate, "export": cmd_export, "finetune": cmd_finetune}
         return commands[args.command](args)
     except (ConfigError, DataError, CheckpointError, OutputExistsError, UnsupportedModelError, BackendError,
             FileNotFoundError) as e:

@@ -175,6 +175,33 @@ class CalibConfig:
             raise ConfigError("calib.n_samples, calib.batch_size must be >= 1 and calib.seqlen >= 2")
 
 
+TUNE_TEACHERS = ("dense", "compressed")
+
+
+@dataclass(frozen=True)
+class TuneConfig:
+    """Block-wise tuning: after a block's closed-form solution, train its adapters (and optionally its quantizer
+    scales) by gradient descent so that the block's outputs match the dense model's, mask and base codes frozen."""
+
+    steps: int = 0  # optimizer steps per block (one calibration batch each); 0 = off
+    lr: float = 3e-2  # Adam's learning rate relative to each tensor's RMS, decayed to 0 on a cosine over the steps
+    holdout: float = 0.125  # share of the calibration batches kept out of training, to stop early
+    eval_every: int = 8  # steps between held-out measurements
+    patience: int = 2  # stop after this many measurements without a better held-out loss
+    # "dense": targets are the dense model's own block outputs (a dense stream runs beside the compressed one);
+    # "compressed": the dense block's outputs on the compressed stream's inputs (no second stream)
+    teacher: str = "dense"
+    scales: bool = False  # also train the weight quantizer's scales (codes frozen)
+
+    def __post_init__(self) -> None:
+        if self.steps < 0 or self.lr <= 0 or self.eval_every < 1 or self.patience < 1:
+            raise ConfigError("tune.steps must be >= 0, tune.lr > 0, tune.eval_every and tune.patience >= 1")
+        if not (0.0 <= self.holdout < 1.0):
+            raise ConfigError(f"tune.holdout must be in [0, 1), got {self.holdout}")
+        if self.teacher not in TUNE_TEACHERS:
+            raise ConfigError(f"tune.teacher: unknown teacher {self.teacher!r}; choose from {TUNE_TEACHERS}")
+
+
 @dataclass(frozen=True)
 class CompressConfig:
     """Everything that determines a compressed model; saved next to every checkpoint."""
@@ -183,6 +210,7 @@ class CompressConfig:
     quant: QuantConfig = field(default_factory=QuantConfig)
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
     calib: CalibConfig = field(default_factory=CalibConfig)
+    tune: TuneConfig = field(default_factory=TuneConfig)
     fp8_inputs: bool = False  # FP8 per-tensor input quantization (simulated on CPU)
     true_sequential: bool = False  # re-measure each group's inputs behind the already compressed groups
     device: str = "cpu"
@@ -190,6 +218,9 @@ class CompressConfig:
     def __post_init__(self) -> None:
         if not (self.device == "cpu" or self.device.startswith("cuda")):
             raise ConfigError(f"device {self.device!r}: use 'cpu' or 'cuda' (or 'cuda:N')")
+        if self.tune.steps and self.adapter.method == "none" and not (self.tune.scales and self.quant.method != "none"):
+            raise ConfigError("tune.steps > 0 trains the adapters (and, with tune.scales, the quantizer scales): this "
+                              "recipe has neither; add adapters (--adapter fullcov) or --block-tune-scales")
 
     @property
     def needs_gram(self) -> bool:
@@ -209,7 +240,8 @@ class CompressConfig:
         return _build(cls, d, "")
 
 
-_SECTIONS = {"sparsity": SparsityConfig, "quant": QuantConfig, "adapter": AdapterConfig, "calib": CalibConfig}
+_SECTIONS = {"sparsity": SparsityConfig, "quant": QuantConfig, "adapter": AdapterConfig, "calib": CalibConfig,
+             "tune": TuneConfig}
 
 
 def _build(cls: type, d: dict[str, Any], prefix: str) -> Any:
@@ -264,6 +296,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "quant": {"method": "slim", "bits": 4, "error_feedback": False},
         "adapter": {"method": "slim", "rank": 0.1, "pad_to": 1, "quantize": True, "bits": 4, "group_size": 128,
                     "refit_rounds": 0},
+        "tune": {"steps": 0},
         "true_sequential": False,
     },
 }
@@ -275,6 +308,7 @@ def _baseline(sparsity: str, quant: dict[str, Any], adapter: dict[str, Any] | No
         "sparsity": {"method": sparsity},
         "quant": {"error_feedback": False, "act_order": False, **quant},
         "adapter": {"method": "none", "refit_rounds": 0, **(adapter or {})},
+        "tune": {"steps": 0},
         "true_sequential": False,
     }
 

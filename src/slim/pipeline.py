@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .capture import capture_block_inputs, run_block
+from .capture import Activations, capture_block_inputs, run_block
 from .config import CompressConfig
 from .dist import Ranks
 from .models import check_compressible, find_linears, get_layers, layers_prefix, set_submodule
@@ -22,6 +22,7 @@ from .packed import SlimLinear, set_dense_cache
 from .solver import allocate_ranks, compress_weight, error_spectrum
 from .stats import InputStats
 from .stream import BlockRun, fault
+from .tune import tune_block
 
 log = logging.getLogger(__name__)
 
@@ -43,8 +44,10 @@ def compress_model(
     Block i+1 is calibrated on the outputs of the already compressed block i. Only one block is on
     the compute device at a time. With a `run` (`slim.stream.BlockRun`), blocks are read from disk when it
     streams, each compressed block is committed to disk and dropped, and an interrupted run resumes after its
-    last committed block. When the calibration activations (two copies: a block's inputs and outputs) would take
-    more than a quarter of `max_memory` bytes, they live in files on disk instead, read one batch at a time.
+    last committed block. When the calibration activations (two copies: a block's inputs and outputs; four with
+    block tuning) would take more than a quarter of `max_memory` bytes, they live in files on disk instead, read
+    one batch at a time. With `cfg.tune.steps`, each block's adapters are then tuned against the dense block's
+    outputs (`slim.tune`).
     With `ranks` (`slim.dist`, several processes under torchrun), each rank runs its share of the calibration
     batches, statistics are summed across ranks and each block's linears are solved on different ranks.
     Returns a report with per-layer errors and timings.
@@ -60,12 +63,13 @@ def compress_model(
         "; CPU default seqlen is 512 (the paper uses 2048)" if device == "cpu" else "",
     )
     act_bytes = calib_ids.numel() * model.config.hidden_size * model.get_input_embeddings().weight.element_size()
+    copies = 4 if cfg.tune.steps else 2  # a block's inputs and outputs (+ the teacher's inputs and targets)
     spill = None
-    if max_memory is not None and 2 * act_bytes > max_memory / 4:
+    if max_memory is not None and copies * act_bytes > max_memory / 4:
         spill = Path(tempfile.mkdtemp(prefix="slim-act-")) if run is None else run.dir / "activations"
         spill.mkdir(exist_ok=True)
-        log.info("calibration activations (2 x %.0f MiB) exceed a quarter of the memory budget (%.0f MiB): kept in "
-                 "files under %s", act_bytes / 2**20, max_memory / 2**20, spill)
+        log.info("calibration activations (%d x %.0f MiB) exceed a quarter of the memory budget (%.0f MiB): kept in "
+                 "files under %s", copies, act_bytes / 2**20, max_memory / 2**20, spill)
     try:
         return _compress_blocks(model, calib_ids, cfg, progress, masks, run, spill, device, t0, ranks)
     finally:
@@ -82,15 +86,23 @@ def _compress_blocks(model: nn.Module, calib_ids: torch.Tensor, cfg: CompressCon
     hidden, kwargs = capture_block_inputs(model, calib_ids, cfg.calib.batch_size, device, spill)
     per_layer: dict[str, dict[str, Any]] = {}
     start = 0
+    # block tuning with the dense teacher: the dense model's own stream, run beside the compressed one (None while
+    # the two are the same, before block 0)
+    teacher: Activations | None = None
     if run is not None:
-        start, hidden = run.resume(model, hidden, spill)
+        start, hidden, teacher = run.resume(model, hidden, spill)
         per_layer.update(run.per_layer)
+    tuning = cfg.tune.steps > 0
     with_gram = cfg.needs_gram or cfg.calib.gram_errors
     bar = tqdm(range(start, len(layers)), desc="compressing blocks", unit="block", disable=not progress,
                initial=start, total=len(layers))
     for i in bar:
         block = (layers[i] if run is None else run.load(model, i)).to(device)
         linears = find_linears(block)
+        targets = None
+        if tuning:  # the dense block's outputs, before its linears are replaced
+            src = hidden if teacher is None or cfg.tune.teacher == "compressed" else teacher
+            targets = run_block(block, src, kwargs, device, spill=spill, tag=f"t{i:05d}")
         stats, groups = _collect_stats(block, linears, hidden, kwargs, device, with_gram, jsq_clip=jsq_clip,
                                        with_abs=cfg.needs_abs)
         _reduce(stats, ranks)
@@ -121,15 +133,24 @@ def _compress_blocks(model: nn.Module, calib_ids: torch.Tensor, cfg: CompressCon
                 if ranks.active:  # installed below, once every rank has solved its share
                     solved[k] = cw
                 else:
-                    _install(block, linears[k], k, cw, cfg, device)
-                    per_layer[f"{prefix}.{i}.{k}"] = {"shape": list(linears[k].weight.shape), **cw.info}
+                    per_layer[f"{prefix}.{i}.{k}"] = _install(block, linears[k], k, cw, cfg, device)
                 fault("block")
             for k, o in zip(unit, owner, strict=True):
                 if ranks.active:
                     cw = ranks.broadcast(solved.pop(k, None), o)
-                    _install(block, linears[k], k, cw, cfg, device)
-                    per_layer[f"{prefix}.{i}.{k}"] = {"shape": list(linears[k].weight.shape), **cw.info}
+                    per_layer[f"{prefix}.{i}.{k}"] = _install(block, linears[k], k, cw, cfg, device)
         del stats
+        if targets is not None:
+            tuned = tune_block(block, hidden, targets, kwargs, device, cfg.tune, seed=cfg.calib.seed + i,
+                               ranks=ranks)
+            for k in linears:
+                per_layer[f"{prefix}.{i}.{k}"]["block_tune"] = tuned
+            if teacher is not None:
+                teacher.drop()
+            if cfg.tune.teacher == "dense":
+                teacher = targets
+            else:
+                targets.drop()
         out = run_block(block, hidden, kwargs, device, spill=spill, tag=f"b{i:05d}")
         hidden.drop()
         hidden = out
@@ -139,7 +160,7 @@ def _compress_blocks(model: nn.Module, calib_ids: torch.Tensor, cfg: CompressCon
         errs = [per_layer[k]["rel_err_final"] for k in names]
         bar.set_postfix(rel_err=f"{sum(errs) / len(errs):.4f}")
         if run is not None:
-            run.commit(model, i, hidden, {k: per_layer[k] for k in names})
+            run.commit(model, i, hidden, {k: per_layer[k] for k in names}, teacher)
     elapsed = time.perf_counter() - t0
     log.info("compressed %d blocks in %.1f s%s", len(layers) - start, elapsed,
              f" (resumed after block {start - 1})" if start else "")
@@ -147,14 +168,16 @@ def _compress_blocks(model: nn.Module, calib_ids: torch.Tensor, cfg: CompressCon
             **({"resumed_at_block": start} if start else {})}
 
 
-def _install(block: nn.Module, lin: nn.Linear, name: str, cw: Any, cfg: CompressConfig, device: str) -> None:
-    """Put the compressed linear in place of `lin` inside the block."""
+def _install(block: nn.Module, lin: nn.Linear, name: str, cw: Any, cfg: CompressConfig,
+             device: str) -> dict[str, Any]:
+    """Put the compressed linear in place of `lin` inside the block; returns its per-layer record."""
     kind = cfg.sparsity.kind
     n, m = cfg.sparsity.nm if kind == "nm" else (0, 0)
     bias = None if lin.bias is None else lin.bias.data.detach().cpu()
     new = SlimLinear.from_compressed(cw, bias, kind, n, m, fp8_inputs=cfg.fp8_inputs)
     new.cache = True  # the block runs on every calibration batch next; dropped after that
     set_submodule(block, name, new.to(device))
+    return {"shape": list(lin.weight.shape), **cw.info}
 
 
 def _share(ids: torch.Tensor, batch_size: int, ranks: Ranks) -> torch.Tensor:

@@ -311,11 +311,13 @@ class BlockRun:
         rank = f".rank{self.ranks.rank}" if self.ranks.active else ""
         return self.dir / f"hidden-{i:05d}{rank}.safetensors"
 
-    def resume(self, model: nn.Module, hidden: Activations, spill: Path | None = None) -> tuple[int, Activations]:
-        """(first block to compress, the hidden states entering it): committed blocks become meta skeletons of
-        their compressed layers (sizes and layouts known, nothing held)."""
+    def resume(self, model: nn.Module, hidden: Activations,
+               spill: Path | None = None) -> tuple[int, Activations, Activations | None]:
+        """(first block to compress, the hidden states entering it, the dense teacher's when block tuning saved
+        them): committed blocks become meta skeletons of their compressed layers (sizes and layouts known,
+        nothing held)."""
         if self.done < 0:
-            return 0, hidden
+            return 0, hidden, None
         layers = get_layers(model)
         for i in range(self.done + 1):
             if not self._block_file(i).is_file():
@@ -327,31 +329,38 @@ class BlockRun:
                 set_submodule(model, name, SlimLinear(Layout.from_dict(d), dtype=self.dtype))
         f = self._hidden_file(self.done)
         head = read_safetensors_header(f)
+        n_teacher = sum(k.startswith("t") for k in head)
         if [(head[f"h{j}"]["shape"], head[f"h{j}"]["dtype"]) if f"h{j}" in head else None
-                for j in range(len(hidden))] != hidden.signature() or len(head) != len(hidden):
+                for j in range(len(hidden))] != hidden.signature() or len(head) - n_teacher != len(hidden) or \
+                n_teacher not in (0, len(hidden)):
             raise ResumeError(f"{self.dir}: the saved calibration activations do not match this run's; pass "
                               "--overwrite to start over")
         from .capture import Activations
 
+        n = len(hidden)
         hidden.drop()
-        resumed = Activations(spill, "resumed")
+        streams = {"h": Activations(spill, "resumed"), **({"t": Activations(spill, "resumed-t")} if n_teacher else {})}
         with open(f, "rb") as fh:
-            for j in range(len(head)):  # one batch at a time: spilled activations never sit in memory together
-                t = torch.empty(head[f"h{j}"]["shape"], dtype=_ST_DTYPES[head[f"h{j}"]["dtype"]])
-                _read_into(fh, head, f"h{j}", t, f)
-                resumed.append(t)
-        return self.done + 1, resumed
+            for key, acts in streams.items():
+                for j in range(n):  # one batch at a time: spilled activations never sit in memory together
+                    t = torch.empty(head[f"{key}{j}"]["shape"], dtype=_ST_DTYPES[head[f"{key}{j}"]["dtype"]])
+                    _read_into(fh, head, f"{key}{j}", t, f)
+                    acts.append(t)
+        return self.done + 1, streams["h"], streams.get("t")
 
     def load(self, model: nn.Module, i: int) -> nn.Module:
         layers = get_layers(model)
         return read_block(model, i, self.weights) if self.weights is not None else layers[i]
 
-    def commit(self, model: nn.Module, i: int, hidden: Activations, per_layer: dict[str, Any]) -> None:
-        """Write compressed block i and the hidden states after it, then record it; drop the block from memory."""
+    def commit(self, model: nn.Module, i: int, hidden: Activations, per_layer: dict[str, Any],
+               teacher: Activations | None = None) -> None:
+        """Write compressed block i and the hidden states after it (and the dense teacher's, when block tuning
+        runs one), then record it; drop the block from memory."""
         with _writing(self.dir):
-            self._commit(model, i, hidden, per_layer)
+            self._commit(model, i, hidden, per_layer, teacher)
 
-    def _commit(self, model: nn.Module, i: int, hidden: Activations, per_layer: dict[str, Any]) -> None:
+    def _commit(self, model: nn.Module, i: int, hidden: Activations, per_layer: dict[str, Any],
+                teacher: Activations | None) -> None:
         layers = get_layers(model)
         block = layers[i]
         cast_dense_parts(block, self.dtype)
@@ -360,7 +369,10 @@ class BlockRun:
         if main:
             write_safetensors(self._block_file(i), {base + k: v for k, v in block.state_dict().items()}, {}, "commit")
         fault("commit")
-        write_safetensors(self._hidden_file(i), {f"h{j}": hidden.source(j) for j in range(len(hidden))}, {}, "commit")
+        states = {f"h{j}": hidden.source(j) for j in range(len(hidden))}
+        if teacher is not None:
+            states.update({f"t{j}": teacher.source(j) for j in range(len(teacher))})
+        write_safetensors(self._hidden_file(i), states, {}, "commit")
         self.per_layer.update(per_layer)
         self.layouts.update({base + n: m.layout.to_dict() for n, m in block.named_modules()
                              if isinstance(m, SlimLinear)})

@@ -1,0 +1,112 @@
+"""Block-tuning variants on the first K blocks of SmolLM2, compared by one number each: the relative error of block
+K's output against the dense model's on held-out WikiText-2 text (8 x 512 tokens, never seen in calibration),
+plus compression time. A cheap probe (minutes per variant instead of the ~30 of a perplexity row) to choose the
+teacher, learning rate, steps and whether scales train, before the full rows in benchmarks/ablation.py.
+
+    python benchmarks/block_tune_probe.py --out docs/results/ablation/block-tune --blocks 4 \\
+        --variants '{"closed form": {}, "32 steps": {"tune": {"steps": 32}}}'
+    python benchmarks/block_tune_probe.py --out docs/results/ablation/block-tune --render A.json B.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+
+
+def probe(blocks: int, variants: dict[str, dict], data_dir: str | None) -> dict[str, dict]:
+    import torch
+
+    from slim.capture import capture_block_inputs, run_block
+    from slim.config import CompressConfig, merge
+    from slim.data import calibration_ids, read_texts, wikitext2_ids
+    from slim.models import load_model
+    from slim.pipeline import compress_model
+
+    def truncated():
+        m, tok, _ = load_model(None)
+        m.model.layers = m.model.layers[:blocks]
+        m.config.num_hidden_layers = blocks
+        return m, tok
+
+    model, tok = truncated()
+    base = CompressConfig()
+    texts, _ = read_texts(base.calib.data, data_dir)
+    calib = calibration_ids(tok, texts, base.calib.n_samples, base.calib.seqlen, base.calib.seed)
+    ids, _ = wikitext2_ids(tok, data_dir)
+    held = ids.reshape(-1)[: 8 * 512].view(8, 512)
+
+    def last_hidden(m) -> torch.Tensor:
+        h, kw = capture_block_inputs(m, held, 4)
+        for blk in m.model.layers:
+            h = run_block(blk, h, kw, "cpu")
+        return torch.cat(list(h))
+
+    dense = last_hidden(model)
+    res = {}
+    for name, over in variants.items():
+        m, _ = truncated()
+        cfg = CompressConfig.from_dict(merge(base.to_dict(), over))
+        t0 = time.perf_counter()
+        rep = compress_model(m, calib, cfg, progress=False)
+        sec = time.perf_counter() - t0
+        err = float((last_hidden(m) - dense).pow(2).sum() / dense.pow(2).sum())
+        tune = {k.rsplit(".", 2)[0]: v.get("block_tune") for k, v in rep["layers"].items()}
+        res[name] = {"overrides": over, "err": err, "seconds": sec, "tune": tune}
+        print(f"{name}: block-{blocks} output error {err:.5f}, {sec:.0f} s", flush=True)
+    return res
+
+
+def render(res: dict[str, dict], blocks: int) -> str:
+    base = next((r["err"] for r in res.values() if not r["overrides"]), None)
+    lines = [f"# Block tuning probe: SmolLM2, first {blocks} blocks\n",
+             f"Relative squared error of block {blocks}'s output against the dense model's on 8 x 512 held-out "
+             "WikiText-2 tokens; the default recipe, 128 x 512 C4 calibration; time = compressing the "
+             f"{blocks} blocks.\n",
+             "| variant | overrides | output error | vs closed form | seconds | s per block tuning | best step / steps "
+             "per block |", "|---|---|---|---|---|---|---|"]
+    for name, r in res.items():
+        tunes = [t for t in r["tune"].values() if t]
+        per = sum(t["seconds"] for t in tunes) / len(tunes) if tunes else 0
+        steps = ", ".join(f"{t['best_step']}/{t['steps']}" for t in tunes)
+        vs = f"{r['err'] / base - 1:+.1%}" if base else ""
+        lines.append(f"| {name} | `{json.dumps(r['overrides'])}` | {r['err']:.5f} | {vs} | {r['seconds']:.0f} | "
+                     f"{per:.1f} | {steps} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", required=True, help="output folder (probe.json + probe.md)")
+    ap.add_argument("--blocks", type=int, default=4, help="how many of the first blocks (4)")
+    ap.add_argument("--variants", default='{"closed form": {}, "32 steps": {"tune": {"steps": 32}}}',
+                    help="JSON: name -> recipe overrides on the default recipe")
+    ap.add_argument("--render", nargs="*", metavar="JSON", help="only merge these probe JSON files and render")
+    ap.add_argument("--data-dir")
+    args = ap.parse_args()
+    sys.path.insert(0, str(HERE))
+    from grid import machine, source_commit
+
+    from slim.checkpoint import write_json
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if args.render is not None:
+        res: dict[str, dict] = {}
+        for f in args.render:
+            res.update(json.loads(Path(f).read_text())["variants"])
+    else:
+        res = probe(args.blocks, json.loads(args.variants), args.data_dir)
+    write_json(out / "probe.json", {"machine": machine(), "commit": source_commit(), "blocks": args.blocks,
+                                    "variants": res})
+    (out / "probe.md").write_text(render(res, args.blocks))
+    print(render(res, args.blocks))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,274 @@
+"""Block-wise tuning: gradient descent on a compressed block's adapters (and, optionally, its quantizer scales)
+so that the block's outputs match the dense model's, after the closed form has solved each linear on its own.
+
+Why: the closed form minimises each linear's output error on its own inputs, one linear at a time; what the next
+block sees is the error of the whole block (attention, norms and MLP together), which only a joint fit reaches.
+The mask and the base codes stay frozen (the mask cannot change by construction: only adapters and scales are
+parameters), and quantized adapters are trained through their quantizer with a straight-through estimator, so
+what is stored is what was trained. A held-out share of the calibration batches stops the training early, and
+the best state seen (the closed form included) is the one kept: tuning never makes the held-out loss worse.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import TuneConfig
+from .dist import Ranks
+from .models import set_submodule
+from .packed import SlimLinear, pack_codes
+from .quant import expand_groups, fp8_fake_quant, round_scale
+from .solver import quantize_grouped
+
+log = logging.getLogger(__name__)
+
+
+def ste(t: torch.Tensor, bits: int, group: int) -> torch.Tensor:
+    """Group-AbsMax fake quantization whose gradient is the identity (straight-through): the forward sees the
+    stored adapter, the backward updates the latent float one."""
+    if not bits:
+        return t
+    with torch.no_grad():
+        q = quantize_grouped(t, bits, group)[2]
+    return t + (q - t).detach()
+
+
+class TrainableLinear(nn.Module):
+    """A SlimLinear opened for training: its dense base weight frozen, adapters (and scale gains) as parameters.
+
+    The SlimLinear is kept aside (not a submodule), and `write_back` stores the trained values into it.
+    """
+
+    def __init__(self, mod: SlimLinear, scales: bool = False) -> None:
+        super().__init__()
+        L = mod.layout
+        self.layout = L
+        self._slim = [mod]  # a list: not registered, so its packed buffers stay out of this module
+        self.register_buffer("base", mod.dequantized_weight())
+        self.register_buffer("input_scale", mod.input_scale.float() if L.input_scale else None)
+        self.register_buffer("bias", None if mod.bias is None else mod.bias.detach().float())
+        self.gain = nn.Parameter(torch.ones(mod.scale.shape, device=self.base.device)) if scales and L.bits else None
+        ad = mod.adapters()
+        self.A = None if ad is None else nn.Parameter(ad[0].clone())
+        self.B = None if ad is None else nn.Parameter(ad[1].clone())
+
+    def weight(self) -> torch.Tensor:
+        L = self.layout
+        if self.gain is None:
+            return self.base
+        g = self.gain if L.group_size == 0 else expand_groups(self.gain, L.d_in, L.group_size)
+        return self.base * g
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        L = self.layout
+        if self.input_scale is not None:
+            x = x / self.input_scale
+        if L.fp8_inputs:  # straight through the input quantizer as well, so earlier linears get gradients
+            x = x + (fp8_fake_quant(x.detach()) - x).detach()
+        y = F.linear(x, self.weight(), self.bias)
+        if self.A is not None:
+            a = ste(self.A, L.adapter_bits, L.adapter_group)
+            b = ste(self.B, L.adapter_bits, L.adapter_group)
+            y = y + F.linear(F.linear(x, a), b)
+        return y
+
+    @torch.no_grad()
+    def write_back(self) -> SlimLinear:
+        """Store the trained adapters (quantized as the forward saw them) and scales into the SlimLinear."""
+        mod, L = self._slim[0], self.layout
+        if self.A is not None:
+            for name, t in (("lora_A", self.A), ("lora_B", self.B)):
+                if L.adapter_bits:
+                    codes, scale, _ = quantize_grouped(t.detach(), L.adapter_bits, L.adapter_group)
+                    getattr(mod, name).copy_(pack_codes(codes, L.adapter_bits))
+                    getattr(mod, name + "_scale").copy_(scale.to(torch.float16))
+                else:
+                    getattr(mod, name).copy_(t.detach().to(torch.float16))
+        if self.gain is not None:
+            mod.scale.copy_(round_scale(mod.scale.float() * self.gain).to(torch.float16))
+        mod.clear_cache()
+        return mod
+
+
+def _block_out(block: nn.Module, h: torch.Tensor, kw: dict[str, Any], device: str) -> torch.Tensor:
+    from .capture import _to
+
+    out = block(h.to(device, torch.float32), **_to(kw, device))
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def _dense_parts_to(block: nn.Module, dtypes: dict[str, torch.dtype] | None) -> dict[str, torch.dtype]:
+    """Cast the block's dense parameters and buffers (norms; not the linears being tuned) to fp32, or back to
+    `dtypes`; returns their original dtypes. Done tensor by tensor: `Module.to(dtype)` would also cast the packed
+    layers' fp16 scales."""
+    seen: dict[str, torch.dtype] = {}
+    for mname, mod in block.named_modules():
+        if isinstance(mod, (SlimLinear, TrainableLinear)):
+            continue
+        for table in (mod._parameters, mod._buffers):
+            for k, t in table.items():
+                if t is None or not t.is_floating_point():
+                    continue
+                key = f"{mname}.{k}"
+                seen[key] = t.dtype
+                want = torch.float32 if dtypes is None else dtypes.get(key, t.dtype)
+                if t.dtype != want:
+                    t.data = t.data.to(want)
+    return seen
+
+
+def _rel_loss(y: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """(squared error summed, target energy): the loss is their ratio over a set of batches."""
+    t = t.to(y.device, torch.float32)
+    return (y - t).pow(2).sum(), float(t.pow(2).sum())
+
+
+class _Batches:
+    """Where each calibration batch lives: batch g of all is local batch g // world of rank g % world (how
+    `pipeline._share` deals them out), so every rank walks the same global sequence of batches."""
+
+    def __init__(self, n_local: int, ranks: Ranks) -> None:
+        self.ranks = ranks
+        counts = torch.zeros(ranks.world, dtype=torch.float64)
+        counts[ranks.rank] = n_local
+        ranks.all_reduce([counts])
+        self.total = int(counts.sum())
+
+    def local(self, g: int) -> int | None:
+        """This rank's index of global batch g, or None when another rank holds it."""
+        r = self.ranks
+        return g // r.world if g % r.world == r.rank else None
+
+    def gather(self, values: dict[int, torch.Tensor], like: torch.Tensor) -> None:
+        """Fill every rank's `values` with each global batch's tensor from the rank that computed it (a sum with
+        zeros from the others: exact)."""
+        if not self.ranks.active:
+            return
+        for g in range(self.total):
+            t = values.get(g)
+            if t is None:
+                t = values[g] = torch.zeros_like(like)
+            self.ranks.all_reduce([t])
+
+
+def tune_block(
+    block: nn.Module, inputs: Sequence[torch.Tensor], targets: Sequence[torch.Tensor], kwargs: list[dict[str, Any]],
+    device: str, cfg: TuneConfig, seed: int = 0, ranks: Ranks | None = None,
+) -> dict[str, Any]:
+    """Train the adapters (and scale gains) of the block's SlimLinears to map `inputs` to `targets`, one
+    calibration batch per step; the block is modified in place. Returns what happened (losses, steps, seconds).
+
+    Under torchrun (`ranks`), each rank holds its share of the batches: every step runs on the rank that holds
+    its batch and the gradients reach the others by an all-reduce (a sum with zeros: exact), so every rank takes
+    the one-process steps and ends with the one-process adapters."""
+    t0 = time.perf_counter()
+    slims = {n: m for n, m in block.named_modules() if isinstance(m, SlimLinear)}
+    where = _Batches(len(inputs), ranks or Ranks())
+    nb = where.total
+    n_hold = min(nb - 1, max(1, round(cfg.holdout * nb))) if cfg.holdout > 0 and nb >= 2 else 0
+    train_ids, hold_ids = list(range(nb - n_hold)), list(range(nb - n_hold, nb))
+    if not n_hold:
+        log.warning("block tuning: %d calibration batch(es), none held out: no early stop, every step is kept", nb)
+    opened = {n: TrainableLinear(m, cfg.scales) for n, m in slims.items()}
+    for n, t in opened.items():
+        set_submodule(block, n, t)
+    dtypes = _dense_parts_to(block, None)
+    frozen = {p: p.requires_grad for p in block.parameters()}
+    params = [p for t in opened.values() for p in (t.A, t.B, t.gain) if p is not None]
+    for p in block.parameters():
+        p.requires_grad_(False)
+    for p in params:
+        p.requires_grad_(True)
+    info: dict[str, Any] = {"steps": 0}
+    try:
+        with torch.enable_grad():
+            info = _train(block, params, inputs, targets, kwargs, device, cfg, train_ids, hold_ids, seed, where)
+    finally:
+        for p, flag in frozen.items():
+            p.requires_grad_(flag)
+        for n, t in opened.items():
+            set_submodule(block, n, t.write_back())
+        _dense_parts_to(block, dtypes)
+    info["seconds"] = time.perf_counter() - t0
+    log.info("block tuning: %d steps, held-out loss %.5f -> %.5f, train %.5f -> %.5f (%.1f s)", info["steps"],
+             info.get("holdout_before", math.nan), info.get("holdout_after", math.nan),
+             info.get("train_first", math.nan), info.get("train_last", math.nan), info["seconds"])
+    return info
+
+
+def _holdout(block: nn.Module, inputs: Sequence[torch.Tensor], targets: Sequence[torch.Tensor],
+             kwargs: list[dict[str, Any]], device: str, ids: list[int], where: _Batches) -> float:
+    parts: dict[int, torch.Tensor] = {}
+    with torch.no_grad():
+        for g in ids:
+            j = where.local(g)
+            if j is not None:
+                e, n = _rel_loss(_block_out(block, inputs[j], kwargs[j], device), targets[j])
+                parts[g] = torch.tensor([float(e), n], dtype=torch.float64)
+    where.gather(parts, torch.zeros(2, dtype=torch.float64))
+    err = energy = 0.0
+    for g in ids:  # summed in batch order on every rank: the one-process sum
+        err, energy = err + float(parts[g][0]), energy + float(parts[g][1])
+    return err / max(energy, 1e-30)
+
+
+def _train(block: nn.Module, params: list[nn.Parameter], inputs: Sequence[torch.Tensor],
+           targets: Sequence[torch.Tensor], kwargs: list[dict[str, Any]], device: str, cfg: TuneConfig,
+           train_ids: list[int], hold_ids: list[int], seed: int, where: _Batches) -> dict[str, Any]:
+    # the learning rate is relative to each tensor's RMS: adapters' magnitudes differ by orders of magnitude
+    # between models (and between A and B), and a step should move a tensor by a share of its own size
+    opt = torch.optim.Adam([{"params": [p], "lr": cfg.lr * max(float(p.detach().pow(2).mean().sqrt()), 1e-12)}
+                            for p in params])
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / cfg.steps)))
+    gen = torch.Generator().manual_seed(seed)
+    order: list[int] = []
+    best_state = [p.detach().clone() for p in params]
+    best = _holdout(block, inputs, targets, kwargs, device, hold_ids, where) if hold_ids else math.inf
+    info: dict[str, Any] = {"holdout_before": best if hold_ids else None, "best_step": 0}
+    since, first, last, step = 0, None, None, 0
+    for step in range(1, cfg.steps + 1):
+        if not order:  # a fresh pass over the training batches, in a seeded order
+            order = [train_ids[k] for k in torch.randperm(len(train_ids), generator=gen).tolist()]
+        g = order.pop()
+        j = where.local(g)
+        opt.zero_grad(set_to_none=True)
+        loss_t = torch.zeros(1, dtype=torch.float64)
+        if j is not None:
+            e, n = _rel_loss(_block_out(block, inputs[j], kwargs[j], device), targets[j])
+            loss = e / max(n, 1e-30)
+            loss.backward()
+            loss_t[0] = float(loss.detach())
+        if where.ranks.active:  # the step's gradients (and loss) from the rank that holds its batch
+            for p in params:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+            where.ranks.all_reduce([p.grad for p in params] + [loss_t])
+        opt.step()
+        sched.step()
+        last = float(loss_t[0])
+        first = last if first is None else first
+        if hold_ids and (step % cfg.eval_every == 0 or step == cfg.steps):
+            h = _holdout(block, inputs, targets, kwargs, device, hold_ids, where)
+            if h < best:
+                best, since, info["best_step"] = h, 0, step
+                best_state = [p.detach().clone() for p in params]
+            else:
+                since += 1
+                if since >= cfg.patience:
+                    info["stopped_early"] = True
+                    break
+    if hold_ids:
+        with torch.no_grad():
+            for p, b in zip(params, best_state, strict=True):
+                p.copy_(b)
+    info.update({"steps": step, "train_first": first, "train_last": last,
+                 "holdout_after": best if hold_ids else None})
+    return info

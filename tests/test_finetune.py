@@ -1,0 +1,129 @@
+"""`slim finetune`: adapters train, the base and the mask stay, distillation runs, a killed run resumes to the same
+bytes, and bad input fails before any work."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import slim
+from slim.checkpoint import read_slim_config
+from slim.cli import main
+from slim.config import ConfigError
+from slim.finetune import FinetuneConfig, batch_order
+from slim.packed import SlimLinear
+
+FAST = ["--calib-samples", "4", "--calib-seqlen", "64", "--calib-batch-size", "2", "-q"]
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(tiny_llama_dir, tmp_path_factory):
+    from slim.data import data_dir
+
+    try:
+        shared = data_dir(None)
+    except Exception:
+        pytest.skip("shared data not found")
+    d = tmp_path_factory.mktemp("ft") / "ck"
+    assert main(["compress", str(tiny_llama_dir), "--out", str(d), *FAST, "--data-dir", str(shared)]) == 0
+    return d
+
+
+@pytest.fixture(scope="module")
+def text_file(tmp_path_factory):
+    """A few thousand tokens of C4 text (the whole shipped sample takes a while to tokenize)."""
+    from slim.data import read_texts
+
+    texts, _ = read_texts("c4")
+    f = tmp_path_factory.mktemp("text") / "train.txt"
+    f.write_text("\n\n".join(texts[:40]))
+    return f
+
+
+def _ft(ckpt: Path, out: Path, text: Path, *extra: str) -> list[str]:
+    return ["finetune", str(ckpt), "--out", str(out), "--data", str(text), "--max-tokens", "1024", "--seqlen", "64",
+            "--batch", "4", "--micro-batch", "2", "--lr", "1e-2", "-q", *extra]
+
+
+def _layers(ck: Path) -> dict[str, SlimLinear]:
+    m = slim.load(ck, backend="reference")
+    return {n: mod for n, mod in m.named_modules() if isinstance(mod, SlimLinear)}
+
+
+def test_finetune_trains_adapters_only(tiny_ckpt, text_file, tmp_path):
+    out = tmp_path / "ft"
+    assert main(_ft(tiny_ckpt, out, text_file)) == 0
+    before, after = _layers(tiny_ckpt), _layers(out)
+    moved = 0
+    for n, a in before.items():
+        b = after[n]
+        assert torch.equal(a.mask(), b.mask()), n  # the mask survives
+        for key in ("values", "indices", "scale"):
+            assert torch.equal(getattr(a, key), getattr(b, key)), (n, key)  # the base is frozen
+        moved += not torch.equal(a.lora_A, b.lora_A)
+        assert b.lora_A.dtype == torch.uint8  # adapters saved quantized, packed
+    assert moved >= len(before) // 2
+    cfg = read_slim_config(out)
+    ft = cfg["finetune"]
+    assert ft["steps"] == 4 and ft["tokens"] == 1024 and len(ft["history"]) == 4
+    assert cfg["config"] == read_slim_config(tiny_ckpt)["config"]  # the compression recipe is kept
+    assert not (tmp_path / ".ft.partial").exists()
+
+
+def test_finetune_with_distillation(tiny_ckpt, tiny_llama_dir, text_file, tmp_path):
+    out = tmp_path / "ftd"
+    assert main(_ft(tiny_ckpt, out, text_file, "--distill", "--teacher", str(tiny_llama_dir), "--max-tokens",
+                    "512")) == 0
+    hist = read_slim_config(out)["finetune"]["history"]
+    assert all(h["kl"] > 0 for h in hist)
+
+
+def test_finetune_resumes_bit_identical(tiny_ckpt, text_file, tmp_path):
+    args = _ft(tiny_ckpt, tmp_path / "clean", text_file, "--save-every", "1")
+    assert main(args) == 0
+    out = tmp_path / "resumed"
+    args = _ft(tiny_ckpt, out, text_file, "--save-every", "1")
+    env = {**os.environ, "PYTHONPATH": str(Path(slim.__file__).parents[1])}
+    r = subprocess.run([sys.executable, "-m", "slim", *args], env={**env, "SLIM_FAULT": "finetune@3"},
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == -9, r.stderr[-2000:]
+    assert (tmp_path / ".resumed.partial" / "finetune_state.pt").is_file() and not out.exists()
+    r = subprocess.run([sys.executable, "-m", "slim", *args], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "--resume" in r.stderr  # never started over silently
+    other = [a if a != "1e-2" else "5e-3" for a in args]
+    r = subprocess.run([sys.executable, "-m", "slim", *other, "--resume"], env=env, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 2 and "different run" in r.stderr  # another run's state is not continued
+    r = subprocess.run([sys.executable, "-m", "slim", *args, "--resume"], env=env, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert read_slim_config(out)["finetune"]["resumed_at_step"] == 2
+    assert (out / "model.safetensors").read_bytes() == (tmp_path / "clean" / "model.safetensors").read_bytes()
+
+
+def test_finetune_bad_input(tiny_ckpt, text_file, tmp_path, capsys):
+    assert main(_ft(tiny_ckpt, tiny_ckpt, text_file)) == 2
+    assert "is the input checkpoint" in capsys.readouterr().err
+    assert main(_ft(tiny_ckpt, text_file.parent, text_file)) == 2
+    assert "exists" in capsys.readouterr().err
+    assert main(_ft(tmp_path / "nope", tmp_path / "o", text_file)) == 2
+    assert "not a directory" in capsys.readouterr().err
+    assert main(_ft(tiny_ckpt, tmp_path / "o", tmp_path / "missing.txt")) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert main(_ft(tiny_ckpt, tmp_path / "o", text_file, "--micro-batch", "3")) == 2
+    assert "multiple" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+    with pytest.raises(ConfigError, match="optimizer"):
+        FinetuneConfig(optimizer="sgd")
+
+
+def test_batch_order_is_epochs_of_permutations():
+    cfg = FinetuneConfig(batch=4, micro_batch=2, seed=3)
+    seen = [i for s in range(5) for i in batch_order(10, s, cfg)]  # 20 blocks = 2 epochs of 10
+    assert sorted(seen[:10]) == list(range(10)) and sorted(seen[10:]) == list(range(10))
+    assert batch_order(10, 2, cfg) == batch_order(10, 2, cfg)
+    assert json.dumps(cfg.to_dict())

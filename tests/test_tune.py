@@ -1,0 +1,146 @@
+"""Block-wise tuning: only adapters (and scales) change, the mask survives, gradients pass the STE, the held-out
+loss never gets worse, and a killed tuning run resumes to the same bytes."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import tiny_model
+
+import slim
+from slim.checkpoint import read_safetensors_header
+from slim.cli import main
+from slim.config import CompressConfig, ConfigError
+from slim.packed import SlimLinear
+from slim.pipeline import compress_model
+from slim.tune import TrainableLinear, ste
+
+FAST = ["--calib-samples", "8", "--calib-seqlen", "32", "--calib-batch-size", "2", "-q"]
+TUNE = {"steps": 24, "eval_every": 4, "patience": 3, "lr": 3e-2}
+
+
+def _compress(tune: dict, scales: bool = False, **recipe):
+    torch.manual_seed(0)
+    model = tiny_model("llama", layers=2)
+    ids = torch.randint(0, 256, (32, 64), generator=torch.Generator().manual_seed(1))
+    cfg = CompressConfig.from_dict({"calib": {"n_samples": 32, "seqlen": 64, "batch_size": 4},
+                                    "tune": {**tune, "scales": scales}, **recipe})
+    rep = compress_model(model, ids, cfg, progress=False)
+    return model, rep
+
+
+def _slims(model) -> dict[str, SlimLinear]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, SlimLinear)}
+
+
+@pytest.mark.parametrize("scales", [False, True], ids=["adapters", "adapters+scales"])
+def test_tuning_changes_only_adapters_and_scales(scales, monkeypatch):
+    """Every block's packed layers before and after its tuning: the mask and the codes stay, adapters (and, when
+    asked, scales) change, and no pruned slot holds a base weight."""
+    import slim.pipeline as pipeline
+
+    real, changed = pipeline.tune_block, {}
+
+    def watched(block, *a, **kw):
+        before = {n: {k: t.clone() for k, t in m.state_dict().items()} for n, m in _slims(block).items()}
+        masks = {n: m.mask() for n, m in _slims(block).items()}
+        info = real(block, *a, **kw)
+        for n, m in _slims(block).items():
+            assert torch.equal(m.mask(), masks[n]), n  # the mask survives: no pruned slot comes back
+            assert bool((m.dequantized_weight()[~masks[n]] == 0).all())
+            for k, t in m.state_dict().items():
+                if not torch.equal(t, before[n][k]):
+                    changed.setdefault(k, set()).add(n)
+        return info
+
+    monkeypatch.setattr(pipeline, "tune_block", watched)
+    _, rep = _compress(TUNE, scales=scales)
+    allowed = {"lora_A", "lora_B", "lora_A_scale", "lora_B_scale"} | ({"scale"} if scales else set())
+    assert changed and set(changed) <= allowed, changed
+    assert ("scale" in changed) == scales
+    assert len(changed["lora_A"]) >= 7  # most layers' adapters moved
+    for v in rep["layers"].values():
+        info = v["block_tune"]
+        assert info["holdout_after"] <= info["holdout_before"]
+        assert info["steps"] >= 1 and info["seconds"] > 0
+
+
+def test_tuning_lowers_the_block_output_error():
+    """On random models the held-out block error after tuning is lower than the closed form's, in every block."""
+    _, rep = _compress({**TUNE, "steps": 40})
+    blocks = {k.rsplit(".", 2)[0]: v["block_tune"] for k, v in rep["layers"].items()}
+    assert len(blocks) == 2
+    for info in blocks.values():
+        assert info["holdout_after"] < info["holdout_before"]
+
+
+def test_ste_gradient_reaches_the_adapters():
+    model, _ = _compress({"steps": 0})
+    mod = _slims(model)["model.layers.0.mlp.down_proj"]
+    t = TrainableLinear(mod, scales=True)
+    x = torch.randn(3, 5, mod.in_features)
+    t(x).pow(2).sum().backward()
+    for p in (t.A, t.B, t.gain):
+        assert p.grad is not None and p.grad.abs().sum() > 0
+    # forward of the opened layer = the stored layer, before any step
+    torch.testing.assert_close(t(x), mod(x), rtol=1e-4, atol=1e-5)
+    # the STE's forward is the quantized tensor, its backward the identity
+    a = torch.randn(4, 256, requires_grad=True)
+    q = ste(a, 4, 128)
+    assert len(torch.unique(q.detach()[0, :128])) <= 16
+    q.sum().backward()
+    assert torch.equal(a.grad, torch.ones_like(a))
+
+
+def test_written_back_layer_matches_the_trained_one():
+    model, _ = _compress({"steps": 0})
+    mod = _slims(model)["model.layers.1.self_attn.q_proj"]
+    t = TrainableLinear(mod)
+    with torch.no_grad():
+        t.A.add_(0.01 * torch.randn_like(t.A))
+        t.B.add_(0.01 * torch.randn_like(t.B))
+    x = torch.randn(2, 7, mod.in_features)
+    want = t(x).detach()
+    got = t.write_back()(x)
+    torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-4)
+
+
+def test_teachers_differ_and_compressed_needs_no_second_stream():
+    dense_teacher, _ = _compress(TUNE)
+    comp_teacher, _ = _compress({**TUNE, "teacher": "compressed"})
+    a = _slims(dense_teacher)["model.layers.1.mlp.up_proj"].lora_A
+    b = _slims(comp_teacher)["model.layers.1.mlp.up_proj"].lora_A
+    assert not torch.equal(a, b)  # block 1's targets differ: the dense stream vs the compressed one
+    a0 = _slims(dense_teacher)["model.layers.0.mlp.up_proj"].lora_A
+    b0 = _slims(comp_teacher)["model.layers.0.mlp.up_proj"].lora_A
+    assert torch.equal(a0, b0)  # block 0 sees the same inputs either way
+
+
+def test_bad_tuning_options():
+    with pytest.raises(ConfigError, match="neither"):
+        CompressConfig.from_dict({"adapter": {"method": "none"}, "tune": {"steps": 5}})
+    with pytest.raises(ConfigError, match="teacher"):
+        CompressConfig.from_dict({"tune": {"steps": 5, "teacher": "student"}})
+    with pytest.raises(ConfigError, match="holdout"):
+        CompressConfig.from_dict({"tune": {"holdout": 1.0}})
+
+
+def test_tuning_resumes_bit_identical(tiny_llama_dir, shared_data, tmp_path):
+    """A SIGKILL after block 0 of a tuned run (the dense teacher's stream committed beside the compressed one), then
+    --resume: the same bytes as an uninterrupted run."""
+    args = ["compress", str(tiny_llama_dir), *FAST, "--data-dir", str(shared_data), "--block-tune-steps", "4"]
+    assert main([*args, "--out", str(tmp_path / "clean")]) == 0
+    out = tmp_path / "resumed"
+    env = {**os.environ, "PYTHONPATH": str(Path(slim.__file__).parents[1])}
+    r = subprocess.run([sys.executable, "-m", "slim", *args, "--out", str(out)], env={**env, "SLIM_FAULT": "block@8"},
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == -9, r.stderr[-2000:]
+    saved = read_safetensors_header(tmp_path / ".resumed.partial" / "hidden-00000.safetensors")
+    assert any(k.startswith("t") for k in saved)  # the dense stream was committed too
+    r = subprocess.run([sys.executable, "-m", "slim", *args, "--out", str(out), "--resume"], env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert (out / "model.safetensors").read_bytes() == (tmp_path / "clean" / "model.safetensors").read_bytes()
