@@ -54,7 +54,7 @@ def table(res: dict) -> str:
     dense = res["rows"].get("dense", {}).get("ppl")
     paper = res["rows"].get("paper", {})
     lines = ["| row | recipe | WikiText-2 ppl | gap to dense | gap vs paper | compress s | time vs paper "
-             "| bits/weight |", "|---|---|---|---|---|---|---|---|"]
+             "| bits/weight | code |", "|---|---|---|---|---|---|---|---|---|"]
     for name, r in res["rows"].items():
         gap = r["ppl"] - dense if dense else None
         pgap = paper.get("ppl", 0) - dense if dense and paper else None
@@ -62,11 +62,15 @@ def table(res: dict) -> str:
         tvs = f"{r['compress_seconds'] / paper['compress_seconds']:.2f}x" if r.get("compress_seconds") and paper else ""
         lines.append(
             f"| {name} | {r['description']} | {r['ppl']:.2f} | {'' if gap is None else f'{gap:.2f}'} | {rel_gap} | "
-            f"{r.get('compress_seconds', 0):.0f} | {tvs} | {r.get('bits_per_weight') or 16:.3f} |"
+            f"{r.get('compress_seconds', 0):.0f} | {tvs} | {r.get('bits_per_weight') or 16:.3f} | "
+            f"{(r.get('commit') or '')[:7]} |"
         )
     head = (f"# Ablation on {res['model']}\n\nWikiText-2 test, {res['eval']['windows']} windows x "
             f"{res['eval']['seqlen']} tokens; calibration {res['calib']} (same windows for every row).\n"
-            f"Machine: {describe_machine(res['machine'])}.\nCommand: `{res['command']}`\n\n")
+            f"Machine: {describe_machine(res['machine'])}.\nCommand: `{res['command']}`\n\n"
+            "Rows are measured one at a time, some in earlier sessions with earlier code (`code`: the commit, blank "
+            "before commits were recorded); compression times vary by up to ±20 % between sessions on this shared "
+            "CPU, so compare times only between rows of one command (docs/results/timing has side-by-side runs).\n\n")
     return head + "\n".join(lines) + "\n"
 
 

@@ -42,6 +42,11 @@ def test_ablation_grid_resumes(bench, tiny_llama_dir, shared_data, tmp_path, cap
     assert set(res2["rows"]) == {"dense", "no-adapter", "greedy"}
     assert res2["rows"]["no-adapter"] == json.loads(first)["rows"]["no-adapter"]
     assert res2["rows"]["greedy"]["config"]["calib"]["n_samples"] == 8
+    # --redo measures a finished row again (its code changed), leaving the others
+    capsys.readouterr()
+    assert bench("ablation", *common, "--rows", "dense,no-adapter", "--redo", "no-adapter") == 0
+    log = capsys.readouterr().out
+    assert "[dense] done already" in log and "[no-adapter] ppl" in log and "[no-adapter] done already" not in log
     # rows calibrated differently never land in one table
     with pytest.raises(SystemExit, match="calibrated on 8 x 512"):
         bench("ablation", *common[:-1], "4", "--rows", "paper")
