@@ -47,6 +47,10 @@ ROWS: dict[str, tuple[str, dict]] = {
     "greedy": ("5. greedy rank allocation by error spectrum (same adapter budget)", GREEDY),
     "best+greedy": ("1 + 2 + 3 + 5", merge(BEST, GREEDY)),
     "best+tune": ("1 + 2 + 3 + block tuning (32 steps, lr 3e-2, dense teacher)", merge(BEST, TUNE)),
+    "best+tune16": ("1 + 2 + 3 + block tuning (16 steps, lr 3e-2, dense teacher)",
+                    merge(BEST, merge(TUNE, {"tune": {"steps": 16}}))),
+    "best+tune+scales": ("1 + 2 + 3 + block tuning of adapters and scales (32 steps, lr 3e-2, dense teacher)",
+                         merge(BEST, merge(TUNE, {"tune": {"scales": True}}))),
 }
 
 

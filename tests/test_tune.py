@@ -68,6 +68,29 @@ def test_tuning_changes_only_adapters_and_scales(scales, monkeypatch):
         assert info["steps"] >= 1 and info["seconds"] > 0
 
 
+def test_norm_tuning_changes_the_norms_and_nothing_packed(monkeypatch):
+    """--block-tune-norms: the block's norm weights move; the packed layers change only in their adapters."""
+    import slim.pipeline as pipeline
+
+    real, moved = pipeline.tune_block, []
+
+    def watched(block, *a, **kw):
+        norms = {n: p.detach().clone() for n, p in block.named_parameters() if "norm" in n}
+        packed = {n: {k: t.clone() for k, t in m.state_dict().items() if not k.startswith("lora_")}
+                  for n, m in _slims(block).items()}
+        info = real(block, *a, **kw)
+        assert norms and all(p.dtype == norms[n].dtype for n, p in block.named_parameters() if n in norms)
+        moved.extend(n for n, p in block.named_parameters() if n in norms and not torch.equal(p, norms[n]))
+        for n, m in _slims(block).items():
+            for k, t in packed[n].items():
+                assert torch.equal(m.state_dict()[k], t), (n, k)
+        return info
+
+    monkeypatch.setattr(pipeline, "tune_block", watched)
+    _compress({**TUNE, "norms": True})
+    assert len(moved) == 4  # both norms of both blocks
+
+
 def test_tuning_lowers_the_block_output_error():
     """On random models the held-out block error after tuning is lower than the closed form's, in every block."""
     _, rep = _compress({**TUNE, "steps": 40})
@@ -120,7 +143,7 @@ def test_teachers_differ_and_compressed_needs_no_second_stream():
 
 
 def test_bad_tuning_options():
-    with pytest.raises(ConfigError, match="neither"):
+    with pytest.raises(ConfigError, match="none of them"):
         CompressConfig.from_dict({"adapter": {"method": "none"}, "tune": {"steps": 5}})
     with pytest.raises(ConfigError, match="teacher"):
         CompressConfig.from_dict({"tune": {"steps": 5, "teacher": "student"}})

@@ -152,17 +152,23 @@ def _layers_attr(model: nn.Module) -> tuple[str, str, str]:
     return layers_prefix(model).rpartition(".")
 
 
+def block_forward(block: nn.Module, h: torch.Tensor, kw: dict[str, Any], device: str,
+                  dtype: torch.dtype | None = None) -> torch.Tensor:
+    """One batch through one block (hidden states moved to `device`, and cast to `dtype` when given)."""
+    out = block(h.to(device) if dtype is None else h.to(device, dtype), **_to(kw, device))
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
 @torch.no_grad()
 def run_block(
     block: nn.Module, hidden: Sequence[torch.Tensor], kwargs: list[dict[str, Any]], device: str, keep: bool = True,
-    spill: Path | None = None, tag: str = "act",
+    spill: Path | None = None, tag: str = "act", into: Activations | None = None,
 ) -> Activations:
     """Run one block over every calibration batch; returns the outputs on CPU or in files under `spill` (or
-    nothing)."""
-    outs = Activations(spill, tag)
+    nothing), appended to `into` when given."""
+    outs = Activations(spill, tag) if into is None else into
     for h, kw in zip(hidden, kwargs, strict=True):
-        out = block(h.to(device), **_to(kw, device))
-        out = out[0] if isinstance(out, (tuple, list)) else out
+        out = block_forward(block, h, kw, device)
         if keep:
             outs.append(out.cpu())
     return outs

@@ -13,6 +13,7 @@ import logging
 import os
 import platform
 import shutil
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -101,23 +102,31 @@ def resolve_dtype(name: str, source_dtype: torch.dtype, gguf: bool = False) -> t
     return DTYPES[name]
 
 
-def cast_dense_parts(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+def cast_dense_parts(model: nn.Module, dtype: torch.dtype | Mapping[str, torch.dtype]) -> dict[str, torch.dtype]:
     """Cast embeddings, norms, lm_head (and SlimLinear biases) of a model, or of one block, to `dtype`; packed codes
-    and fp16 scales stay."""
-    for mod in model.modules():
+    and fp16 scales stay (`Module.to(dtype)` would cast the scales too). Returns each cast tensor's previous dtype:
+    passed back as `dtype`, it undoes the cast tensor by tensor (blocks may keep some parts in fp32)."""
+    before: dict[str, torch.dtype] = {}
+
+    def cast(key: str, t: torch.Tensor) -> torch.Tensor:
+        before[key] = t.dtype
+        want = dtype if isinstance(dtype, torch.dtype) else dtype.get(key, t.dtype)
+        return t if t.dtype == want else t.to(want)
+
+    for mname, mod in model.named_modules():
         if isinstance(mod, SlimLinear):
             if mod.bias is not None:
-                mod.bias = mod.bias.to(dtype)
+                mod.bias = cast(f"{mname}.bias", mod.bias)
             continue
-        for p in mod._parameters.values():
+        for k, p in mod._parameters.items():
             if p is not None and p.is_floating_point():
-                p.data = p.data.to(dtype)
-        for name, b in list(mod._buffers.items()):
-            if b is not None and b.is_floating_point() and not name.endswith("inv_freq"):
-                mod._buffers[name] = b.to(dtype)
-    if hasattr(model, "config"):
+                p.data = cast(f"{mname}.{k}", p.data)
+        for k, b in list(mod._buffers.items()):
+            if b is not None and b.is_floating_point() and not k.endswith("inv_freq"):
+                mod._buffers[k] = cast(f"{mname}.{k}", b)
+    if isinstance(dtype, torch.dtype) and hasattr(model, "config") and hasattr(model, "get_input_embeddings"):
         model.config.dtype = dtype
-    return model
+    return before
 
 
 def _dense_dtype(model: nn.Module) -> torch.dtype:

@@ -59,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--mask-file", help="precomputed masks (safetensors, one bool tensor per linear, e.g. MaskLLM)")
     g = c.add_argument_group("quantization")
     g.add_argument("--quant", dest="quant.method",
-                   help="slim (default) | slim-o | slim-group | absmax | group-absmax | gptq | awq | none")
+                   help="slim (default) | slim-o | slim-group | absmax | group-absmax | gptq | awq | omniquant | none")
     g.add_argument("--bits", dest="quant.bits", type=int, help="weight bits: 2, 4 (default) or 8")
     g.add_argument("--group-size", dest="quant.group_size", type=int, help="group size (128; gptq: 0 = per tensor)")
     g.add_argument("--error-feedback", dest="quant.error_feedback", action=argparse.BooleanOptionalAction,
@@ -100,6 +100,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also train the weight quantizer's scales (codes frozen)")
     g.add_argument("--block-tune-holdout", dest="tune.holdout", type=float,
                    help="share of calibration batches held out to stop early (0.125)")
+    g.add_argument("--block-tune-norms", dest="tune.norms", action=argparse.BooleanOptionalAction, default=None,
+                   help="also train the block's norms (stored in full precision: no extra bits)")
+    g.add_argument("--block-tune-epochs", dest="tune.epochs", type=int,
+                   help="instead of steps: passes over the training batches per block")
+    g.add_argument("--block-tune-schedule", dest="tune.schedule", choices=["cosine", "constant"],
+                   help="learning-rate schedule over a block's steps (cosine)")
+    g.add_argument("--block-tune-lr-relative", dest="tune.lr_relative", action=argparse.BooleanOptionalAction,
+                   default=None, help="scale the learning rate by each tensor's RMS (on)")
+    g.add_argument("--block-tune-clipping", dest="tune.clipping", action=argparse.BooleanOptionalAction,
+                   default=None, help="train OmniQuant's clipping logits (--quant omniquant) and requantize")
     c.add_argument("--fp8-inputs", dest="fp8_inputs", action="store_true", default=None,
                    help="FP8 per-tensor input quantization (off by default)")
     c.add_argument("--device", dest="device", help="cpu (default) or cuda")
@@ -505,11 +515,17 @@ def cmd_finetune(args: argparse.Namespace) -> int:
           f"{cfg.lr}, {'distillation weight ' + str(cfg.distill) if cfg.distill else 'no distillation'}")
     results: dict[str, Any] = {}
     ids = None
+
+    def wikitext2() -> dict[str, Any]:  # dense weights cached for the evaluation only (training rebuilds them)
+        set_dense_cache(model, True)
+        try:
+            return evaluate.perplexity(model, ids, 2048, args.eval_limit, "cpu", not args.quiet)
+        finally:
+            set_dense_cache(model, False)
+
     if args.eval:
         ids, results["eval_data"] = data.wikitext2_ids(tok, args.data_dir)
-        set_dense_cache(model, True)
-        results["before"] = evaluate.perplexity(model, ids, 2048, args.eval_limit, "cpu", not args.quiet)
-        set_dense_cache(model, False)
+        results["before"] = wikitext2()
     part = stream.partial_dir(out)
     if args.overwrite and part.exists() and not args.resume:
         shutil.rmtree(part)
@@ -522,9 +538,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
             if k not in ("format", "format_version", "dtype", "versions", "content_sha256", "layers")}
     meta = {**keep, "finetune": summary, "finetuned_from": str(src), "command": "slim " + " ".join(sys.argv[1:])}
     if args.eval:
-        set_dense_cache(model, True)
-        results["after"] = evaluate.perplexity(model, ids, 2048, args.eval_limit, "cpu", not args.quiet)
-        set_dense_cache(model, False)
+        results["after"] = wikitext2()
         meta["finetune"]["wikitext2"] = {"before": results["before"]["ppl"], "after": results["after"]["ppl"]}
     checkpoint.save(model, out, tok, meta, overwrite=args.overwrite, dtype=checkpoint.stored_dtype(src_cfg))
     shutil.rmtree(part, ignore_errors=True)

@@ -11,9 +11,9 @@ from typing import Any
 import yaml
 
 MASK_METHODS = ("wanda", "magnitude", "sparsegpt", "jsq")
-QUANT_METHODS = ("slim", "slim-o", "slim-group", "absmax", "group-absmax", "gptq", "awq", "none")
+QUANT_METHODS = ("slim", "slim-o", "slim-group", "absmax", "group-absmax", "gptq", "awq", "omniquant", "none")
 ADAPTER_METHODS = ("slim", "naive", "fullcov", "l2qer", "none")
-GROUPED_QUANT = ("slim-group", "group-absmax", "awq")  # need group_size >= 1 (gptq: 0 = per tensor)
+GROUPED_QUANT = ("slim-group", "group-absmax", "awq", "omniquant")  # need group_size >= 1 (gptq: 0 = per tensor)
 SUPPORTED_BITS = (2, 4, 8)
 
 
@@ -92,6 +92,9 @@ class QuantConfig:
     damping: float = 0.01  # error feedback: relative damping of H
     act_order: bool = False  # error feedback: columns in order of decreasing H_jj (GPTQ's act-order)
     awq_grid: int = 20  # awq: points of the scale-exponent grid and of the clipping grid
+    # omniquant: asymmetric min-max groups whose max and min are shrunk by sigmoid(logit); the logits' start
+    # (OmniQuant's 4.0: factor 0.982), trained by block tuning with tune.clipping
+    lwc_init: float = 4.0
 
     def __post_init__(self) -> None:
         if self.method not in QUANT_METHODS:
@@ -176,6 +179,7 @@ class CalibConfig:
 
 
 TUNE_TEACHERS = ("dense", "compressed")
+TUNE_SCHEDULES = ("cosine", "constant")
 
 
 @dataclass(frozen=True)
@@ -184,22 +188,42 @@ class TuneConfig:
     scales) by gradient descent so that the block's outputs match the dense model's, mask and base codes frozen."""
 
     steps: int = 0  # optimizer steps per block (one calibration batch each); 0 = off
-    lr: float = 3e-2  # Adam's learning rate relative to each tensor's RMS, decayed to 0 on a cosine over the steps
-    holdout: float = 0.125  # share of the calibration batches kept out of training, to stop early
+    epochs: int = 0  # or passes over the training batches (steps = epochs x batches); 0 = use steps
+    lr: float = 3e-2  # Adam's learning rate, relative to each tensor's RMS unless lr_relative is off
+    lr_relative: bool = True  # adapters' magnitudes differ by orders of magnitude between models
+    schedule: str = "cosine"  # "cosine" (decayed to 0 over the steps) or "constant" (OmniQuant)
+    holdout: float = 0.125  # share of the calibration batches kept out of training, to stop early (0: none)
     eval_every: int = 8  # steps between held-out measurements
     patience: int = 2  # stop after this many measurements without a better held-out loss
     # "dense": targets are the dense model's own block outputs (a dense stream runs beside the compressed one);
     # "compressed": the dense block's outputs on the compressed stream's inputs (no second stream)
     teacher: str = "dense"
     scales: bool = False  # also train the weight quantizer's scales (codes frozen)
+    # also train the block's own dense parameters (its norms' weights and biases): stored in full precision
+    # anyway, so tuning them costs no bits
+    norms: bool = False
+    # train the quantizer's clipping instead (OmniQuant's learnable weight clipping, quant.method omniquant):
+    # codes and scales are recomputed from the trained clipping, the mask stays
+    clipping: bool = False
 
     def __post_init__(self) -> None:
-        if self.steps < 0 or self.lr <= 0 or self.eval_every < 1 or self.patience < 1:
-            raise ConfigError("tune.steps must be >= 0, tune.lr > 0, tune.eval_every and tune.patience >= 1")
+        if self.steps < 0 or self.epochs < 0 or self.lr <= 0 or self.eval_every < 1 or self.patience < 1:
+            raise ConfigError("tune.steps and tune.epochs must be >= 0, tune.lr > 0, tune.eval_every and "
+                              "tune.patience >= 1")
+        if self.steps and self.epochs:
+            raise ConfigError("tune.steps and tune.epochs both set: give one (epochs = passes over the batches)")
         if not (0.0 <= self.holdout < 1.0):
             raise ConfigError(f"tune.holdout must be in [0, 1), got {self.holdout}")
         if self.teacher not in TUNE_TEACHERS:
             raise ConfigError(f"tune.teacher: unknown teacher {self.teacher!r}; choose from {TUNE_TEACHERS}")
+        if self.schedule not in TUNE_SCHEDULES:
+            raise ConfigError(f"tune.schedule: unknown schedule {self.schedule!r}; choose from {TUNE_SCHEDULES}")
+        if self.clipping and self.scales:
+            raise ConfigError("tune.clipping recomputes the scales from the trained clipping: drop tune.scales")
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.steps or self.epochs)
 
 
 @dataclass(frozen=True)
@@ -218,9 +242,18 @@ class CompressConfig:
     def __post_init__(self) -> None:
         if not (self.device == "cpu" or self.device.startswith("cuda")):
             raise ConfigError(f"device {self.device!r}: use 'cpu' or 'cuda' (or 'cuda:N')")
-        if self.tune.steps and self.adapter.method == "none" and not (self.tune.scales and self.quant.method != "none"):
-            raise ConfigError("tune.steps > 0 trains the adapters (and, with tune.scales, the quantizer scales): this "
-                              "recipe has neither; add adapters (--adapter fullcov) or --block-tune-scales")
+        t = self.tune
+        if t.clipping and self.quant.method != "omniquant":
+            raise ConfigError(f"tune.clipping trains OmniQuant's clipping: it needs quant.method omniquant, not "
+                              f"{self.quant.method!r}")
+        if t.enabled and self.adapter.method == "none" and not (
+                t.clipping or t.norms or (t.scales and self.quant.method != "none")):
+            raise ConfigError("block tuning trains the adapters (with tune.scales also the quantizer scales, with "
+                              "tune.clipping OmniQuant's clipping): this recipe has none of them; add adapters "
+                              "(--adapter fullcov) or --block-tune-scales")
+        if self.quant.method == "omniquant" and self.quant.error_feedback:
+            raise ConfigError("quant.method omniquant rounds to nearest (its clipping is trained, not fed back): "
+                              "turn quant.error_feedback off")
 
     @property
     def needs_gram(self) -> bool:
@@ -338,4 +371,12 @@ PRESETS.update({
     "slim-lora": _baseline("wanda", {"method": "slim", "bits": 4}, {"method": "slim", **_FP16_ADAPTER}),
     "wanda-slim-quant": _baseline("wanda", {"method": "slim", "bits": 4}),
     "slim-quant-o": _baseline("wanda", {"method": "slim-o", "bits": 4}),
+    # OmniQuant's weight-only setting (its W4A16g128 runs: learnable weight clipping only, 20 epochs over the
+    # calibration samples one at a time, AdamW lr 1e-2 without weight decay or schedule, MSE to the dense
+    # model's block outputs), on a Wanda mask as the SLiM paper ran it
+    "wanda-omniquant": merge(_baseline("wanda", {"method": "omniquant", "bits": 4, "group_size": 128}), {
+        "tune": {"steps": 0, "epochs": 20, "lr": 1e-2, "lr_relative": False, "schedule": "constant",
+                 "holdout": 0.0, "teacher": "dense", "clipping": True},
+        "calib": {"batch_size": 1},
+    }),
 })

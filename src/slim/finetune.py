@@ -24,8 +24,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .config import ConfigError
-from .packed import SlimLinear
-from .tune import TrainableLinear
+from .tune import close_layers, open_layers, trainable
 
 log = logging.getLogger(__name__)
 
@@ -92,41 +91,15 @@ def batch_order(n_blocks: int, step: int, cfg: FinetuneConfig) -> list[int]:
     """The blocks of optimizer step `step` (0-based): epochs of seeded permutations, so any step's batch follows
     from the seed alone (a resumed run reads the same data)."""
     out: list[int] = []
+    perms: dict[int, list[int]] = {}
     start = step * cfg.batch
     for k in range(start, start + cfg.batch):
         epoch, pos = divmod(k, n_blocks)
-        perm = torch.randperm(n_blocks, generator=torch.Generator().manual_seed(cfg.seed * 100_003 + epoch))
-        out.append(int(perm[pos]))
+        if epoch not in perms:
+            gen = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
+            perms[epoch] = torch.randperm(n_blocks, generator=gen).tolist()
+        out.append(perms[epoch][pos])
     return out
-
-
-def open_layers(model: nn.Module, scales: bool) -> dict[str, TrainableLinear]:
-    """Replace every SlimLinear with a TrainableLinear; everything else frozen."""
-    from .models import set_submodule
-
-    for p in model.parameters():
-        p.requires_grad_(False)
-    opened = {n: TrainableLinear(m, scales) for n, m in model.named_modules() if isinstance(m, SlimLinear)}
-    if not opened:
-        raise ConfigError("finetune: the model has no compressed layers")
-    for n, t in opened.items():
-        set_submodule(model, n, t)
-        for p in (t.A, t.B, t.gain):
-            if p is not None:
-                p.requires_grad_(True)
-    return opened
-
-
-def close_layers(model: nn.Module, opened: dict[str, TrainableLinear]) -> None:
-    from .models import set_submodule
-
-    for n, t in opened.items():
-        set_submodule(model, n, t.write_back())
-
-
-def trainable(opened: dict[str, TrainableLinear]) -> dict[str, nn.Parameter]:
-    return {f"{n}.{k}": p for n, t in opened.items() for k, p in (("A", t.A), ("B", t.B), ("gain", t.gain))
-            if p is not None}
 
 
 def make_optimizer(params: dict[str, nn.Parameter], cfg: FinetuneConfig) -> torch.optim.Optimizer:
@@ -208,6 +181,8 @@ def finetune(
     torch.manual_seed(cfg.seed)
     model.train(False)  # no dropout: the LM is tuned as it will run
     opened = open_layers(model, cfg.scales)
+    if not opened:
+        raise ConfigError("finetune: the model has no compressed layers")
     params = trainable(opened)
     opt = make_optimizer(params, cfg)
     sched = schedule(opt, cfg)

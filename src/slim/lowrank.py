@@ -15,21 +15,18 @@ from typing import NamedTuple
 import torch
 
 
-def _truncated(
-    m: torch.Tensor, rank: int, eig_dtype: torch.dtype = torch.float64,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _truncated(m: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Top-r singular triplets (float64). Via the eigendecomposition of the smaller Gram side, which
-    is exact for the leading triplets in double precision and ~2x faster than a full SVD. `eig_dtype`
-    float32 halves the eigensolver's time; the leading vectors keep float32 accuracy (1e-7), far below what
-    a 4-bit adapter keeps, and the other side and the singular values are then computed in float64."""
+    is exact for the leading triplets in double precision and ~2x faster than a full SVD. The eigensolver
+    stays in float64: a float32 one saves ~2 % of the default recipe's time but moved SmolLM2's WikiText-2
+    perplexity from 71.78 to 72.69 (docs/results/ablation), small per layer, compounded over 30 blocks."""
     m = m.double()
     if rank * 4 > min(m.shape):
         u, s, vh = torch.linalg.svd(m, full_matrices=False)
         return u[:, :rank], s[:rank], vh[:rank]
     tall = m.shape[0] >= m.shape[1]
     g = m.T @ m if tall else m @ m.T
-    ev, vec = torch.linalg.eigh(g.to(eig_dtype))
-    ev, vec = ev.double(), vec.double()
+    ev, vec = torch.linalg.eigh(g)
     idx = ev.argsort(descending=True)[:rank]
     s = ev[idx].clamp_min(0).sqrt()
     v = vec[:, idx]
@@ -108,7 +105,7 @@ def fullcov_adapter(
     the caller has it.
     """
     low = (factor if factor is not None else gram_factor(gram, damping)).low
-    u, s, vh = _truncated(product if product is not None else times_lower(err, low), rank, eig_dtype=torch.float32)
+    u, s, vh = _truncated(product if product is not None else times_lower(err, low), rank)
     a = torch.linalg.solve_triangular(low, s[:, None] * vh, upper=False, left=False)  # (s vh) L^-1
     return a.float(), u.float()
 

@@ -46,8 +46,8 @@ def compress_model(
     streams, each compressed block is committed to disk and dropped, and an interrupted run resumes after its
     last committed block. When the calibration activations (two copies: a block's inputs and outputs; four with
     block tuning) would take more than a quarter of `max_memory` bytes, they live in files on disk instead, read
-    one batch at a time. With `cfg.tune.steps`, each block's adapters are then tuned against the dense block's
-    outputs (`slim.tune`).
+    one batch at a time. With block tuning on (`cfg.tune`), each block's adapters are then tuned against the dense
+    block's outputs (`slim.tune`).
     With `ranks` (`slim.dist`, several processes under torchrun), each rank runs its share of the calibration
     batches, statistics are summed across ranks and each block's linears are solved on different ranks.
     Returns a report with per-layer errors and timings.
@@ -63,7 +63,7 @@ def compress_model(
         "; CPU default seqlen is 512 (the paper uses 2048)" if device == "cpu" else "",
     )
     act_bytes = calib_ids.numel() * model.config.hidden_size * model.get_input_embeddings().weight.element_size()
-    copies = 4 if cfg.tune.steps else 2  # a block's inputs and outputs (+ the teacher's inputs and targets)
+    copies = 4 if cfg.tune.enabled else 2  # a block's inputs and outputs (+ the teacher's inputs and targets)
     spill = None
     if max_memory is not None and copies * act_bytes > max_memory / 4:
         spill = Path(tempfile.mkdtemp(prefix="slim-act-")) if run is None else run.dir / "activations"
@@ -92,19 +92,23 @@ def _compress_blocks(model: nn.Module, calib_ids: torch.Tensor, cfg: CompressCon
     if run is not None:
         start, hidden, teacher = run.resume(model, hidden, spill)
         per_layer.update(run.per_layer)
-    tuning = cfg.tune.steps > 0
+    tuning = cfg.tune.enabled
     with_gram = cfg.needs_gram or cfg.calib.gram_errors
     bar = tqdm(range(start, len(layers)), desc="compressing blocks", unit="block", disable=not progress,
                initial=start, total=len(layers))
     for i in bar:
         block = (layers[i] if run is None else run.load(model, i)).to(device)
         linears = find_linears(block)
+        # block tuning's targets: the dense block's outputs, before its linears are replaced; on the compressed
+        # stream (block 0, or --block-tune-teacher compressed) they are the statistics pass's own outputs
         targets = None
-        if tuning:  # the dense block's outputs, before its linears are replaced
-            src = hidden if teacher is None or cfg.tune.teacher == "compressed" else teacher
-            targets = run_block(block, src, kwargs, device, spill=spill, tag=f"t{i:05d}")
+        if tuning and teacher is not None and cfg.tune.teacher == "dense":
+            targets = run_block(block, teacher, kwargs, device, spill=spill, tag=f"t{i:05d}")
+        elif tuning:
+            targets = Activations(spill, f"t{i:05d}")
         stats, groups = _collect_stats(block, linears, hidden, kwargs, device, with_gram, jsq_clip=jsq_clip,
-                                       with_abs=cfg.needs_abs)
+                                       with_abs=cfg.needs_abs, outputs=targets if teacher is None or
+                                       cfg.tune.teacher == "compressed" else None)
         _reduce(stats, ranks)
         stats, measure = _split_gram(stats, cfg)
         adapter_ranks: dict[str, int] = {}
@@ -142,7 +146,8 @@ def _compress_blocks(model: nn.Module, calib_ids: torch.Tensor, cfg: CompressCon
         del stats
         if targets is not None:
             tuned = tune_block(block, hidden, targets, kwargs, device, cfg.tune, seed=cfg.calib.seed + i,
-                               ranks=ranks)
+                               ranks=ranks, lwc_init=cfg.quant.lwc_init,
+                               clip_sources={k: lin.weight.data for k, lin in linears.items()})
             for k in linears:
                 per_layer[f"{prefix}.{i}.{k}"]["block_tune"] = tuned
             if teacher is not None:
@@ -229,13 +234,16 @@ class _GroupInputsSeen(Exception):
 def _collect_stats(
     block: nn.Module, linears: dict[str, nn.Linear], hidden: list[torch.Tensor], kwargs: list[dict[str, Any]],
     device: str, with_gram: bool, only: list[str] | None = None, jsq_clip: float | None = None,
-    with_abs: bool = True,
+    with_abs: bool = True, outputs: Activations | None = None,
 ) -> tuple[dict[str, InputStats], list[list[str]]]:
     """Input statistics of the block's linears (or of `only`, one group, stopping the forward there).
 
     Linears fed the same tensor (q/k/v, gate/up) form a group and share one InputStats. Returns the
-    statistics and the groups in execution order.
+    statistics and the groups in execution order; the block's outputs go to `outputs` when given (whole blocks
+    only).
     """
+    if outputs is not None and only is not None:
+        raise ValueError("_collect_stats: outputs are only kept when the whole block runs")
     names = list(linears) if only is None else list(only)
     # `only` is one group fed one tensor: its first linear measures it for all, and the forward stops there
     # (before the group's other linears run, so they must not wait for their own hooks)
@@ -262,7 +270,7 @@ def _collect_stats(
     hooks = [lin.register_forward_hook(make_hook(k)) for k, lin in linears.items()]
     try:
         if only is None:
-            run_block(block, hidden, kwargs, device, keep=False)
+            run_block(block, hidden, kwargs, device, keep=outputs is not None, into=outputs)
         else:
             for h, kw in zip(hidden, kwargs, strict=True):
                 try:

@@ -170,6 +170,34 @@ def minmax_asym_params(
     return scale, zero.clamp(qmin, qmax)
 
 
+def lwc_params(
+    w: torch.Tensor, bits: int, group_size: int, up: torch.Tensor, low: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """OmniQuant's learnable weight clipping: asymmetric min-max groups whose max and min are shrunk by
+    sigmoid(up) and sigmoid(low), (rows, n_groups) logits. Returns (scale, zero), zero in the signed code space.
+    Differentiable in `up` and `low`: the scale's fp16 rounding passes gradients straight through, the zero
+    point carries none (as in OmniQuant), so training sees exactly the quantizer that is stored."""
+    wg = grouped(w, group_size)
+    mx = wg.amax(-1) * torch.sigmoid(up)
+    mn = wg.amin(-1) * torch.sigmoid(low)
+    raw = ((mx - mn) / (2**bits - 1)).clamp(1e-5, 1e4)
+    scale = raw + (round_scale(raw.detach()) - raw).detach()
+    zero = torch.round(-mn.detach() / scale.detach()).clamp(0, 2**bits - 1) + qrange(bits)[0]
+    return scale, zero
+
+
+def lwc_fake_quant(
+    w: torch.Tensor, bits: int, group_size: int, up: torch.Tensor, low: torch.Tensor
+) -> torch.Tensor:
+    """The weight as `lwc_params`' quantizer stores it, with straight-through rounding (for training)."""
+    scale, zero = lwc_params(w, bits, group_size, up, low)
+    d_in = w.shape[1]
+    s, z = expand_groups(scale, d_in, group_size), expand_groups(zero, d_in, group_size)
+    x = w / s
+    q = torch.clamp(x + (torch.round(x) - x).detach() + z, *qrange(bits))
+    return (q - z) * s
+
+
 # ---------------------------------------------------------------- activations
 
 

@@ -23,6 +23,8 @@ from .quant import (
     group_absmax_scale,
     group_slim_scale,
     grouped,
+    lwc_params,
+    n_groups,
     quantize_codes,
     slim_quant_scale,
 )
@@ -283,6 +285,10 @@ def prepare_weight(
             w * mask, stats.mean_abs, gram, q.bits, q.group_size, q.awq_grid, clip=clip
         )
         params = FixedParams(scale, zero, clipv, q.group_size)
+    elif q.method == "omniquant":  # the clipping's start; block tuning (tune.clipping) trains it
+        logits = torch.full((w.shape[0], n_groups(w.shape[1], q.group_size)), q.lwc_init, device=w.device)
+        scale, zero = lwc_params(w * mask, q.bits, q.group_size, logits, logits)
+        params = FixedParams(scale, zero, None, q.group_size)
     if input_scale is not None:
         w = w * input_scale[None, :]
         stats = stats.scaled(input_scale)

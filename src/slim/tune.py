@@ -21,11 +21,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .capture import block_forward
+from .checkpoint import cast_dense_parts
 from .config import TuneConfig
 from .dist import Ranks
 from .models import set_submodule
 from .packed import SlimLinear, pack_codes
-from .quant import expand_groups, fp8_fake_quant, round_scale
+from .quant import expand_groups, fp8_fake_quant, lwc_fake_quant, lwc_params, n_groups, quantize_codes, round_scale
 from .solver import quantize_grouped
 
 log = logging.getLogger(__name__)
@@ -47,14 +49,25 @@ class TrainableLinear(nn.Module):
     The SlimLinear is kept aside (not a submodule), and `write_back` stores the trained values into it.
     """
 
-    def __init__(self, mod: SlimLinear, scales: bool = False) -> None:
+    def __init__(self, mod: SlimLinear, scales: bool = False, clip_source: torch.Tensor | None = None,
+                 lwc_init: float = 4.0) -> None:
         super().__init__()
         L = mod.layout
         self.layout = L
         self._slim = [mod]  # a list: not registered, so its packed buffers stay out of this module
-        self.register_buffer("base", mod.dequantized_weight())
         self.register_buffer("input_scale", mod.input_scale.float() if L.input_scale else None)
         self.register_buffer("bias", None if mod.bias is None else mod.bias.detach().float())
+        self.up = self.low = None
+        if clip_source is None:
+            self.register_buffer("base", mod.dequantized_weight())
+        else:  # OmniQuant's learnable clipping: the masked float weight, quantized afresh in every forward
+            if not (L.zero_point and L.group_size and L.bits):
+                raise ValueError("learnable clipping needs asymmetric (zero-point) quantized groups")
+            keep = mod.mask()
+            self.register_buffer("base", clip_source.detach().float().to(keep.device) * keep)
+            self.register_buffer("keep", keep)
+            logits = torch.full((L.d_out, n_groups(L.d_in, L.group_size)), lwc_init, device=keep.device)
+            self.up, self.low = nn.Parameter(logits.clone()), nn.Parameter(logits.clone())
         self.gain = nn.Parameter(torch.ones(mod.scale.shape, device=self.base.device)) if scales and L.bits else None
         ad = mod.adapters()
         self.A = None if ad is None else nn.Parameter(ad[0].clone())
@@ -62,6 +75,8 @@ class TrainableLinear(nn.Module):
 
     def weight(self) -> torch.Tensor:
         L = self.layout
+        if self.up is not None:
+            return lwc_fake_quant(self.base, L.bits, L.group_size, self.up, self.low) * self.keep
         if self.gain is None:
             return self.base
         g = self.gain if L.group_size == 0 else expand_groups(self.gain, L.d_in, L.group_size)
@@ -94,35 +109,43 @@ class TrainableLinear(nn.Module):
                     getattr(mod, name).copy_(t.detach().to(torch.float16))
         if self.gain is not None:
             mod.scale.copy_(round_scale(mod.scale.float() * self.gain).to(torch.float16))
+        if self.up is not None:  # codes, scales and zero points from the trained clipping; the mask stays
+            scale, zero = lwc_params(self.base, L.bits, L.group_size, self.up, self.low)
+            codes = quantize_codes(self.base, expand_groups(scale, L.d_in, L.group_size), L.bits,
+                                   expand_groups(zero, L.d_in, L.group_size))
+            mod.values.copy_(pack_codes(codes.gather(1, mod.kept_positions()), L.bits))
+            mod.scale.copy_(scale.to(torch.float16))
+            mod.zero.copy_(pack_codes(zero.to(torch.int8), L.bits))
         mod.clear_cache()
         return mod
 
 
-def _block_out(block: nn.Module, h: torch.Tensor, kw: dict[str, Any], device: str) -> torch.Tensor:
-    from .capture import _to
+def open_layers(model: nn.Module, scales: bool, clip_sources: dict[str, torch.Tensor] | None = None,
+                lwc_init: float = 4.0) -> dict[str, TrainableLinear]:
+    """Replace every SlimLinear of a model (or block) with a TrainableLinear whose adapters (and scale gains, or
+    clipping logits from `clip_sources`: each layer's float weight) are the only parameters that require
+    gradients; `close_layers` puts the trained SlimLinears back."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    opened = {n: TrainableLinear(m, scales, None if clip_sources is None else clip_sources[n], lwc_init)
+              for n, m in model.named_modules() if isinstance(m, SlimLinear)}
+    for n, t in opened.items():
+        set_submodule(model, n, t)
+    for p in trainable(opened).values():
+        p.requires_grad_(True)
+    return opened
 
-    out = block(h.to(device, torch.float32), **_to(kw, device))
-    return out[0] if isinstance(out, (tuple, list)) else out
+
+def close_layers(model: nn.Module, opened: dict[str, TrainableLinear]) -> None:
+    for n, t in opened.items():
+        set_submodule(model, n, t.write_back())
 
 
-def _dense_parts_to(block: nn.Module, dtypes: dict[str, torch.dtype] | None) -> dict[str, torch.dtype]:
-    """Cast the block's dense parameters and buffers (norms; not the linears being tuned) to fp32, or back to
-    `dtypes`; returns their original dtypes. Done tensor by tensor: `Module.to(dtype)` would also cast the packed
-    layers' fp16 scales."""
-    seen: dict[str, torch.dtype] = {}
-    for mname, mod in block.named_modules():
-        if isinstance(mod, (SlimLinear, TrainableLinear)):
-            continue
-        for table in (mod._parameters, mod._buffers):
-            for k, t in table.items():
-                if t is None or not t.is_floating_point():
-                    continue
-                key = f"{mname}.{k}"
-                seen[key] = t.dtype
-                want = torch.float32 if dtypes is None else dtypes.get(key, t.dtype)
-                if t.dtype != want:
-                    t.data = t.data.to(want)
-    return seen
+def trainable(opened: dict[str, TrainableLinear]) -> dict[str, nn.Parameter]:
+    """The opened layers' parameters by name, in a fixed order (the optimizer's and the saved state's)."""
+    return {f"{n}.{k}": p for n, t in opened.items()
+            for k, p in (("A", t.A), ("B", t.B), ("gain", t.gain), ("clip_up", t.up), ("clip_low", t.low))
+            if p is not None}
 
 
 def _rel_loss(y: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, float]:
@@ -162,45 +185,51 @@ class _Batches:
 def tune_block(
     block: nn.Module, inputs: Sequence[torch.Tensor], targets: Sequence[torch.Tensor], kwargs: list[dict[str, Any]],
     device: str, cfg: TuneConfig, seed: int = 0, ranks: Ranks | None = None,
+    clip_sources: dict[str, torch.Tensor] | None = None, lwc_init: float = 4.0,
 ) -> dict[str, Any]:
     """Train the adapters (and scale gains) of the block's SlimLinears to map `inputs` to `targets`, one
     calibration batch per step; the block is modified in place. Returns what happened (losses, steps, seconds).
+    With `cfg.clipping`, each layer's clipping logits (from `lwc_init`) are trained on its float weight in
+    `clip_sources` (OmniQuant's LWC) and its codes recomputed.
 
     Under torchrun (`ranks`), each rank holds its share of the batches: every step runs on the rank that holds
     its batch and the gradients reach the others by an all-reduce (a sum with zeros: exact), so every rank takes
     the one-process steps and ends with the one-process adapters."""
     t0 = time.perf_counter()
-    slims = {n: m for n, m in block.named_modules() if isinstance(m, SlimLinear)}
     where = _Batches(len(inputs), ranks or Ranks())
     nb = where.total
     n_hold = min(nb - 1, max(1, round(cfg.holdout * nb))) if cfg.holdout > 0 and nb >= 2 else 0
     train_ids, hold_ids = list(range(nb - n_hold)), list(range(nb - n_hold, nb))
-    if not n_hold:
+    if not n_hold and cfg.holdout > 0:
         log.warning("block tuning: %d calibration batch(es), none held out: no early stop, every step is kept", nb)
-    opened = {n: TrainableLinear(m, cfg.scales) for n, m in slims.items()}
-    for n, t in opened.items():
-        set_submodule(block, n, t)
-    dtypes = _dense_parts_to(block, None)
+    dtypes = cast_dense_parts(block, torch.float32)
     frozen = {p: p.requires_grad for p in block.parameters()}
-    params = [p for t in opened.values() for p in (t.A, t.B, t.gain) if p is not None]
-    for p in block.parameters():
-        p.requires_grad_(False)
-    for p in params:
-        p.requires_grad_(True)
+    if cfg.clipping and clip_sources is None:
+        raise ValueError("tune.clipping needs each layer's float weight (clip_sources)")
+    opened = open_layers(block, cfg.scales, clip_sources if cfg.clipping else None, lwc_init)
+    params = list(trainable(opened).values())
+    if cfg.norms:  # the block's dense parameters besides the opened layers: its norms
+        seen = {id(p) for p in params}
+        extra = [p for p in block.parameters() if id(p) not in seen and p.is_floating_point()]
+        for p in extra:
+            p.requires_grad_(True)
+        params += extra
     info: dict[str, Any] = {"steps": 0}
     try:
         with torch.enable_grad():
             info = _train(block, params, inputs, targets, kwargs, device, cfg, train_ids, hold_ids, seed, where)
     finally:
+        close_layers(block, opened)
         for p, flag in frozen.items():
             p.requires_grad_(flag)
-        for n, t in opened.items():
-            set_submodule(block, n, t.write_back())
-        _dense_parts_to(block, dtypes)
+        cast_dense_parts(block, dtypes)
     info["seconds"] = time.perf_counter() - t0
+    def num(k: str) -> float:
+        v = info.get(k)
+        return math.nan if v is None else v
+
     log.info("block tuning: %d steps, held-out loss %.5f -> %.5f, train %.5f -> %.5f (%.1f s)", info["steps"],
-             info.get("holdout_before", math.nan), info.get("holdout_after", math.nan),
-             info.get("train_first", math.nan), info.get("train_last", math.nan), info["seconds"])
+             num("holdout_before"), num("holdout_after"), num("train_first"), num("train_last"), info["seconds"])
     return info
 
 
@@ -211,7 +240,7 @@ def _holdout(block: nn.Module, inputs: Sequence[torch.Tensor], targets: Sequence
         for g in ids:
             j = where.local(g)
             if j is not None:
-                e, n = _rel_loss(_block_out(block, inputs[j], kwargs[j], device), targets[j])
+                e, n = _rel_loss(block_forward(block, inputs[j], kwargs[j], device, torch.float32), targets[j])
                 parts[g] = torch.tensor([float(e), n], dtype=torch.float64)
     where.gather(parts, torch.zeros(2, dtype=torch.float64))
     err = energy = 0.0
@@ -225,16 +254,23 @@ def _train(block: nn.Module, params: list[nn.Parameter], inputs: Sequence[torch.
            train_ids: list[int], hold_ids: list[int], seed: int, where: _Batches) -> dict[str, Any]:
     # the learning rate is relative to each tensor's RMS: adapters' magnitudes differ by orders of magnitude
     # between models (and between A and B), and a step should move a tensor by a share of its own size
-    opt = torch.optim.Adam([{"params": [p], "lr": cfg.lr * max(float(p.detach().pow(2).mean().sqrt()), 1e-12)}
-                            for p in params])
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / cfg.steps)))
+    # (absolute with lr_relative off: OmniQuant's clipping logits)
+    def lr(p: nn.Parameter) -> float:
+        return cfg.lr * max(float(p.detach().pow(2).mean().sqrt()), 1e-12) if cfg.lr_relative else cfg.lr
+
+    steps = cfg.steps or cfg.epochs * len(train_ids)
+    opt = torch.optim.Adam([{"params": [p], "lr": lr(p)} for p in params])
+    if cfg.schedule == "cosine":
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))
+    else:
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
     gen = torch.Generator().manual_seed(seed)
     order: list[int] = []
     best_state = [p.detach().clone() for p in params]
     best = _holdout(block, inputs, targets, kwargs, device, hold_ids, where) if hold_ids else math.inf
     info: dict[str, Any] = {"holdout_before": best if hold_ids else None, "best_step": 0}
     since, first, last, step = 0, None, None, 0
-    for step in range(1, cfg.steps + 1):
+    for step in range(1, steps + 1):
         if not order:  # a fresh pass over the training batches, in a seeded order
             order = [train_ids[k] for k in torch.randperm(len(train_ids), generator=gen).tolist()]
         g = order.pop()
@@ -242,7 +278,7 @@ def _train(block: nn.Module, params: list[nn.Parameter], inputs: Sequence[torch.
         opt.zero_grad(set_to_none=True)
         loss_t = torch.zeros(1, dtype=torch.float64)
         if j is not None:
-            e, n = _rel_loss(_block_out(block, inputs[j], kwargs[j], device), targets[j])
+            e, n = _rel_loss(block_forward(block, inputs[j], kwargs[j], device, torch.float32), targets[j])
             loss = e / max(n, 1e-30)
             loss.backward()
             loss_t[0] = float(loss.detach())
@@ -255,7 +291,7 @@ def _train(block: nn.Module, params: list[nn.Parameter], inputs: Sequence[torch.
         sched.step()
         last = float(loss_t[0])
         first = last if first is None else first
-        if hold_ids and (step % cfg.eval_every == 0 or step == cfg.steps):
+        if hold_ids and (step % cfg.eval_every == 0 or step == steps):
             h = _holdout(block, inputs, targets, kwargs, device, hold_ids, where)
             if h < best:
                 best, since, info["best_step"] = h, 0, step
