@@ -69,14 +69,14 @@ def render(res: dict[str, dict], blocks: int) -> str:
              "WikiText-2 tokens; the default recipe, 128 x 512 C4 calibration; time = compressing the "
              f"{blocks} blocks.\n",
              "| variant | overrides | output error | vs closed form | seconds | s per block tuning | best step / steps "
-             "per block |", "|---|---|---|---|---|---|---|"]
+             "per block | code |", "|---|---|---|---|---|---|---|---|"]
     for name, r in res.items():
         tunes = [t for t in r["tune"].values() if t]
         per = sum(t["seconds"] for t in tunes) / len(tunes) if tunes else 0
         steps = ", ".join(f"{t['best_step']}/{t['steps']}" for t in tunes)
         vs = f"{r['err'] / base - 1:+.1%}" if base else ""
         lines.append(f"| {name} | `{json.dumps(r['overrides'])}` | {r['err']:.5f} | {vs} | {r['seconds']:.0f} | "
-                     f"{per:.1f} | {steps} |")
+                     f"{per:.1f} | {steps} | {(r.get('commit') or '')[:7]} |")
     return "\n".join(lines) + "\n"
 
 
@@ -98,10 +98,12 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     if args.render is not None:
         res: dict[str, dict] = {}
-        for f in args.render:
-            res.update(json.loads(Path(f).read_text())["variants"])
+        for f in args.render:  # each variant keeps the commit that measured it
+            saved = json.loads(Path(f).read_text())
+            res.update({k: {"commit": saved.get("commit"), **v} for k, v in saved["variants"].items()})
     else:
-        res = probe(args.blocks, json.loads(args.variants), args.data_dir)
+        res = {k: {"commit": source_commit(), **v}
+               for k, v in probe(args.blocks, json.loads(args.variants), args.data_dir).items()}
     write_json(out / "probe.json", {"machine": machine(), "commit": source_commit(), "blocks": args.blocks,
                                     "variants": res})
     (out / "probe.md").write_text(render(res, args.blocks))
