@@ -101,14 +101,13 @@ def _compress_blocks(model: nn.Module, calib_ids: torch.Tensor, cfg: CompressCon
         linears = find_linears(block)
         # block tuning's targets: the dense block's outputs, before its linears are replaced; on the compressed
         # stream (block 0, or --block-tune-teacher compressed) they are the statistics pass's own outputs
+        own_stream = teacher is None or cfg.tune.teacher == "compressed"
         targets = None
-        if tuning and teacher is not None and cfg.tune.teacher == "dense":
-            targets = run_block(block, teacher, kwargs, device, spill=spill, tag=f"t{i:05d}")
-        elif tuning:
-            targets = Activations(spill, f"t{i:05d}")
+        if tuning:
+            targets = (Activations(spill, f"t{i:05d}") if own_stream
+                       else run_block(block, teacher, kwargs, device, spill=spill, tag=f"t{i:05d}"))
         stats, groups = _collect_stats(block, linears, hidden, kwargs, device, with_gram, jsq_clip=jsq_clip,
-                                       with_abs=cfg.needs_abs, outputs=targets if teacher is None or
-                                       cfg.tune.teacher == "compressed" else None)
+                                       with_abs=cfg.needs_abs, outputs=targets if own_stream else None)
         _reduce(stats, ranks)
         stats, measure = _split_gram(stats, cfg)
         adapter_ranks: dict[str, int] = {}
