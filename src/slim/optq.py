@@ -58,6 +58,22 @@ def inverse_hessian_cholesky(h: torch.Tensor, damping: float = 0.01) -> torch.Te
     raise torch.linalg.LinAlgError("Hessian is not positive definite even after heavy damping")
 
 
+@dataclass
+class Feedback:
+    """What the error-feedback pass reuses across calls for one layer: the Cholesky factor of H^-1
+    (of the permuted H under act-order) and the column order."""
+
+    chol: torch.Tensor
+    perm: torch.Tensor | None = None
+
+    @classmethod
+    def build(cls, gram: torch.Tensor, damping: float, act_order: bool) -> Feedback:
+        if not act_order:
+            return cls(inverse_hessian_cholesky(gram, damping))
+        perm = torch.argsort(torch.diagonal(gram), descending=True)
+        return cls(inverse_hessian_cholesky(gram[perm][:, perm], damping), perm)
+
+
 def _keep_top(scores: torch.Tensor, k: int) -> torch.Tensor:
     idx = scores.topk(k, dim=1).indices
     return torch.zeros_like(scores, dtype=torch.bool).scatter_(1, idx, True)

@@ -82,7 +82,7 @@ def _compress_blocks(model: nn.Module, calib_ids: torch.Tensor, cfg: CompressCon
                      t0: float, ranks: Ranks) -> dict[str, Any]:
     layers = get_layers(model)
     prefix = layers_prefix(model)
-    jsq_clip = cfg.sparsity.jsq_clip if cfg.sparsity.method == "jsq" and masks is None else None
+    jsq_clip = cfg.sparsity.jsq_clip if cfg.needs_jsq and masks is None else None
     hidden, kwargs = capture_block_inputs(model, calib_ids, cfg.calib.batch_size, device, spill)
     per_layer: dict[str, dict[str, Any]] = {}
     start = 0

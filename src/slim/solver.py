@@ -2,44 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
-from .baselines import awq_search, jsq_score
 from .config import AdapterConfig, CompressConfig, QuantConfig
-from .lowrank import GramFactor, fullcov_adapter, gram_factor, naive_adapter, output_error, slim_adapter, times_lower
-from .optq import ColumnGrid, inverse_hessian_cholesky, optq
+from .lowrank import GramFactor, gram_factor, output_error, times_lower
+from .methods import ADAPTERS, MASKS, QUANTIZERS, FixedParams
+from .optq import ColumnGrid, Feedback, optq
 from .packed import CompressedWeight
-from .prune import make_mask, make_mask_from_score, sparsegpt_mask
-from .quant import (
-    absmax_scale,
-    clamp_sym,
-    expand_groups,
-    fake_quant,
-    gptq_scale,
-    group_absmax_scale,
-    group_slim_scale,
-    grouped,
-    lwc_params,
-    n_groups,
-    quantize_codes,
-    slim_quant_scale,
-)
+from .quant import clamp_sym, expand_groups, fake_quant, gptq_scale, group_absmax_scale, quantize_codes
 from .stats import InputStats
-
-
-def outlier_scale(w: torch.Tensor, stats: InputStats, fraction: float, factor: float) -> torch.Tensor:
-    """SLiM-Quant^O: per-input-channel factor, `factor` on the top channels by ||x_j|| * sum_i |W_ij|."""
-    d_in = w.shape[1]
-    k = int(round(fraction * d_in))
-    s = torch.ones(d_in, device=w.device)
-    if k:
-        sal = stats.sum_sq.float().sqrt() * w.abs().sum(0)
-        s[sal.topk(k).indices] = factor
-    return s
 
 
 @dataclass
@@ -55,48 +28,12 @@ class QuantResult:
     zero: torch.Tensor | None = None  # asymmetric zero points (AWQ)
 
 
-@dataclass
-class Feedback:
-    """What the error-feedback pass reuses across calls for one layer: the Cholesky factor of H^-1
-    (of the permuted H under act-order) and the column order."""
-
-    chol: torch.Tensor
-    perm: torch.Tensor | None = None
-
-    @classmethod
-    def build(cls, gram: torch.Tensor, damping: float, act_order: bool) -> Feedback:
-        if not act_order:
-            return cls(inverse_hessian_cholesky(gram, damping))
-        perm = torch.argsort(torch.diagonal(gram), descending=True)
-        return cls(inverse_hessian_cholesky(gram[perm][:, perm], damping), perm)
-
-
-@dataclass
-class FixedParams:
-    """Quantizer parameters fitted outside `quantize_masked` (AWQ's search)."""
-
-    scale: torch.Tensor  # (rows, n_groups)
-    zero: torch.Tensor | None
-    clip: torch.Tensor | None  # (rows, n_groups) clamp bound applied before rounding
-    group_size: int
-
-
 def fit_scale(w: torch.Tensor, mask: torch.Tensor, q: QuantConfig) -> tuple[torch.Tensor, int, dict]:
     """The quantizer's scale(s) for the kept weights: (scale, group_size or 0, info)."""
-    if q.method in ("slim", "slim-o"):
-        scale, alpha, rel = slim_quant_scale(w[mask], q.bits)
-        return scale, 0, {"alpha": alpha, "quant_rel_err": rel}
-    if q.method == "absmax":
-        return absmax_scale(w * mask, q.bits), 0, {}
-    if q.method == "group-absmax":
-        return group_absmax_scale(w * mask, q.bits, q.group_size), q.group_size, {}
-    if q.method == "slim-group":
-        return group_slim_scale(w, mask, q.bits, q.group_size), q.group_size, {}
-    if q.method == "gptq":
-        if q.group_size == 0:
-            return gptq_scale((w * mask).flatten(), q.bits), 0, {}
-        return gptq_scale(grouped(w * mask, q.group_size), q.bits), q.group_size, {}
-    raise ValueError(f"quantizer {q.method!r} has no stand-alone scale fit")
+    fit = QUANTIZERS[q.method].fit
+    if fit is None:
+        raise ValueError(f"quantizer {q.method!r} has no stand-alone scale fit")
+    return fit(w, mask, q)
 
 
 def _ef_pass(
@@ -139,7 +76,8 @@ def quantize_masked(
         fb = Feedback.build(gram, q.damping, q.act_order)
     if mask is None and (choose is None or not q.error_feedback):
         raise ValueError("quantize_masked needs a mask, or `choose` with error feedback")
-    if q.method == "none":
+    quantizer = QUANTIZERS[q.method]
+    if not quantizer.quantizes:
         if not q.error_feedback:
             return QuantResult(None, None, 0, w * mask, {}, mask)
         dense, used = _ef_pass(w, gram, lambda c, j: c, mask, fb, q, choose, grid=ColumnGrid(0, lambda c: (None, None)))
@@ -151,7 +89,7 @@ def quantize_masked(
     fit_on = mask if mask is not None else torch.ones_like(w, dtype=torch.bool)
     if params is not None:
         scale, gsize, zero, clip = params.scale, params.group_size, params.zero, params.clip
-    elif q.method == "gptq" and q.error_feedback and q.group_size and fb.perm is None:
+    elif quantizer.lazy_groups and q.error_feedback and q.group_size and fb.perm is None:
         gsize = q.group_size
         scale = torch.ones(w.shape[0], -(-d_in // gsize), device=w.device)
 
@@ -193,28 +131,15 @@ def quantize_masked(
     return QuantResult(codes, scale, gsize, dense, info, mask, zero)
 
 
-def diag_weight(stats: InputStats, method: str) -> torch.Tensor | None:
-    """The per-input-channel weighting of the diagonal adapter methods (None for the others)."""
-    if method == "slim":
-        return stats.rms
-    if method == "l2qer":
-        return stats.mean_abs
-    return None
-
-
 def fit_adapter(
     err: torch.Tensor, stats: InputStats, gram: torch.Tensor | None, rank: int, ad: AdapterConfig,
     factor: GramFactor | None = None, product: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(A, B) with B @ A ~ err under the adapter method's weighting."""
-    if ad.method == "naive":
-        return naive_adapter(err, rank)
-    d = diag_weight(stats, ad.method)
-    if d is not None:  # SLiM-LoRA, or L2QER: the same closed form scaled by the mean input magnitude
-        return slim_adapter(err, d, rank)
-    if gram is None:
-        raise ValueError("fullcov adapters need the Gram matrix of the layer inputs")
-    return fullcov_adapter(err, gram, rank, ad.damping, factor, product)
+    fit = ADAPTERS[ad.method].fit
+    if fit is None:
+        raise ValueError(f"adapter method {ad.method!r} fits no adapter")
+    return fit(err, stats, gram, rank, ad, factor, product)
 
 
 def quantize_grouped(t: torch.Tensor, bits: int, group: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -240,14 +165,6 @@ class Prepared:
     info: dict
 
 
-def _cached(stats: InputStats, key: tuple, make: Callable[[], Any]) -> Any:
-    """A factorization of the Gram matrix, computed once per InputStats and shared by the linears fed
-    the same input (q/k/v, gate/up)."""
-    if key not in stats.cache:
-        stats.cache[key] = make()
-    return stats.cache[key]
-
-
 def prepare_weight(
     w: torch.Tensor, stats: InputStats, cfg: CompressConfig, mask: torch.Tensor | None = None, name: str = "",
 ) -> Prepared:
@@ -260,57 +177,36 @@ def prepare_weight(
     if mask is not None:
         mask = mask.to(w.device)
     sp, q, ad = cfg.sparsity, cfg.quant, cfg.adapter
-    n, m = sp.nm if sp.kind == "nm" else (0, 0)
+    quantizer, masker = QUANTIZERS[q.method], MASKS[sp.method]
     gram = stats.mean_gram
     choose = None
-    if mask is None and sp.method == "sparsegpt" and q.error_feedback and q.method != "none" and not q.act_order:
-        choose = (sp.kind, n, m, sp.ratio)  # SparseGPT + OPTQ: mask and quantization in one pass
-    elif mask is None and sp.method == "sparsegpt":
-        chol = _cached(stats, ("fb", q.damping, False), lambda: Feedback.build(gram, q.damping, False)).chol
-        mask = sparsegpt_mask(w, gram, sp.kind, n, m, sp.ratio, q.damping, hinv_chol=chol)
-    elif mask is None and sp.method == "jsq":
-        mask = make_mask_from_score(jsq_score(w, stats.jsq, sp.jsq_mixing), sp.kind, n, m, sp.ratio)
+    if mask is None and masker.in_feedback_pass and q.error_feedback and quantizer.quantizes and not q.act_order:
+        n, m = sp.nm if sp.kind == "nm" else (0, 0)
+        choose = (sp.kind, n, m, sp.ratio)  # mask and quantization in one error-feedback pass
     elif mask is None:
-        mask = make_mask(w, stats.sum_sq, sp.kind, sp.method, n, m, sp.ratio)
-    input_scale = None
-    params = None
-    info: dict = {}
-    if q.method == "slim-o":
-        input_scale = outlier_scale(w, stats, q.outlier_fraction, q.outlier_factor)
-    elif q.method == "awq":
-        if gram is None:
-            raise ValueError("AWQ needs the Gram matrix of the layer inputs")
-        clip = not any(t in name for t in ("q_proj", "k_proj"))
-        input_scale, scale, zero, clipv, info = awq_search(
-            w * mask, stats.mean_abs, gram, q.bits, q.group_size, q.awq_grid, clip=clip
-        )
-        params = FixedParams(scale, zero, clipv, q.group_size)
-    elif q.method == "omniquant":  # the clipping's start; block tuning (tune.clipping) trains it
-        logits = torch.full((w.shape[0], n_groups(w.shape[1], q.group_size)), q.lwc_init, device=w.device)
-        scale, zero = lwc_params(w * mask, q.bits, q.group_size, logits, logits)
-        params = FixedParams(scale, zero, None, q.group_size)
+        mask = masker.choose(w, stats, sp, q)
+    setup = quantizer.setup(w, mask, stats, q, name) if quantizer.setup is not None else None
+    input_scale = None if setup is None else setup.input_scale
+    params = None if setup is None else setup.params
+    info: dict = {} if setup is None else setup.info
     if input_scale is not None:
         w = w * input_scale[None, :]
         stats = stats.scaled(input_scale)
         gram = stats.mean_gram
     fb = None
     if q.error_feedback:
-        fb = _cached(stats, ("fb", q.damping, q.act_order), lambda: Feedback.build(gram, q.damping, q.act_order))
+        fb = stats.cached(("fb", q.damping, q.act_order), lambda: Feedback.build(gram, q.damping, q.act_order))
     factor = None
-    if ad.method == "fullcov" and gram is not None:
-        factor = _cached(stats, ("factor", ad.damping), lambda: gram_factor(gram, ad.damping))
+    if ADAPTERS[ad.method].needs_gram and gram is not None:
+        factor = stats.cached(("factor", ad.damping), lambda: gram_factor(gram, ad.damping))
     qr = quantize_masked(w, mask, q, gram, fb, params, choose)
     info.update(qr.info)
     return Prepared(w, stats, qr.mask, fb, params, factor, input_scale, qr, info)
 
 
 def weighted(err: torch.Tensor, prep: Prepared, ad: AdapterConfig) -> torch.Tensor:
-    """The error as the adapter method sees it, E S, whose truncated SVD the adapter keeps (fullcov: S the
-    Cholesky factor of H, whose singular values are those of E H^(1/2))."""
-    if ad.method == "fullcov":
-        return times_lower(err, prep.factor.low)
-    d = diag_weight(prep.stats, ad.method)
-    return err.double() if d is None else err.double() * d.double()[None, :]
+    """The error as the adapter method sees it, E S, whose truncated SVD the adapter keeps."""
+    return ADAPTERS[ad.method].weighted(err, prep.stats, prep.factor)
 
 
 def error_spectrum(
@@ -380,7 +276,7 @@ def compress_weight(
     info["rel_err_compressed"] = (rel(w - qr.dense) if product is None
                                   else factor.energy(w - qr.dense, product) / base)
     if rank is None:
-        rank = ad.rank_for(*w.shape) if ad.method != "none" else 0
+        rank = ad.rank_for(*w.shape) if ADAPTERS[ad.method].fit is not None else 0
     a = b = best = None
     adapter_q = None
     if rank:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -128,6 +129,13 @@ class InputStats:
         jsq = None if self.jsq is None else JSQStats(self.jsq.clip, self.jsq.sum_sq.to(device),
                                                      mv(self.jsq.pos_sum), self.jsq.n_seqs)
         return InputStats(self.sum_sq.to(device), mv(self.gram), self.n_tokens, mv(self.sum_abs), jsq)
+
+    def cached(self, key: tuple, make: Callable[[], Any]) -> Any:
+        """A factorization of the Gram matrix, computed once per InputStats and shared by the linears fed the
+        same input (q/k/v, gate/up)."""
+        if key not in self.cache:
+            self.cache[key] = make()
+        return self.cache[key]
 
     def scaled(self, s: torch.Tensor) -> InputStats:
         """Statistics of x / s (used when weight columns are scaled by s). JSQ's are left as they are."""
