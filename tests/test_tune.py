@@ -100,6 +100,27 @@ def test_tuning_lowers_the_block_output_error():
         assert info["holdout_after"] < info["holdout_before"]
 
 
+def test_bf16_autocast_tuning_lowers_the_error_and_keeps_the_mask():
+    """Tuning steps under bf16 autocast still win on the held-out (float32) error, keep every pruned slot zero,
+    and take a different path from float32 (the autocast is on)."""
+    base, _ = _compress({**TUNE, "steps": 0})
+    model, rep = _compress({**TUNE, "steps": 40, "autocast": "bf16"})
+    ref, _ = _compress({**TUNE, "steps": 40})
+    blocks = {k.rsplit(".", 2)[0]: v["block_tune"] for k, v in rep["layers"].items()}
+    for info in blocks.values():
+        assert info["holdout_after"] < info["holdout_before"]
+    got, closed, fp32 = _slims(model), _slims(base), _slims(ref)
+    for n, m in got.items():  # block 1's mask is chosen on block 0's tuned outputs; block 0's is the closed form's
+        assert not torch.any(m.dequantized_weight()[~m.mask()])
+        assert torch.equal(m.mask().view(m.mask().shape[0], -1, 4).sum(-1), torch.full_like(
+            m.mask().view(m.mask().shape[0], -1, 4).sum(-1), 2))
+        if ".layers.0." in n:
+            assert torch.equal(m.mask(), closed[n].mask())
+    assert any(not torch.equal(m.lora_A, fp32[n].lora_A) for n, m in got.items())
+    with pytest.raises(ConfigError, match="autocast"):
+        CompressConfig.from_dict({"tune": {"autocast": "fp8"}})
+
+
 def test_ste_gradient_reaches_the_adapters():
     model, _ = _compress({"steps": 0})
     mod = _slims(model)["model.layers.0.mlp.down_proj"]

@@ -124,6 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
                    default=None, help="scale the learning rate by each tensor's RMS (on)")
     g.add_argument("--block-tune-clipping", dest="tune.clipping", action=argparse.BooleanOptionalAction,
                    default=None, help="train OmniQuant's clipping logits (--quant omniquant) and requantize")
+    g.add_argument("--block-tune-autocast", dest="tune.autocast", choices=("none", "bf16"),
+                   help="mixed precision for the tuning steps: bf16 matmuls (fast on GPUs and CPUs with AMX); none "
+                        "(default)")
     c.add_argument("--fp8-inputs", dest="fp8_inputs", action="store_true", default=None,
                    help="FP8 per-tensor input quantization (off by default)")
     c.add_argument("--device", dest="device", help="cpu (default) or cuda")

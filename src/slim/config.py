@@ -182,6 +182,7 @@ class CalibConfig:
 
 TUNE_TEACHERS = ("dense", "compressed")
 TUNE_SCHEDULES = ("cosine", "constant")
+TUNE_AUTOCAST = ("none", "bf16")
 
 
 @dataclass(frozen=True)
@@ -207,8 +208,14 @@ class TuneConfig:
     # train the quantizer's clipping instead (OmniQuant's learnable weight clipping, quant.method omniquant):
     # codes and scales are recomputed from the trained clipping, the mask stays
     clipping: bool = False
+    # mixed precision for the training steps' forward and backward ("bf16": matmuls in bfloat16 under
+    # torch.autocast, parameters, optimizer state and the held-out measurement in float32); pays off where
+    # bfloat16 matmuls are fast (GPUs, CPUs with AMX), and costs accuracy of the gradients, not of what is stored
+    autocast: str = "none"
 
     def __post_init__(self) -> None:
+        if self.autocast not in TUNE_AUTOCAST:
+            raise ConfigError(f"tune.autocast: unknown {self.autocast!r}; choose from {TUNE_AUTOCAST}")
         if self.steps < 0 or self.epochs < 0 or self.lr <= 0 or self.eval_every < 1 or self.patience < 1:
             raise ConfigError("tune.steps and tune.epochs must be >= 0, tune.lr > 0, tune.eval_every and "
                               "tune.patience >= 1")

@@ -278,7 +278,9 @@ def _train(block: nn.Module, params: list[nn.Parameter], inputs: Sequence[torch.
         opt.zero_grad(set_to_none=True)
         loss_t = torch.zeros(1, dtype=torch.float64)
         if j is not None:
-            e, n = _rel_loss(block_forward(block, inputs[j], kwargs[j], device, torch.float32), targets[j])
+            with torch.autocast(torch.device(device).type, torch.bfloat16, enabled=cfg.autocast == "bf16"):
+                y = block_forward(block, inputs[j], kwargs[j], device, torch.float32)
+            e, n = _rel_loss(y.float(), targets[j])
             loss = e / max(n, 1e-30)
             loss.backward()
             loss_t[0] = float(loss.detach())
