@@ -12,7 +12,7 @@ from conftest import tiny_model
 
 import slim
 from slim.checkpoint import read_safetensors_header
-from slim.cli import main
+from slim.cli import build_parser, config_from_args, main
 from slim.config import CompressConfig, ConfigError
 from slim.packed import SlimLinear
 from slim.pipeline import compress_model
@@ -170,6 +170,15 @@ def test_bad_tuning_options():
         CompressConfig.from_dict({"tune": {"steps": 5, "teacher": "student"}})
     with pytest.raises(ConfigError, match="holdout"):
         CompressConfig.from_dict({"tune": {"holdout": 1.0}})
+    with pytest.raises(ConfigError, match="eval_every"):
+        config_from_args(build_parser().parse_args(["compress", "m", "--out", "o", "--block-tune-eval-every", "0"]))
+
+
+def test_tuning_flags_reach_the_config():
+    args = build_parser().parse_args(["compress", "m", "--out", "o", "--block-tune-steps", "64",
+                                      "--block-tune-eval-every", "32", "--calib-batch-size", "2"])
+    cfg = config_from_args(args)
+    assert (cfg.tune.steps, cfg.tune.eval_every, cfg.calib.batch_size) == (64, 32, 2)
 
 
 def test_tuning_resumes_bit_identical(tiny_llama_dir, shared_data, tmp_path):

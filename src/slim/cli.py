@@ -117,6 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also train the weight quantizer's scales (codes frozen)")
     g.add_argument("--block-tune-holdout", dest="tune.holdout", type=float,
                    help="share of calibration batches held out to stop early (0.125)")
+    g.add_argument("--block-tune-eval-every", dest="tune.eval_every", type=int,
+                   help="steps between held-out measurements (8); raise it with small batches")
     g.add_argument("--block-tune-norms", dest="tune.norms", action=argparse.BooleanOptionalAction, default=None,
                    help="also train the block's norms (stored in full precision: no extra bits)")
     g.add_argument("--block-tune-epochs", dest="tune.epochs", type=int,
@@ -128,8 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--block-tune-clipping", dest="tune.clipping", action=argparse.BooleanOptionalAction,
                    default=None, help="train OmniQuant's clipping logits (--quant omniquant) and requantize")
     g.add_argument("--block-tune-autocast", dest="tune.autocast", choices=TUNE_AUTOCAST,
-                   help="mixed precision for the tuning steps: bf16 matmuls (fast on GPUs and CPUs with AMX); none "
-                        "(default)")
+                   help="mixed precision for the tuning steps: bf16 matmuls (for GPUs; measured slower on a "
+                        "2-core AMX CPU); none (default)")
     c.add_argument("--fp8-inputs", dest="fp8_inputs", action="store_true", default=None,
                    help="FP8 per-tensor input quantization (off by default)")
     c.add_argument("--device", dest="device", help="cpu (default) or cuda")
