@@ -58,7 +58,11 @@ ROWS: dict[str, tuple[str, dict]] = {
                       merge(BEST, merge(TUNE, {"tune": {"steps": 64, "eval_every": 32}, "calib": {"batch_size": 2}}))),
     "best+tune128x1": ("1 + 2 + 3 + block tuning (128 steps of 1 window, lr 3e-2, dense teacher, held-out check "
                        "every 64 steps)",
-                       merge(BEST, merge(TUNE, {"tune": {"steps": 128, "eval_every": 64}, "calib": {"batch_size": 1}}))),
+                       merge(BEST, merge(TUNE, {"tune": {"steps": 128, "eval_every": 64},
+                                                "calib": {"batch_size": 1}}))),
+    "best+tune128x1s": ("1 + 2 + 3 + block tuning (128 steps of 1 window sliced from batches of 8, lr 3e-2, dense "
+                        "teacher, held-out check every 64 steps)",
+                        merge(BEST, merge(TUNE, {"tune": {"steps": 128, "eval_every": 64, "batch_size": 1}}))),
 }
 
 

@@ -26,7 +26,8 @@ def _run(cmd: list[str]) -> None:
     assert r.returncode == 0, r.stderr[-3000:]
 
 
-@pytest.mark.parametrize("recipe", [[], ["--preset", "paper", "--true-sequential"], ["--block-tune-steps", "6"]],
+@pytest.mark.parametrize("recipe", [[], ["--preset", "paper", "--true-sequential"],
+                                    ["--block-tune-steps", "6", "--block-tune-batch-size", "1"]],
                          ids=["default", "paper-seq", "block-tune"])
 def test_two_processes_give_the_one_process_checkpoint(tiny_llama_dir, shared_data, tmp_path, recipe):
     """`torchrun --nproc-per-node 2 -m slim compress` (batches split, statistics all-reduced, linears solved on

@@ -1,6 +1,7 @@
 """Block-wise tuning: only adapters (and scales) change, the mask survives, gradients pass the STE, the held-out
 loss never gets worse, and a killed tuning run resumes to the same bytes."""
 
+import copy
 import os
 import subprocess
 import sys
@@ -11,12 +12,14 @@ import torch
 from conftest import tiny_model
 
 import slim
+from slim.capture import capture_block_inputs, run_block
 from slim.checkpoint import read_safetensors_header
 from slim.cli import build_parser, config_from_args, main
-from slim.config import CompressConfig, ConfigError
+from slim.config import CompressConfig, ConfigError, TuneConfig
+from slim.dist import Ranks
 from slim.packed import SlimLinear
 from slim.pipeline import compress_model
-from slim.tune import TrainableLinear, ste
+from slim.tune import TrainableLinear, _Batches, ste, tune_block
 
 FAST = ["--calib-samples", "8", "--calib-seqlen", "32", "--calib-batch-size", "2", "-q"]
 TUNE = {"steps": 24, "eval_every": 4, "patience": 3, "lr": 3e-2}
@@ -172,13 +175,42 @@ def test_bad_tuning_options():
         CompressConfig.from_dict({"tune": {"holdout": 1.0}})
     with pytest.raises(ConfigError, match="eval_every"):
         config_from_args(build_parser().parse_args(["compress", "m", "--out", "o", "--block-tune-eval-every", "0"]))
+    with pytest.raises(ConfigError, match="batch_size"):
+        config_from_args(build_parser().parse_args(["compress", "m", "--out", "o", "--block-tune-batch-size", "-1"]))
 
 
 def test_tuning_flags_reach_the_config():
     args = build_parser().parse_args(["compress", "m", "--out", "o", "--block-tune-steps", "64",
-                                      "--block-tune-eval-every", "32", "--calib-batch-size", "2"])
+                                      "--block-tune-eval-every", "32", "--calib-batch-size", "2",
+                                      "--block-tune-batch-size", "1"])
     cfg = config_from_args(args)
-    assert (cfg.tune.steps, cfg.tune.eval_every, cfg.calib.batch_size) == (64, 32, 2)
+    assert (cfg.tune.steps, cfg.tune.eval_every, cfg.calib.batch_size, cfg.tune.batch_size) == (64, 32, 2, 1)
+
+
+def test_sliced_steps_match_small_calibration_batches():
+    """Steps of one window sliced from batches of 4 (`tune.batch_size`) train as steps on calibration batches of
+    one window do: the same windows in the same seeded order, the held-out batches kept whole."""
+    model, _ = _compress({"steps": 0})
+    ids = torch.randint(0, 256, (8, 64), generator=torch.Generator().manual_seed(2))
+    block = model.model.layers[0]
+    runs = {}
+    for calib_batch, tune_batch in ((4, 1), (1, 0)):
+        h, kw = capture_block_inputs(model, ids, calib_batch)
+        targets = run_block(block, h, kw, "cpu")
+        targets = [1.05 * t + 0.01 for t in targets]  # somewhere the closed form does not already sit
+        b = copy.deepcopy(block)
+        info = tune_block(b, h, targets, kw, "cpu", TuneConfig(steps=12, holdout=0.0, batch_size=tune_batch))
+        assert info["steps"] == 12
+        runs[calib_batch] = {n: m.state_dict() for n, m in _slims(b).items()}
+    before = {n: m.state_dict() for n, m in _slims(block).items()}
+    for n, sd in runs[4].items():
+        assert not torch.equal(sd["lora_A"], before[n]["lora_A"])  # it trained
+        for k, t in sd.items():
+            torch.testing.assert_close(t, runs[1][n][k], rtol=0, atol=1e-3 if t.is_floating_point() else 0, msg=k)
+    # held out: the last of two batches of 4, whole; the first one in steps of one window
+    where = _Batches([torch.zeros(4, 3), torch.zeros(4, 3)], Ranks(), size=1, holdout=0.125)
+    assert where.units == [(0, 0, 1), (0, 1, 2), (0, 2, 3), (0, 3, 4), (1, 0, 4)]
+    assert (where.train, where.hold) == ([0, 1, 2, 3], [4])
 
 
 def test_tuning_resumes_bit_identical(tiny_llama_dir, shared_data, tmp_path):

@@ -117,6 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also train the weight quantizer's scales (codes frozen)")
     g.add_argument("--block-tune-holdout", dest="tune.holdout", type=float,
                    help="share of calibration batches held out to stop early (0.125)")
+    g.add_argument("--block-tune-batch-size", dest="tune.batch_size", type=int,
+                   help="windows per step, sliced from the calibration batches (0 = a whole batch per step)")
     g.add_argument("--block-tune-eval-every", dest="tune.eval_every", type=int,
                    help="steps between held-out measurements (8); raise it with small batches")
     g.add_argument("--block-tune-norms", dest="tune.norms", action=argparse.BooleanOptionalAction, default=None,

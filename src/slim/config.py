@@ -191,7 +191,10 @@ class TuneConfig:
     scales) by gradient descent so that the block's outputs match the dense model's, mask and base codes frozen."""
 
     steps: int = 0  # optimizer steps per block (one calibration batch each); 0 = off
-    epochs: int = 0  # or passes over the training batches (steps = epochs x batches); 0 = use steps
+    epochs: int = 0  # or passes over the training batches (steps = epochs x training steps per pass); 0 = use steps
+    # windows per step: slices of the calibration batches (0: a whole batch per step); small steps train better
+    # per window, and slicing keeps the calibration passes at their cheaper batch size
+    batch_size: int = 0
     lr: float = 3e-2  # Adam's learning rate, relative to each tensor's RMS unless lr_relative is off
     lr_relative: bool = True  # adapters' magnitudes differ by orders of magnitude between models
     schedule: str = "cosine"  # "cosine" (decayed to 0 over the steps) or "constant" (OmniQuant)
@@ -216,9 +219,10 @@ class TuneConfig:
     def __post_init__(self) -> None:
         if self.autocast not in TUNE_AUTOCAST:
             raise ConfigError(f"tune.autocast: unknown {self.autocast!r}; choose from {TUNE_AUTOCAST}")
-        if self.steps < 0 or self.epochs < 0 or self.lr <= 0 or self.eval_every < 1 or self.patience < 1:
-            raise ConfigError("tune.steps and tune.epochs must be >= 0, tune.lr > 0, tune.eval_every and "
-                              "tune.patience >= 1")
+        if (self.steps < 0 or self.epochs < 0 or self.batch_size < 0 or self.lr <= 0 or self.eval_every < 1
+                or self.patience < 1):
+            raise ConfigError("tune.steps, tune.epochs and tune.batch_size must be >= 0, tune.lr > 0, "
+                              "tune.eval_every and tune.patience >= 1")
         if self.steps and self.epochs:
             raise ConfigError("tune.steps and tune.epochs both set: give one (epochs = passes over the batches)")
         if not (0.0 <= self.holdout < 1.0):

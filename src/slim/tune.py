@@ -154,31 +154,69 @@ def _rel_loss(y: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, float]:
     return (y - t).pow(2).sum(), float(t.pow(2).sum())
 
 
+def _rows(x: Any, a: int, b: int, n: int) -> Any:
+    """Rows a:b of a batch's block arguments: tensors whose first dimension is the batch's n windows are sliced,
+    broadcast ones (first dimension 1: rotary tables, position ids) and everything else pass as they are."""
+    if isinstance(x, torch.Tensor):
+        return x[a:b] if x.dim() and x.shape[0] == n else x
+    if isinstance(x, (tuple, list)):
+        return type(x)(_rows(v, a, b, n) for v in x)
+    if isinstance(x, dict):
+        return {k: _rows(v, a, b, n) for k, v in x.items()}
+    return x
+
+
 class _Batches:
-    """Where each calibration batch lives: batch g of all is local batch g // world of rank g % world (how
-    `pipeline._share` deals them out), so every rank walks the same global sequence of batches."""
+    """The tuning's unit of work: the calibration batches, or slices of `size` windows of them (`tune.batch_size`:
+    small steps without small calibration batches, whose passes cost more per window). Batch g of all is local
+    batch g // world of rank g % world (how `pipeline._share` deals them out), so every rank walks the same global
+    sequence of units, each computed on the rank that holds its batch."""
 
-    def __init__(self, n_local: int, ranks: Ranks) -> None:
+    def __init__(self, inputs: Sequence[torch.Tensor], ranks: Ranks, size: int = 0, holdout: float = 0.0) -> None:
         self.ranks = ranks
+        shapes = inputs.signature() if hasattr(inputs, "signature") else [(list(t.shape), "") for t in inputs]
         counts = torch.zeros(ranks.world, dtype=torch.float64)
-        counts[ranks.rank] = n_local
+        counts[ranks.rank] = len(shapes)
         ranks.all_reduce([counts])
-        self.total = int(counts.sum())
+        nb = int(counts.sum())
+        rows = torch.zeros(nb, dtype=torch.float64)  # every global batch's windows, known to every rank
+        for j, (shape, _) in enumerate(shapes):
+            rows[j * ranks.world + ranks.rank] = shape[0]
+        ranks.all_reduce([rows])
+        # the last batches are held out whole (a forward pass over whole batches is the cheaper one); the others
+        # are the training units
+        n_hold = min(nb - 1, max(1, round(holdout * nb))) if holdout > 0 and nb >= 2 else 0
+        self.units: list[tuple[int, int, int]] = []  # (global batch, first window, end)
+        for g, n in enumerate(int(r) for r in rows):
+            step = size if 0 < size < n and g < nb - n_hold else n
+            self.units += [(g, a, min(a + step, n)) for a in range(0, n, step)]
+        self.total = len(self.units)
+        self.train = list(range(self.total - n_hold))
+        self.hold = list(range(self.total - n_hold, self.total))
 
-    def local(self, g: int) -> int | None:
-        """This rank's index of global batch g, or None when another rank holds it."""
+    def local(self, u: int, inputs: Sequence[torch.Tensor], targets: Sequence[torch.Tensor],
+              kwargs: list[dict[str, Any]]) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]] | None:
+        """Unit u's (inputs, targets, block arguments) when this rank holds its batch, else None."""
+        g, a, b = self.units[u]
         r = self.ranks
-        return g // r.world if g % r.world == r.rank else None
+        if g % r.world != r.rank:
+            return None
+        j = g // r.world
+        x, t, kw = inputs[j], targets[j], kwargs[j]
+        n = x.shape[0]
+        if (a, b) == (0, n):  # the whole batch: as it is
+            return x, t, kw
+        return x[a:b], t[a:b], _rows(kw, a, b, n)
 
-    def gather(self, values: dict[int, torch.Tensor], like: torch.Tensor) -> None:
-        """Fill every rank's `values` with each global batch's tensor from the rank that computed it (a sum with
-        zeros from the others: exact)."""
+    def gather(self, values: dict[int, torch.Tensor], like: torch.Tensor, ids: list[int]) -> None:
+        """Fill every rank's `values` with the tensor of each unit in `ids` from the rank that computed it (a sum
+        with zeros from the others: exact)."""
         if not self.ranks.active:
             return
-        for g in range(self.total):
-            t = values.get(g)
+        for u in ids:
+            t = values.get(u)
             if t is None:
-                t = values[g] = torch.zeros_like(like)
+                t = values[u] = torch.zeros_like(like)
             self.ranks.all_reduce([t])
 
 
@@ -188,7 +226,8 @@ def tune_block(
     clip_sources: dict[str, torch.Tensor] | None = None, lwc_init: float = 4.0,
 ) -> dict[str, Any]:
     """Train the adapters (and scale gains) of the block's SlimLinears to map `inputs` to `targets`, one
-    calibration batch per step; the block is modified in place. Returns what happened (losses, steps, seconds).
+    calibration batch (or `cfg.batch_size` windows of one) per step; the block is modified in place. Returns what
+    happened (losses, steps, seconds).
     With `cfg.clipping`, each layer's clipping logits (from `lwc_init`) are trained on its float weight in
     `clip_sources` (OmniQuant's LWC) and its codes recomputed.
 
@@ -196,12 +235,10 @@ def tune_block(
     its batch and the gradients reach the others by an all-reduce (a sum with zeros: exact), so every rank takes
     the one-process steps and ends with the one-process adapters."""
     t0 = time.perf_counter()
-    where = _Batches(len(inputs), ranks or Ranks())
-    nb = where.total
-    n_hold = min(nb - 1, max(1, round(cfg.holdout * nb))) if cfg.holdout > 0 and nb >= 2 else 0
-    train_ids, hold_ids = list(range(nb - n_hold)), list(range(nb - n_hold, nb))
-    if not n_hold and cfg.holdout > 0:
-        log.warning("block tuning: %d calibration batch(es), none held out: no early stop, every step is kept", nb)
+    where = _Batches(inputs, ranks or Ranks(), cfg.batch_size, cfg.holdout)
+    train_ids, hold_ids = where.train, where.hold
+    if not hold_ids and cfg.holdout > 0:
+        log.warning("block tuning: a single calibration batch, none held out: no early stop, every step is kept")
     dtypes = cast_dense_parts(block, torch.float32)
     frozen = {p: p.requires_grad for p in block.parameters()}
     if cfg.clipping and clip_sources is None:
@@ -237,15 +274,15 @@ def _holdout(block: nn.Module, inputs: Sequence[torch.Tensor], targets: Sequence
              kwargs: list[dict[str, Any]], device: str, ids: list[int], where: _Batches) -> float:
     parts: dict[int, torch.Tensor] = {}
     with torch.no_grad():
-        for g in ids:
-            j = where.local(g)
-            if j is not None:
-                e, n = _rel_loss(block_forward(block, inputs[j], kwargs[j], device, torch.float32), targets[j])
-                parts[g] = torch.tensor([float(e), n], dtype=torch.float64)
-    where.gather(parts, torch.zeros(2, dtype=torch.float64))
+        for u in ids:
+            unit = where.local(u, inputs, targets, kwargs)
+            if unit is not None:
+                e, n = _rel_loss(block_forward(block, unit[0], unit[2], device, torch.float32), unit[1])
+                parts[u] = torch.tensor([float(e), n], dtype=torch.float64)
+    where.gather(parts, torch.zeros(2, dtype=torch.float64), ids)
     err = energy = 0.0
-    for g in ids:  # summed in batch order on every rank: the one-process sum
-        err, energy = err + float(parts[g][0]), energy + float(parts[g][1])
+    for u in ids:  # summed in unit order on every rank: the one-process sum
+        err, energy = err + float(parts[u][0]), energy + float(parts[u][1])
     return err / max(energy, 1e-30)
 
 
@@ -273,14 +310,13 @@ def _train(block: nn.Module, params: list[nn.Parameter], inputs: Sequence[torch.
     for step in range(1, steps + 1):
         if not order:  # a fresh pass over the training batches, in a seeded order
             order = [train_ids[k] for k in torch.randperm(len(train_ids), generator=gen).tolist()]
-        g = order.pop()
-        j = where.local(g)
+        unit = where.local(order.pop(), inputs, targets, kwargs)
         opt.zero_grad(set_to_none=True)
         loss_t = torch.zeros(1, dtype=torch.float64)
-        if j is not None:
+        if unit is not None:
             with torch.autocast(torch.device(device).type, torch.bfloat16, enabled=cfg.autocast == "bf16"):
-                y = block_forward(block, inputs[j], kwargs[j], device, torch.float32)
-            e, n = _rel_loss(y.float(), targets[j])
+                y = block_forward(block, unit[0], unit[2], device, torch.float32)
+            e, n = _rel_loss(y.float(), unit[1])
             loss = e / max(n, 1e-30)
             loss.backward()
             loss_t[0] = float(loss.detach())
