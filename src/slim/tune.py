@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .capture import block_forward
+from .capture import block_forward, map_tensors
 from .checkpoint import cast_dense_parts
 from .config import TuneConfig
 from .dist import Ranks
@@ -154,16 +154,10 @@ def _rel_loss(y: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, float]:
     return (y - t).pow(2).sum(), float(t.pow(2).sum())
 
 
-def _rows(x: Any, a: int, b: int, n: int) -> Any:
+def _rows(kw: dict[str, Any], a: int, b: int, n: int) -> dict[str, Any]:
     """Rows a:b of a batch's block arguments: tensors whose first dimension is the batch's n windows are sliced,
     broadcast ones (first dimension 1: rotary tables, position ids) and everything else pass as they are."""
-    if isinstance(x, torch.Tensor):
-        return x[a:b] if x.dim() and x.shape[0] == n else x
-    if isinstance(x, (tuple, list)):
-        return type(x)(_rows(v, a, b, n) for v in x)
-    if isinstance(x, dict):
-        return {k: _rows(v, a, b, n) for k, v in x.items()}
-    return x
+    return map_tensors(kw, lambda t: t[a:b] if t.dim() and t.shape[0] == n else t)
 
 
 class _Batches:
@@ -190,9 +184,9 @@ class _Batches:
         for g, n in enumerate(int(r) for r in rows):
             step = size if 0 < size < n and g < nb - n_hold else n
             self.units += [(g, a, min(a + step, n)) for a in range(0, n, step)]
-        self.total = len(self.units)
-        self.train = list(range(self.total - n_hold))
-        self.hold = list(range(self.total - n_hold, self.total))
+        total = len(self.units)
+        self.train = list(range(total - n_hold))
+        self.hold = list(range(total - n_hold, total))
 
     def local(self, u: int, inputs: Sequence[torch.Tensor], targets: Sequence[torch.Tensor],
               kwargs: list[dict[str, Any]]) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]] | None:
