@@ -63,6 +63,10 @@ ROWS: dict[str, tuple[str, dict]] = {
     "best+tune128x1s": ("1 + 2 + 3 + block tuning (128 steps of 1 window sliced from batches of 8, lr 3e-2, dense "
                         "teacher, held-out check every 64 steps)",
                         merge(BEST, merge(TUNE, {"tune": {"steps": 128, "eval_every": 64, "batch_size": 1}}))),
+    "best+tune128x1s-bf16": ("1 + 2 + 3 + block tuning as best+tune128x1s, the frozen base matmuls in bfloat16 "
+                             "(--block-tune-autocast bf16-base)",
+                             merge(BEST, merge(TUNE, {"tune": {"steps": 128, "eval_every": 64, "batch_size": 1,
+                                                               "autocast": "bf16-base"}}))),
 }
 
 

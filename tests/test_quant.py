@@ -5,6 +5,7 @@ from slim.quant import (
     absmax_scale,
     expand_groups,
     fake_quant,
+    fake_quant_grouped,
     fp8_fake_quant,
     group_absmax_scale,
     qrange,
@@ -50,6 +51,18 @@ def test_slim_quant_beats_absmax_and_matches_exact_grid():
 def test_slim_quant_zero_tensor():
     scale, alpha, rel = slim_quant_scale(torch.zeros(100), 4)
     assert alpha == 0.0 and rel == 0.0 and float(scale) > 0
+
+
+@pytest.mark.parametrize("shape,group", [((57, 576), 128), ((576, 57), 128), ((8, 64), 16), ((3, 100), 32)])
+def test_fake_quant_grouped_is_what_quantize_grouped_stores(shape, group):
+    """The tuning's straight-through forward sees exactly the adapter that is stored (remainder groups and an
+    all-zero row included)."""
+    from slim.solver import quantize_grouped
+
+    w = torch.randn(*shape, generator=torch.Generator().manual_seed(0)) * 0.05
+    w[1] = 0
+    for bits in (2, 4, 8):
+        assert torch.equal(fake_quant_grouped(w, bits, group), quantize_grouped(w, bits, group)[2])
 
 
 def test_group_absmax_remainder_group():

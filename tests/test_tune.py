@@ -103,11 +103,12 @@ def test_tuning_lowers_the_block_output_error():
         assert info["holdout_after"] < info["holdout_before"]
 
 
-def test_bf16_autocast_tuning_lowers_the_error_and_keeps_the_mask():
-    """Tuning steps under bf16 autocast still win on the held-out (float32) error, keep every pruned slot zero,
-    and take a different path from float32 (the autocast is on)."""
+@pytest.mark.parametrize("mode", ["bf16", "bf16-base"])
+def test_bf16_tuning_lowers_the_error_and_keeps_the_mask(mode):
+    """Tuning steps under bf16 autocast (or with bf16 base matmuls) still win on the held-out (float32) error,
+    keep every pruned slot zero, and take a different path from float32 (the low precision is on)."""
     base, _ = _compress({**TUNE, "steps": 0})
-    model, rep = _compress({**TUNE, "steps": 40, "autocast": "bf16"})
+    model, rep = _compress({**TUNE, "steps": 40, "autocast": mode})
     ref, _ = _compress({**TUNE, "steps": 40})
     blocks = {k.rsplit(".", 2)[0]: v["block_tune"] for k, v in rep["layers"].items()}
     for info in blocks.values():
@@ -140,6 +141,27 @@ def test_ste_gradient_reaches_the_adapters():
     assert len(torch.unique(q.detach()[0, :128])) <= 16
     q.sum().backward()
     assert torch.equal(a.grad, torch.ones_like(a))
+
+
+def test_bf16_base_matmul_and_its_exact_switch():
+    """base_dtype: the frozen weight's matmul runs in bfloat16 (close to, not equal to, float32), gradients still
+    reach the adapters, and `exact` (the held-out check) gives the float32 forward bit for bit."""
+    model, _ = _compress({"steps": 0})
+    mod = _slims(model)["model.layers.0.mlp.down_proj"]
+    ref, low = TrainableLinear(mod), TrainableLinear(mod, base_dtype=torch.bfloat16)
+    assert low.base_low.dtype == torch.bfloat16 and ref.base_low is None
+    x = torch.randn(3, 5, mod.in_features)
+    want, got = ref(x), low(x)
+    assert got.dtype == torch.float32 and not torch.equal(got, want)
+    assert float((got - want).pow(2).sum() / want.pow(2).sum()) < 1e-4
+    got.pow(2).sum().backward()
+    assert low.A.grad.abs().sum() > 0 and low.B.grad.abs().sum() > 0
+    low.exact = True
+    assert torch.equal(low(x), want)
+    with_gain = TrainableLinear(mod, scales=True, base_dtype=torch.bfloat16)  # scaled weights cast per step
+    assert with_gain.base_low is None
+    with_gain(x).pow(2).sum().backward()
+    assert with_gain.gain.grad.abs().sum() > 0
 
 
 def test_written_back_layer_matches_the_trained_one():

@@ -182,7 +182,7 @@ class CalibConfig:
 
 TUNE_TEACHERS = ("dense", "compressed")
 TUNE_SCHEDULES = ("cosine", "constant")
-TUNE_AUTOCAST = ("none", "bf16")
+TUNE_AUTOCAST = ("none", "bf16", "bf16-base")
 
 
 @dataclass(frozen=True)

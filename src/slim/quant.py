@@ -20,9 +20,10 @@ def qrange(bits: int) -> tuple[int, int]:
 
 
 def round_scale(scale: torch.Tensor) -> torch.Tensor:
-    """Round scales to fp16 (the stored precision), keeping them positive."""
+    """Round scales to fp16 (the stored precision), keeping them positive: a zero (or underflowed) scale becomes
+    fp16's smallest subnormal, 2^-24 (1e-8, used before, rounds to 0 in fp16, and 0 / 0 made NaN codes)."""
     s = scale.to(torch.float16).float()
-    return torch.where(s > 0, s, torch.full_like(s, 1e-8).to(torch.float16).float())
+    return torch.where(s > 0, s, torch.full_like(s, 2.0**-24))
 
 
 def quantize_codes(
@@ -116,6 +117,18 @@ def grouped(w: torch.Tensor, group_size: int) -> torch.Tensor:
 def clamp_sym(t: torch.Tensor, bound: torch.Tensor) -> torch.Tensor:
     """Clamp t to [-bound, bound] elementwise (bound broadcasts against t)."""
     return torch.maximum(torch.minimum(t, bound), -bound)
+
+
+def fake_quant_grouped(w: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
+    """Group AbsMax quantize-dequantize of w (rows, d_in) in float: the values `solver.quantize_grouped` returns,
+    computed on the grouped view (no expanded scales, no int8 codes), for the straight-through estimator that
+    runs it on every adapter at every tuning step."""
+    rows, d_in = w.shape
+    qmin, qmax = qrange(bits)
+    g = grouped(w, group_size)
+    scale = round_scale(g.abs().amax(-1, keepdim=True) / qmax)
+    q = torch.clamp(torch.round(g / scale), qmin, qmax) * scale
+    return q.view(rows, -1)[:, :d_in]
 
 
 def group_absmax_scale(w: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:

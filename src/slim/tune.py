@@ -27,7 +27,16 @@ from .config import TuneConfig
 from .dist import Ranks
 from .models import set_submodule
 from .packed import SlimLinear, pack_codes
-from .quant import expand_groups, fp8_fake_quant, lwc_fake_quant, lwc_params, n_groups, quantize_codes, round_scale
+from .quant import (
+    expand_groups,
+    fake_quant_grouped,
+    fp8_fake_quant,
+    lwc_fake_quant,
+    lwc_params,
+    n_groups,
+    quantize_codes,
+    round_scale,
+)
 from .solver import quantize_grouped
 
 log = logging.getLogger(__name__)
@@ -39,7 +48,7 @@ def ste(t: torch.Tensor, bits: int, group: int) -> torch.Tensor:
     if not bits:
         return t
     with torch.no_grad():
-        q = quantize_grouped(t, bits, group)[2]
+        q = fake_quant_grouped(t, bits, group)
     return t + (q - t).detach()
 
 
@@ -50,7 +59,7 @@ class TrainableLinear(nn.Module):
     """
 
     def __init__(self, mod: SlimLinear, scales: bool = False, clip_source: torch.Tensor | None = None,
-                 lwc_init: float = 4.0) -> None:
+                 lwc_init: float = 4.0, base_dtype: torch.dtype | None = None) -> None:
         super().__init__()
         L = mod.layout
         self.layout = L
@@ -72,6 +81,12 @@ class TrainableLinear(nn.Module):
         ad = mod.adapters()
         self.A = None if ad is None else nn.Parameter(ad[0].clone())
         self.B = None if ad is None else nn.Parameter(ad[1].clone())
+        # tune.autocast "bf16-base": the frozen weight's matmul (forward and input gradient: most of a step's
+        # work) in `base_dtype`, everything trained in float32; `exact` switches it off (the held-out check)
+        self.base_dtype = base_dtype
+        self.exact = False
+        fixed = self.up is None and self.gain is None
+        self.register_buffer("base_low", self.base.to(base_dtype) if base_dtype is not None and fixed else None)
 
     def weight(self) -> torch.Tensor:
         L = self.layout
@@ -88,7 +103,13 @@ class TrainableLinear(nn.Module):
             x = x / self.input_scale
         if L.fp8_inputs:  # straight through the input quantizer as well, so earlier linears get gradients
             x = x + (fp8_fake_quant(x.detach()) - x).detach()
-        y = F.linear(x, self.weight(), self.bias)
+        if self.base_dtype is None or self.exact:
+            y = F.linear(x, self.weight(), self.bias)
+        else:
+            w = self.base_low if self.base_low is not None else self.weight().to(self.base_dtype)
+            y = F.linear(x.to(self.base_dtype), w).to(x.dtype)
+            if self.bias is not None:
+                y = y + self.bias
         if self.A is not None:
             a = ste(self.A, L.adapter_bits, L.adapter_group)
             b = ste(self.B, L.adapter_bits, L.adapter_group)
@@ -121,13 +142,13 @@ class TrainableLinear(nn.Module):
 
 
 def open_layers(model: nn.Module, scales: bool, clip_sources: dict[str, torch.Tensor] | None = None,
-                lwc_init: float = 4.0) -> dict[str, TrainableLinear]:
+                lwc_init: float = 4.0, base_dtype: torch.dtype | None = None) -> dict[str, TrainableLinear]:
     """Replace every SlimLinear of a model (or block) with a TrainableLinear whose adapters (and scale gains, or
     clipping logits from `clip_sources`: each layer's float weight) are the only parameters that require
     gradients; `close_layers` puts the trained SlimLinears back."""
     for p in model.parameters():
         p.requires_grad_(False)
-    opened = {n: TrainableLinear(m, scales, None if clip_sources is None else clip_sources[n], lwc_init)
+    opened = {n: TrainableLinear(m, scales, None if clip_sources is None else clip_sources[n], lwc_init, base_dtype)
               for n, m in model.named_modules() if isinstance(m, SlimLinear)}
     for n, t in opened.items():
         set_submodule(model, n, t)
@@ -237,7 +258,8 @@ def tune_block(
     frozen = {p: p.requires_grad for p in block.parameters()}
     if cfg.clipping and clip_sources is None:
         raise ValueError("tune.clipping needs each layer's float weight (clip_sources)")
-    opened = open_layers(block, cfg.scales, clip_sources if cfg.clipping else None, lwc_init)
+    opened = open_layers(block, cfg.scales, clip_sources if cfg.clipping else None, lwc_init,
+                         torch.bfloat16 if cfg.autocast == "bf16-base" else None)
     params = list(trainable(opened).values())
     if cfg.norms:  # the block's dense parameters besides the opened layers: its norms
         seen = {id(p) for p in params}
@@ -267,12 +289,19 @@ def tune_block(
 def _holdout(block: nn.Module, inputs: Sequence[torch.Tensor], targets: Sequence[torch.Tensor],
              kwargs: list[dict[str, Any]], device: str, ids: list[int], where: _Batches) -> float:
     parts: dict[int, torch.Tensor] = {}
-    with torch.no_grad():
-        for u in ids:
-            unit = where.local(u, inputs, targets, kwargs)
-            if unit is not None:
-                e, n = _rel_loss(block_forward(block, unit[0], unit[2], device, torch.float32), unit[1])
-                parts[u] = torch.tensor([float(e), n], dtype=torch.float64)
+    opened = [m for m in block.modules() if isinstance(m, TrainableLinear)]
+    for m in opened:  # measured as stored: float32 throughout
+        m.exact = True
+    try:
+        with torch.no_grad():
+            for u in ids:
+                unit = where.local(u, inputs, targets, kwargs)
+                if unit is not None:
+                    e, n = _rel_loss(block_forward(block, unit[0], unit[2], device, torch.float32), unit[1])
+                    parts[u] = torch.tensor([float(e), n], dtype=torch.float64)
+    finally:
+        for m in opened:
+            m.exact = False
     where.gather(parts, torch.zeros(2, dtype=torch.float64), ids)
     err = energy = 0.0
     for u in ids:  # summed in unit order on every rank: the one-process sum
