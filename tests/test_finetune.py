@@ -54,9 +54,10 @@ def _layers(ck: Path) -> dict[str, SlimLinear]:
     return {n: mod for n, mod in m.named_modules() if isinstance(mod, SlimLinear)}
 
 
-def test_finetune_trains_adapters_only(tiny_ckpt, text_file, tmp_path):
+@pytest.mark.parametrize("autocast", ["none", "bf16-base"])
+def test_finetune_trains_adapters_only(tiny_ckpt, text_file, tmp_path, autocast):
     out = tmp_path / "ft"
-    assert main(_ft(tiny_ckpt, out, text_file)) == 0
+    assert main(_ft(tiny_ckpt, out, text_file, "--autocast", autocast)) == 0
     before, after = _layers(tiny_ckpt), _layers(out)
     moved = 0
     for n, a in before.items():
@@ -72,6 +73,7 @@ def test_finetune_trains_adapters_only(tiny_ckpt, text_file, tmp_path):
     assert ft["steps"] == 4 and ft["tokens"] == 1024 and len(ft["history"]) == 4
     assert cfg["config"] == read_slim_config(tiny_ckpt)["config"]  # the compression recipe is kept
     assert not (tmp_path / ".ft.partial").exists()
+    assert ft["config"]["autocast"] == autocast
 
 
 def test_finetune_with_distillation(tiny_ckpt, tiny_llama_dir, text_file, tmp_path):
@@ -119,6 +121,8 @@ def test_finetune_bad_input(tiny_ckpt, text_file, tmp_path, capsys):
     assert not (tmp_path / "o").exists()
     with pytest.raises(ConfigError, match="optimizer"):
         FinetuneConfig(optimizer="sgd")
+    with pytest.raises(ConfigError, match="autocast"):
+        FinetuneConfig(autocast="fp8")
 
 
 def test_batch_order_is_epochs_of_permutations():

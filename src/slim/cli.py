@@ -132,8 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--block-tune-clipping", dest="tune.clipping", action=argparse.BooleanOptionalAction,
                    default=None, help="train OmniQuant's clipping logits (--quant omniquant) and requantize")
     g.add_argument("--block-tune-autocast", dest="tune.autocast", choices=TUNE_AUTOCAST,
-                   help="mixed precision for the tuning steps: bf16 matmuls (for GPUs; measured slower on a "
-                        "2-core AMX CPU); none (default)")
+                   help="mixed precision for the tuning steps: bf16-base (the frozen base matmuls in bf16: "
+                        "faster on CPUs with AMX), bf16 (every matmul under autocast: for GPUs), none (default)")
     c.add_argument("--fp8-inputs", dest="fp8_inputs", action="store_true", default=None,
                    help="FP8 per-tensor input quantization (off by default)")
     c.add_argument("--device", dest="device", help="cpu (default) or cuda")
@@ -202,6 +202,8 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--temperature", type=float, default=1.0, help="distillation temperature (1.0)")
     f.add_argument("--teacher", help="the dense model for --distill (default: the checkpoint's recorded source)")
     f.add_argument("--scales", action="store_true", help="also train the weight quantizer's scales (codes frozen)")
+    f.add_argument("--autocast", choices=["none", "bf16-base"], default="none",
+                   help="bf16-base: the frozen base matmuls in bfloat16, what trains in float32 (none)")
     f.add_argument("--data", default="c4", help="training text: c4 (the shipped sample), a .jsonl/.txt file or folder")
     f.add_argument("--data-dir", help="data folder (default: $SLIM_DATA_DIR or ../shared/data)")
     f.add_argument("--seed", type=int, default=0)
@@ -520,7 +522,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     cfg = FinetuneConfig(max_tokens=args.max_tokens, seqlen=args.seqlen, batch=args.batch,
                          micro_batch=args.micro_batch, lr=args.lr, optimizer=args.optimizer, warmup=args.warmup,
                          distill=args.distill, temperature=args.temperature, scales=args.scales, data=args.data,
-                         seed=args.seed, save_every=args.save_every)
+                         seed=args.seed, save_every=args.save_every, autocast=args.autocast)
     src, out = Path(args.path), Path(args.out)
     check_paths(src, out, args.resume, args.overwrite)
     texts, prov = data.read_texts(cfg.data, args.data_dir)  # a missing data file fails before any loading

@@ -212,7 +212,8 @@ class TuneConfig:
     # codes and scales are recomputed from the trained clipping, the mask stays
     clipping: bool = False
     # mixed precision for the training steps' forward and backward ("bf16": matmuls in bfloat16 under
-    # torch.autocast, parameters, optimizer state and the held-out measurement in float32); pays off where
+    # torch.autocast; "bf16-base": only the frozen base weights' matmuls, the bulk of a step, everything trained
+    # in float32; parameters, optimizer state and the held-out measurement stay float32 in both); pays off where
     # bfloat16 matmuls are fast (GPUs, CPUs with AMX), and costs accuracy of the gradients, not of what is stored
     autocast: str = "none"
 

@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 
 STATE = "finetune_state.pt"
 OPTIMIZERS = ("adafactor", "adam")
+PRECISIONS = ("none", "bf16-base")
 
 
 @dataclass(frozen=True)
@@ -49,6 +50,9 @@ class FinetuneConfig:
     data: str = "c4"
     seed: int = 0
     save_every: int = 10  # optimizer steps between resumable states
+    # "bf16-base": the compressed layers' frozen base matmuls (forward and input gradient) in bfloat16, what trains
+    # in float32 (as `tune.autocast`); faster where bf16 matmuls are (CPUs with AMX, GPUs)
+    autocast: str = "none"
 
     def __post_init__(self) -> None:
         if self.seqlen < 2 or self.batch < 1 or self.micro_batch < 1 or self.max_tokens < self.seqlen:
@@ -62,6 +66,8 @@ class FinetuneConfig:
             raise ConfigError(f"finetune: unknown optimizer {self.optimizer!r}; choose from {OPTIMIZERS}")
         if self.save_every < 1:
             raise ConfigError("finetune: save_every must be >= 1")
+        if self.autocast not in PRECISIONS:
+            raise ConfigError(f"finetune: unknown autocast {self.autocast!r}; choose from {PRECISIONS}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -180,7 +186,7 @@ def finetune(
 
     torch.manual_seed(cfg.seed)
     model.train(False)  # no dropout: the LM is tuned as it will run
-    opened = open_layers(model, cfg.scales)
+    opened = open_layers(model, cfg.scales, base_dtype=torch.bfloat16 if cfg.autocast == "bf16-base" else None)
     if not opened:
         raise ConfigError("finetune: the model has no compressed layers")
     params = trainable(opened)
