@@ -14,6 +14,7 @@ from typing import Any
 
 from .config import (
     ADAPTER_METHODS,
+    FINETUNE_AUTOCAST,
     MASK_METHODS,
     PRESETS,
     QUANT_METHODS,
@@ -202,7 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--temperature", type=float, default=1.0, help="distillation temperature (1.0)")
     f.add_argument("--teacher", help="the dense model for --distill (default: the checkpoint's recorded source)")
     f.add_argument("--scales", action="store_true", help="also train the weight quantizer's scales (codes frozen)")
-    f.add_argument("--autocast", choices=["none", "bf16-base"], default="none",
+    f.add_argument("--autocast", choices=FINETUNE_AUTOCAST, default="none",
                    help="bf16-base: the frozen base matmuls in bfloat16, what trains in float32 (none)")
     f.add_argument("--data", default="c4", help="training text: c4 (the shipped sample), a .jsonl/.txt file or folder")
     f.add_argument("--data-dir", help="data folder (default: $SLIM_DATA_DIR or ../shared/data)")

@@ -23,14 +23,13 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from .config import ConfigError
-from .tune import close_layers, open_layers, trainable
+from .config import FINETUNE_AUTOCAST, ConfigError
+from .tune import autocast_dtype, close_layers, open_layers, trainable
 
 log = logging.getLogger(__name__)
 
 STATE = "finetune_state.pt"
 OPTIMIZERS = ("adafactor", "adam")
-PRECISIONS = ("none", "bf16-base")
 
 
 @dataclass(frozen=True)
@@ -66,8 +65,8 @@ class FinetuneConfig:
             raise ConfigError(f"finetune: unknown optimizer {self.optimizer!r}; choose from {OPTIMIZERS}")
         if self.save_every < 1:
             raise ConfigError("finetune: save_every must be >= 1")
-        if self.autocast not in PRECISIONS:
-            raise ConfigError(f"finetune: unknown autocast {self.autocast!r}; choose from {PRECISIONS}")
+        if self.autocast not in FINETUNE_AUTOCAST:
+            raise ConfigError(f"finetune: unknown autocast {self.autocast!r}; choose from {FINETUNE_AUTOCAST}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -186,7 +185,7 @@ def finetune(
 
     torch.manual_seed(cfg.seed)
     model.train(False)  # no dropout: the LM is tuned as it will run
-    opened = open_layers(model, cfg.scales, base_dtype=torch.bfloat16 if cfg.autocast == "bf16-base" else None)
+    opened = open_layers(model, cfg.scales, base_dtype=autocast_dtype(cfg.autocast))
     if not opened:
         raise ConfigError("finetune: the model has no compressed layers")
     params = trainable(opened)

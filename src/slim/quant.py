@@ -124,10 +124,7 @@ def fake_quant_grouped(w: torch.Tensor, bits: int, group_size: int) -> torch.Ten
     computed on the grouped view (no expanded scales, no int8 codes), for the straight-through estimator that
     runs it on every adapter at every tuning step."""
     rows, d_in = w.shape
-    qmin, qmax = qrange(bits)
-    g = grouped(w, group_size)
-    scale = round_scale(g.abs().amax(-1, keepdim=True) / qmax)
-    q = torch.clamp(torch.round(g / scale), qmin, qmax) * scale
+    q = fake_quant(grouped(w, group_size), group_absmax_scale(w, bits, group_size)[..., None], bits)
     return q.view(rows, -1)[:, :d_in]
 
 

@@ -141,6 +141,11 @@ class TrainableLinear(nn.Module):
         return mod
 
 
+def autocast_dtype(autocast: str) -> torch.dtype | None:
+    """The dtype of the frozen base matmuls for an `autocast` setting ("bf16-base"), None for float32."""
+    return torch.bfloat16 if autocast == "bf16-base" else None
+
+
 def open_layers(model: nn.Module, scales: bool, clip_sources: dict[str, torch.Tensor] | None = None,
                 lwc_init: float = 4.0, base_dtype: torch.dtype | None = None) -> dict[str, TrainableLinear]:
     """Replace every SlimLinear of a model (or block) with a TrainableLinear whose adapters (and scale gains, or
@@ -259,7 +264,7 @@ def tune_block(
     if cfg.clipping and clip_sources is None:
         raise ValueError("tune.clipping needs each layer's float weight (clip_sources)")
     opened = open_layers(block, cfg.scales, clip_sources if cfg.clipping else None, lwc_init,
-                         torch.bfloat16 if cfg.autocast == "bf16-base" else None)
+                         autocast_dtype(cfg.autocast))
     params = list(trainable(opened).values())
     if cfg.norms:  # the block's dense parameters besides the opened layers: its norms
         seen = {id(p) for p in params}
