@@ -250,3 +250,35 @@ def test_gram_errors_only_measure(preset):
             assert info["rel_err_final_gram"] == info["rel_err_final"]
     if preset != "sparsegpt-optq":
         assert all("rel_err_final_gram" not in i for i in out[False][1].values())
+
+
+def test_calib_autocast_bf16_statistics_stay_float():
+    """calib.autocast bf16: the calibration forwards run in bfloat16 but statistics accumulate exactly as in float32
+    from the inputs they are given, and the compressed model lands close to the float32 pass's."""
+    from slim.stats import InputStats
+
+    x = torch.randn(64, 48)
+    exact, under = InputStats.empty(48, True), InputStats.empty(48, True)
+    exact.add(x)
+    with torch.autocast("cpu", torch.bfloat16):
+        under.add(x)
+    assert torch.equal(under.gram, exact.gram) and torch.equal(under.sum_sq, exact.sum_sq)
+
+    ids = _ids()
+    dense = tiny_model("llama")
+    ref = dense(ids).logits.detach()
+    out = {}
+    for mode in ("none", "bf16"):
+        m = tiny_model("llama")
+        over = {**CAL, "calib": {**CAL["calib"], "autocast": mode},
+                "tune": {"steps": 2, "holdout": 0.0}}
+        rep = compress_model(m, ids, CompressConfig.from_dict(over), progress=False)
+        out[mode] = (m(ids).logits.detach(), rep)
+    (l32, r32), (l16, r16) = out["none"], out["bf16"]
+    assert not torch.equal(l16, l32)  # the bf16 forwards did run
+    e32, e16 = (float((l - ref).pow(2).mean()) for l in (l32, l16))
+    assert abs(e16 - e32) < 0.05 * e32
+    for k, v in r32["layers"].items():
+        assert r16["layers"][k]["rel_err_final"] == pytest.approx(v["rel_err_final"], rel=0.05, abs=1e-4)
+    with pytest.raises(ConfigError, match="calib.autocast"):
+        CompressConfig.from_dict({"calib": {"autocast": "fp16"}})

@@ -168,12 +168,15 @@ def block_forward(block: nn.Module, h: torch.Tensor, kw: dict[str, Any], device:
 def run_block(
     block: nn.Module, hidden: Sequence[torch.Tensor], kwargs: list[dict[str, Any]], device: str, keep: bool = True,
     spill: Path | None = None, tag: str = "act", into: Activations | None = None,
+    autocast: torch.dtype | None = None,
 ) -> Activations:
     """Run one block over every calibration batch; returns the outputs on CPU or in files under `spill` (or
-    nothing), appended to `into` when given."""
+    nothing), appended to `into` when given. With `autocast` (a dtype), under torch.autocast in that dtype
+    (`calib.autocast`); outputs keep the dtype of the inputs."""
     outs = Activations(spill, tag) if into is None else into
-    for h, kw in zip(hidden, kwargs, strict=True):
-        out = block_forward(block, h, kw, device)
-        if keep:
-            outs.append(out.cpu())
+    with torch.autocast(torch.device(device).type, autocast or torch.bfloat16, enabled=autocast is not None):
+        for h, kw in zip(hidden, kwargs, strict=True):
+            out = block_forward(block, h, kw, device)
+            if keep:
+                outs.append(out.to("cpu", h.dtype))
     return outs

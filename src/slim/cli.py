@@ -14,6 +14,7 @@ from typing import Any
 
 from .config import (
     ADAPTER_METHODS,
+    CALIB_AUTOCAST,
     FINETUNE_AUTOCAST,
     MASK_METHODS,
     PRESETS,
@@ -106,6 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--calib-batch-size", dest="calib.batch_size", type=int, help="windows per forward (8)")
     g.add_argument("--gram-errors", dest="calib.gram_errors", action="store_true", default=None,
                    help="also report each layer's error with the full input Gram (to compare methods; slower)")
+    g.add_argument("--calib-autocast", dest="calib.autocast", choices=CALIB_AUTOCAST,
+                   help="mixed precision for the calibration forwards: bf16 (faster on GPUs and CPUs with AMX; "
+                        "statistics still accumulate in float32), none (default)")
     g = c.add_argument_group("block tuning (after each block's closed form)")
     g.add_argument("--block-tune-steps", dest="tune.steps", type=int,
                    help="Adam steps per block on its adapters against the dense block's outputs (0 = off)")

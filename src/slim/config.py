@@ -162,6 +162,9 @@ class AdapterConfig:
         return min(r, full)
 
 
+CALIB_AUTOCAST = ("none", "bf16")
+
+
 @dataclass(frozen=True)
 class CalibConfig:
     """Calibration data: random windows of a tokenized text stream."""
@@ -174,10 +177,17 @@ class CalibConfig:
     # also collect every layer's full input Gram matrix, only to report its error in that metric
     # (rel_err_final_gram) when comparing methods; the algorithms never see it; costs time
     gram_errors: bool = False
+    # mixed precision for the calibration forwards (the statistics pass, the dense teacher's targets, the compressed
+    # block's outputs that feed the next block): "bf16" runs them under torch.autocast in bfloat16, where its
+    # matmuls are fast (GPUs, CPUs with AMX: ~2.6x per SmolLM2 block here); the statistics themselves (sums, Gram
+    # matrices) still accumulate in float32/float64 from the activations, and the solver is unchanged
+    autocast: str = "none"
 
     def __post_init__(self) -> None:
         if self.n_samples < 1 or self.seqlen < 2 or self.batch_size < 1:
             raise ConfigError("calib.n_samples, calib.batch_size must be >= 1 and calib.seqlen >= 2")
+        if self.autocast not in CALIB_AUTOCAST:
+            raise ConfigError(f"calib.autocast: unknown {self.autocast!r}; choose from {CALIB_AUTOCAST}")
 
 
 TUNE_TEACHERS = ("dense", "compressed")

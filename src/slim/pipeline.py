@@ -94,6 +94,7 @@ def _compress_blocks(model: nn.Module, calib_ids: torch.Tensor, cfg: CompressCon
         per_layer.update(run.per_layer)
     tuning = cfg.tune.enabled
     with_gram = cfg.needs_gram or cfg.calib.gram_errors
+    fast = torch.bfloat16 if cfg.calib.autocast == "bf16" else None  # the calibration forwards' autocast dtype
     bar = tqdm(range(start, len(layers)), desc="compressing blocks", unit="block", disable=not progress,
                initial=start, total=len(layers))
     for i in bar:
@@ -105,9 +106,10 @@ def _compress_blocks(model: nn.Module, calib_ids: torch.Tensor, cfg: CompressCon
         targets = None
         if tuning:
             targets = (Activations(spill, f"t{i:05d}") if own_stream
-                       else run_block(block, teacher, kwargs, device, spill=spill, tag=f"t{i:05d}"))
+                       else run_block(block, teacher, kwargs, device, spill=spill, tag=f"t{i:05d}", autocast=fast))
         stats, groups = _collect_stats(block, linears, hidden, kwargs, device, with_gram, jsq_clip=jsq_clip,
-                                       with_abs=cfg.needs_abs, outputs=targets if own_stream else None)
+                                       with_abs=cfg.needs_abs, outputs=targets if own_stream else None,
+                                       autocast=fast)
         _reduce(stats, ranks)
         stats, measure = _split_gram(stats, cfg)
         adapter_ranks: dict[str, int] = {}
@@ -121,7 +123,7 @@ def _compress_blocks(model: nn.Module, calib_ids: torch.Tensor, cfg: CompressCon
         for gi, unit in enumerate(units):
             if gi > 0:  # re-measure this group's inputs behind compressed groups
                 again = _collect_stats(block, linears, hidden, kwargs, device, with_gram, only=unit,
-                                       jsq_clip=jsq_clip, with_abs=cfg.needs_abs)[0]
+                                       jsq_clip=jsq_clip, with_abs=cfg.needs_abs, autocast=fast)[0]
                 _reduce(again, ranks)
                 again, again_measure = _split_gram(again, cfg)
                 stats.update(again)
@@ -155,7 +157,7 @@ def _compress_blocks(model: nn.Module, calib_ids: torch.Tensor, cfg: CompressCon
                 teacher = targets
             else:
                 targets.drop()
-        out = run_block(block, hidden, kwargs, device, spill=spill, tag=f"b{i:05d}")
+        out = run_block(block, hidden, kwargs, device, spill=spill, tag=f"b{i:05d}", autocast=fast)
         hidden.drop()
         hidden = out
         set_dense_cache(block, False)
@@ -233,7 +235,7 @@ class _GroupInputsSeen(Exception):
 def _collect_stats(
     block: nn.Module, linears: dict[str, nn.Linear], hidden: list[torch.Tensor], kwargs: list[dict[str, Any]],
     device: str, with_gram: bool, only: list[str] | None = None, jsq_clip: float | None = None,
-    with_abs: bool = True, outputs: Activations | None = None,
+    with_abs: bool = True, outputs: Activations | None = None, autocast: torch.dtype | None = None,
 ) -> tuple[dict[str, InputStats], list[list[str]]]:
     """Input statistics of the block's linears (or of `only`, one group, stopping the forward there).
 
@@ -269,11 +271,11 @@ def _collect_stats(
     hooks = [lin.register_forward_hook(make_hook(k)) for k, lin in linears.items()]
     try:
         if only is None:
-            run_block(block, hidden, kwargs, device, keep=outputs is not None, into=outputs)
+            run_block(block, hidden, kwargs, device, keep=outputs is not None, into=outputs, autocast=autocast)
         else:
             for h, kw in zip(hidden, kwargs, strict=True):
                 try:
-                    run_block(block, [h], [kw], device, keep=False)
+                    run_block(block, [h], [kw], device, keep=False, autocast=autocast)
                 except _GroupInputsSeen:
                     pass
                 last["x"] = None

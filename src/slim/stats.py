@@ -91,7 +91,12 @@ class InputStats:
         return cls(z, gram, 0, z.clone() if with_abs else None, jsq)
 
     def add(self, x: torch.Tensor) -> None:
-        """Accumulate a batch of inputs (..., d_in)."""
+        """Accumulate a batch of inputs (..., d_in), in float32 products even inside an autocast region (a Gram
+        matrix rounded to bfloat16 would lose what the solver needs)."""
+        with torch.autocast(x.device.type, enabled=False):
+            self._add(x)
+
+    def _add(self, x: torch.Tensor) -> None:
         if self.jsq is not None:
             self.jsq.add(x.detach())
         x = x.detach().reshape(-1, x.shape[-1]).to(self.sum_sq.device)
