@@ -67,6 +67,8 @@ ROWS: dict[str, tuple[str, dict]] = {
                              "(--block-tune-autocast bf16-base)",
                              merge(BEST, merge(TUNE, {"tune": {"steps": 128, "eval_every": 64, "batch_size": 1,
                                                                "autocast": "bf16-base"}}))),
+    "best-cal": ("1 + 2 + 3 with the calibration forwards in bfloat16 (--calib-autocast bf16)",
+                 merge(BEST, {"calib": {"autocast": "bf16"}})),
     "best+tune128x1s-bf16-cal": ("1 + 2 + 3 + block tuning as best+tune128x1s-bf16, and the calibration forwards in "
                                  "bfloat16 (--calib-autocast bf16)",
                                  merge(BEST, merge(TUNE, {"tune": {"steps": 128, "eval_every": 64, "batch_size": 1,

@@ -35,10 +35,11 @@ def test_config_file_and_flags(tiny_llama_dir, shared_data, tmp_path):
     cfg.write_text("sparsity:\n  pattern: '0.5'\nadapter:\n  method: naive\n  quantize: false\n")
     out = tmp_path / "ck"
     assert main(["compress", str(tiny_llama_dir), "--out", str(out), "--config", str(cfg), "--rank", "4",
-                 *FAST, "--data-dir", str(shared_data)]) == 0
+                 "--calib-autocast", "bf16", *FAST, "--data-dir", str(shared_data)]) == 0
     meta = json.loads((out / "slim_config.json").read_text())["config"]
     assert meta["sparsity"]["pattern"] == "0.5" and meta["adapter"]["method"] == "naive"
     assert meta["adapter"]["rank"] == 4 and meta["adapter"]["quantize"] is False
+    assert meta["calib"]["autocast"] == "bf16"
 
 
 @pytest.mark.parametrize("args,msg", [
