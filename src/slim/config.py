@@ -179,7 +179,7 @@ class CalibConfig:
     gram_errors: bool = False
     # mixed precision for the calibration forwards (the statistics pass, the dense teacher's targets, the compressed
     # block's outputs that feed the next block): "bf16" runs them under torch.autocast in bfloat16, where its
-    # matmuls are fast (GPUs, CPUs with AMX: ~2.6x per SmolLM2 block here); the statistics themselves (sums, Gram
+    # matmuls are fast (GPUs, CPUs with AMX: 2.1x per SmolLM2 block here); the statistics themselves (sums, Gram
     # matrices) still accumulate in float32/float64 from the activations, and the solver is unchanged
     autocast: str = "none"
 
