@@ -54,7 +54,7 @@ def _layers(ck: Path) -> dict[str, SlimLinear]:
     return {n: mod for n, mod in m.named_modules() if isinstance(mod, SlimLinear)}
 
 
-@pytest.mark.parametrize("autocast", ["none", "bf16-base"])
+@pytest.mark.parametrize("autocast", ["none", "bf16-base", "bf16"])
 def test_finetune_trains_adapters_only(tiny_ckpt, text_file, tmp_path, autocast):
     out = tmp_path / "ft"
     assert main(_ft(tiny_ckpt, out, text_file, "--autocast", autocast)) == 0
@@ -82,6 +82,25 @@ def test_finetune_with_distillation(tiny_ckpt, tiny_llama_dir, text_file, tmp_pa
                     "512")) == 0
     hist = read_slim_config(out)["finetune"]["history"]
     assert all(h["kl"] > 0 for h in hist)
+
+
+def test_step_loss_bf16_autocast_reaches_student_and_teacher(tiny_llama_dir):
+    """`--autocast bf16` runs both forwards (student and teacher) under bf16 autocast, the loss in float32; the
+    other settings leave the LM head in float32."""
+    from transformers import AutoModelForCausalLM
+
+    from slim.finetune import step_loss
+
+    student = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
+    teacher = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
+    seen: dict[str, torch.dtype] = {}
+    for name, m in (("student", student), ("teacher", teacher)):
+        m.lm_head.register_forward_hook(lambda mod, i, o, name=name: seen.__setitem__(name, o.dtype))
+    ids = torch.randint(0, student.config.vocab_size, (2, 16))
+    for mode, want in (("bf16", torch.bfloat16), ("bf16-base", torch.float32), ("none", torch.float32)):
+        loss, lm, kl = step_loss(student, ids, FinetuneConfig(autocast=mode, distill=1.0), teacher)
+        assert seen == {"student": want, "teacher": want}, mode
+        assert loss.dtype == torch.float32 and torch.isfinite(loss) and kl >= 0
 
 
 def test_finetune_resumes_bit_identical(tiny_ckpt, text_file, tmp_path):

@@ -208,7 +208,8 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--teacher", help="the dense model for --distill (default: the checkpoint's recorded source)")
     f.add_argument("--scales", action="store_true", help="also train the weight quantizer's scales (codes frozen)")
     f.add_argument("--autocast", choices=FINETUNE_AUTOCAST, default="none",
-                   help="bf16-base: the frozen base matmuls in bfloat16, what trains in float32 (none)")
+                   help="bf16-base: the frozen base matmuls in bfloat16, what trains in float32; bf16: also the "
+                        "rest of the forward (adapters, attention, LM head, teacher) under bf16 autocast (none)")
     f.add_argument("--data", default="c4", help="training text: c4 (the shipped sample), a .jsonl/.txt file or folder")
     f.add_argument("--data-dir", help="data folder (default: $SLIM_DATA_DIR or ../shared/data)")
     f.add_argument("--seed", type=int, default=0)

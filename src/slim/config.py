@@ -193,7 +193,7 @@ class CalibConfig:
 TUNE_TEACHERS = ("dense", "compressed")
 TUNE_SCHEDULES = ("cosine", "constant")
 TUNE_AUTOCAST = ("none", "bf16", "bf16-base")
-FINETUNE_AUTOCAST = ("none", "bf16-base")  # slim finetune: no full autocast
+FINETUNE_AUTOCAST = ("none", "bf16-base", "bf16")
 
 
 @dataclass(frozen=True)

@@ -50,7 +50,9 @@ class FinetuneConfig:
     seed: int = 0
     save_every: int = 10  # optimizer steps between resumable states
     # "bf16-base": the compressed layers' frozen base matmuls (forward and input gradient) in bfloat16, what trains
-    # in float32 (as `tune.autocast`); faster where bf16 matmuls are (CPUs with AMX, GPUs)
+    # in float32 (as `tune.autocast`); "bf16": that, and the rest of the forward (adapters, attention, LM head, the
+    # teacher) under torch.autocast, the loss and the optimizer in float32. Faster where bf16 matmuls are (CPUs
+    # with AMX, GPUs); at 1024 tokens attention is a large share of a step, which only "bf16" speeds up
     autocast: str = "none"
 
     def __post_init__(self) -> None:
@@ -131,12 +133,14 @@ def schedule(opt: torch.optim.Optimizer, cfg: FinetuneConfig) -> torch.optim.lr_
 def step_loss(model: nn.Module, ids: torch.Tensor, cfg: FinetuneConfig,
               teacher: nn.Module | None) -> tuple[torch.Tensor, float, float]:
     """(loss to back-propagate, LM loss, KL) on one micro-batch."""
-    logits = model(ids, use_cache=False).logits[:, :-1].float()
+    fast = torch.autocast(ids.device.type, torch.bfloat16, enabled=cfg.autocast == "bf16")
+    with fast:
+        logits = model(ids, use_cache=False).logits[:, :-1].float()
     target = ids[:, 1:]
     lm = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1))
     if teacher is None or not cfg.distill:
         return lm, float(lm.detach()), 0.0
-    with torch.no_grad():
+    with torch.no_grad(), fast:
         t_logits = teacher(ids, use_cache=False).logits[:, :-1].float()
     T = cfg.temperature
     kl = F.kl_div(F.log_softmax(logits / T, -1).reshape(-1, logits.shape[-1]),
@@ -185,7 +189,8 @@ def finetune(
 
     torch.manual_seed(cfg.seed)
     model.train(False)  # no dropout: the LM is tuned as it will run
-    opened = open_layers(model, cfg.scales, base_dtype=autocast_dtype(cfg.autocast))
+    base = autocast_dtype("bf16-base" if cfg.autocast == "bf16" else cfg.autocast)
+    opened = open_layers(model, cfg.scales, base_dtype=base)
     if not opened:
         raise ConfigError("finetune: the model has no compressed layers")
     params = trainable(opened)
