@@ -1,7 +1,7 @@
-"""`slim finetune` throughput with the compressed layers' base matmuls in float32 vs bfloat16 (`--autocast
-bf16-base`), side by side: the same checkpoint, data and steps, the variants alternating in one command so both
-see the same machine load. Also the LM loss of each step, to show the two runs train alike. Writes
-OUT/results.json and OUT/README.md.
+"""`slim finetune` throughput in float32 vs the bfloat16 settings (`--autocast bf16-base`: the compressed layers'
+base matmuls; `--autocast bf16`: the whole forward under autocast), side by side: the same checkpoint, data and
+steps, the variants alternating in one command so all see the same machine load. Also the LM loss of each step, to
+show the runs train alike. Writes OUT/results.json and OUT/README.md.
 
     python benchmarks/finetune_speed.py CKPT --out docs/results/finetune/speed --steps 2 --order none,bf16-base,none
 """
@@ -21,7 +21,7 @@ from slim.cli import main as slim_main
 
 
 def table(res: dict) -> str:
-    lines = [f"# `slim finetune` throughput: float32 vs bf16 base matmuls ({res['checkpoint']})\n",
+    lines = [f"# `slim finetune` throughput: float32 vs bfloat16 ({res['checkpoint']})\n",
              f"Machine: {describe_machine(res['machine'])}; nothing else running. Each run: {res['steps']} optimizer "
              f"steps of {res['batch']} x {res['seqlen']} tokens (micro-batch {res['micro_batch']}), Adafactor, "
              "lr 1e-4, in this order, back to back.",

@@ -107,7 +107,15 @@ class TrainableLinear(nn.Module):
             y = F.linear(x, self.weight(), self.bias)
         else:
             w = self.base_low if self.base_low is not None else self.weight().to(self.base_dtype)
-            y = F.linear(x.to(self.base_dtype), w).to(x.dtype)
+            # under autocast (finetune's "bf16") the adapters take the same low-precision input and the output
+            # stays low: two fewer casts of the activations per layer in the forward and two in the backward
+            low = torch.is_autocast_enabled(x.device.type)
+            xl = x.to(self.base_dtype)
+            y = F.linear(xl, w)
+            if low:
+                x = xl
+            else:
+                y = y.to(x.dtype)
             if self.bias is not None:
                 y = y + self.bias
         if self.A is not None:
