@@ -103,6 +103,36 @@ def test_step_loss_bf16_autocast_reaches_student_and_teacher(tiny_llama_dir):
         assert loss.dtype == torch.float32 and torch.isfinite(loss) and kl >= 0
 
 
+@pytest.mark.parametrize("T", [1.0, 2.0])
+def test_step_loss_matches_the_textbook_formula(tiny_llama_dir, T):
+    """LM loss + w * T^2 * KL(teacher || student) at temperature T, and its gradient, as written out plainly."""
+    import torch.nn.functional as F
+    from transformers import AutoModelForCausalLM
+
+    from slim.finetune import step_loss
+
+    torch.manual_seed(0)
+    student = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
+    teacher = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
+    with torch.no_grad():
+        student.lm_head.weight.add_(0.05 * torch.randn_like(student.lm_head.weight))
+    ids = torch.randint(0, student.config.vocab_size, (2, 12))
+    loss, lm, kl = step_loss(student, ids, FinetuneConfig(distill=0.5, temperature=T), teacher)
+    (g,) = torch.autograd.grad(loss, [student.lm_head.weight])
+    s = student(ids).logits[:, :-1]
+    with torch.no_grad():
+        t = teacher(ids).logits[:, :-1]
+    v = s.shape[-1]
+    ref_lm = F.cross_entropy(s.reshape(-1, v), ids[:, 1:].reshape(-1))
+    p_t = F.softmax(t / T, -1)
+    ref_kl = (p_t * (F.log_softmax(t / T, -1) - F.log_softmax(s / T, -1))).sum(-1).mean() * T * T
+    ref = ref_lm + 0.5 * ref_kl
+    (g_ref,) = torch.autograd.grad(ref, [student.lm_head.weight])
+    assert lm == pytest.approx(float(ref_lm), rel=1e-5) and kl == pytest.approx(float(ref_kl), rel=1e-4)
+    assert float(loss) == pytest.approx(float(ref), rel=1e-5)
+    torch.testing.assert_close(g, g_ref, rtol=1e-4, atol=1e-7)
+
+
 def test_finetune_resumes_bit_identical(tiny_ckpt, text_file, tmp_path):
     args = _ft(tiny_ckpt, tmp_path / "clean", text_file, "--save-every", "1")
     assert main(args) == 0
