@@ -152,7 +152,11 @@ def test_finetune_resumes_bit_identical(tiny_ckpt, text_file, tmp_path):
     r = subprocess.run([sys.executable, "-m", "slim", *args, "--resume"], env=env, capture_output=True, text=True,
                        timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
-    assert read_slim_config(out)["finetune"]["resumed_at_step"] == 2
+    ft, clean = read_slim_config(out)["finetune"], read_slim_config(tmp_path / "clean")["finetune"]
+    assert ft["resumed_at_step"] == 2
+    # the steps timed before the kill (restored from the state) count too: the total sums every step's time
+    assert all(h["seconds"] > 0 for h in ft["history"]) and len(ft["history"]) == clean["steps"]
+    assert ft["train_seconds"] == pytest.approx(sum(h["seconds"] for h in ft["history"]))
     assert (out / "model.safetensors").read_bytes() == (tmp_path / "clean" / "model.safetensors").read_bytes()
 
 

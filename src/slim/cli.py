@@ -578,8 +578,10 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         results.update({"finetune": {k: v for k, v in summary.items() if k != "history"},
                         "versions": checkpoint.versions()})
         checkpoint.write_json(out / "results.json", results)
-    print(f"slim: wrote {out}: {summary['tokens']:,} tokens in {summary['seconds']:.0f} s "
-          f"({summary['tokens_per_second']:.0f} tokens/s), LM loss {summary['history'][0]['lm_loss']:.3f} -> "
+    resumed = (f"; this piece {summary['seconds']:.0f} s from step {summary['resumed_at_step']}"
+               if summary["resumed_at_step"] else "")
+    print(f"slim: wrote {out}: {summary['tokens']:,} tokens in {summary['train_seconds']:.0f} s of training"
+          f"{resumed} ({summary['tokens_per_second']:.0f} tokens/s), LM loss {summary['history'][0]['lm_loss']:.3f} -> "
           f"{summary['history'][-1]['lm_loss']:.3f}")
     if args.eval:
         print(f"slim: WikiText-2 ppl {results['before']['ppl']:.3f} -> {results['after']['ppl']:.3f}"

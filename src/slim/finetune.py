@@ -212,6 +212,7 @@ def finetune(
                total=cfg.steps)
     try:
         for step in bar:
+            t_step = time.perf_counter()
             order = batch_order(blocks.shape[0], step, cfg)
             lm_sum = kl_sum = 0.0
             opt.zero_grad(set_to_none=True)
@@ -223,7 +224,9 @@ def finetune(
                     lm_sum, kl_sum = lm_sum + lm / n_micro, kl_sum + kl / n_micro
             opt.step()
             sched.step()
-            history.append({"step": step + 1, "lm_loss": lm_sum, "kl": kl_sum})
+            # each step's wall time, kept in the resumable state: a run done in pieces still reports its total
+            history.append({"step": step + 1, "lm_loss": lm_sum, "kl": kl_sum,
+                            "seconds": time.perf_counter() - t_step})
             done = step + 1 - start
             tok_s = done * cfg.batch * cfg.seqlen / max(time.perf_counter() - t0, 1e-9)
             bar.set_postfix(loss=f"{lm_sum:.3f}", **({"kl": f"{kl_sum:.3f}"} if teacher is not None else {}),
@@ -237,6 +240,7 @@ def finetune(
     tokens = cfg.steps * cfg.batch * cfg.seqlen
     return {"config": cfg.to_dict(), "steps": cfg.steps, "tokens": tokens,
             "epochs": tokens / blocks.numel(), "data_tokens": blocks.numel(), "seconds": seconds,
+            "train_seconds": sum(h.get("seconds", 0.0) for h in history),  # all steps, over every resumed piece
             "resumed_at_step": start or None, "history": history,
             "tokens_per_second": (cfg.steps - start) * cfg.batch * cfg.seqlen / max(seconds, 1e-9)}
 
