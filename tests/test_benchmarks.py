@@ -113,3 +113,29 @@ def test_help_renders(bench, script, capsys):
     with pytest.raises(SystemExit) as e:
         bench(script, "--help")
     assert e.value.code == 0 and "usage:" in capsys.readouterr().out
+
+
+def test_plus_ft_table_scores_each_checkpoint_once(bench, tiny_llama_dir, shared_data, tmp_path, capsys):
+    from slim.cli import main
+
+    ck, ft = tmp_path / "ck", tmp_path / "ft"
+    assert main(["compress", str(tiny_llama_dir), "--out", str(ck), "--calib-samples", "4", "--calib-seqlen", "64",
+                 "--data-dir", str(shared_data), "-q"]) == 0
+    text = tmp_path / "t.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 60)
+    assert main(["finetune", str(ck), "--out", str(ft), "--data", str(text), "--max-tokens", "256", "--seqlen",
+                 "32", "--batch", "4", "--micro-batch", "4", "-q"]) == 0
+    out = tmp_path / "plus"
+    with pytest.raises(SystemExit):  # a checkpoint not written by slim finetune is refused before any evaluation
+        bench("plus_ft", "--out", str(out), f"x={ck}")
+    assert not out.exists()
+    argv = ["--out", str(out), "--limit", "2", "--data-dir", str(shared_data), f"tiny={ft}"]
+    assert bench("plus_ft", *argv) == 0
+    run = json.loads((out / "results.json").read_text())["runs"]["tiny"]
+    assert run["tokens"] == 256 and run["source"] == "ck" and run["train_seconds"] > 0
+    assert run["before"]["ppl"] > 0 and run["after"]["ppl"] > 0 and run["before"]["file"] != run["after"]["file"]
+    stamps = {p.name: p.stat().st_mtime_ns for p in (out / "evals").iterdir()}
+    assert len(stamps) == 2
+    assert bench("plus_ft", *argv) == 0  # scored already: nothing evaluated again
+    assert {p.name: p.stat().st_mtime_ns for p in (out / "evals").iterdir()} == stamps
+    assert "| tiny | ck |" in (out / "README.md").read_text()

@@ -1,0 +1,98 @@
+"""The +FT table: WikiText-2 perplexity before and after `slim finetune`, with each run's budget and time.
+
+Each RUN is LABEL=DIR, a checkpoint written by `slim finetune`; its slim_config.json names the checkpoint it started
+from and records the training (options, tokens, epochs, every step's loss and time, also over resumed pieces).
+Both checkpoints are scored on the full WikiText-2 test set with `slim eval`; the scores are kept in
+OUT/evals/ by content hash, so a source shared by several runs (and any run already scored) is evaluated once.
+Writes OUT/results.json and OUT/README.md.
+
+    python benchmarks/plus_ft.py --out docs/results/finetune/plus-ft default+KD=/work/runs/ck/default-ft-kd
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from grid import describe_machine, machine, source_commit
+
+from slim.checkpoint import read_slim_config, write_json
+from slim.cli import main as slim_main
+
+DENSE_PPL = 21.61  # SmolLM2-135M-Instruct (fp32), full WikiText-2, docs/results/ablation
+
+
+def scored(ckpt: Path, evals: Path, limit: int | None, data_dir: str | None) -> dict[str, Any]:
+    """`slim eval` of a checkpoint, cached in `evals` under its content hash."""
+    sha = read_slim_config(ckpt).get("content_sha256") or ckpt.name
+    f = evals / f"{sha[:16]}{'' if limit is None else f'-limit{limit}'}.json"
+    if not f.is_file():
+        evals.mkdir(parents=True, exist_ok=True)
+        cmd = ["eval", str(ckpt), "--out", str(f), "-q", *(["--limit", str(limit)] if limit else []),
+               *(["--data-dir", data_dir] if data_dir else [])]
+        if slim_main(cmd) != 0:
+            raise SystemExit(f"slim {' '.join(cmd)} failed")
+    w = json.loads(f.read_text())["wikitext2"]
+    return {"ppl": w["ppl"], "windows": w["windows"], "file": str(f), "checkpoint": str(ckpt)}
+
+
+def table(res: dict[str, Any]) -> str:
+    lines = ["# `slim finetune` (+FT) on SmolLM2-135M: WikiText-2 before and after\n",
+             f"Machine: {describe_machine(res['machine'])}. WikiText-2: full test set, 2048-token windows (dense "
+             f"{DENSE_PPL}). Training: C4 (the shipped sample, repeated in epochs), 1024-token blocks, global batch "
+             "64, Adafactor, linear decay, lr 1e-4 unless stated; time is the sum of the training steps' wall "
+             "clock, over every resumed piece.",
+             f"Command: `{res['command']}` (code {(res['commit'] or '?')[:7]})\n",
+             "| run | from | distill | autocast | tokens | epochs | training time | tokens/s | ppl before | "
+             "ppl after | gap to dense after / before | LM loss first → last |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for label, r in res["runs"].items():
+        c, b, a = r["config"], r["before"]["ppl"], r["after"]["ppl"]
+        lines.append(f"| {label} | {r['source']} | {c['distill'] or 'no'} | {c['autocast']} | {r['tokens']:,} | "
+                     f"{r['epochs']:.2f} | {r['train_seconds'] / 3600:.2f} h | {r['tokens_per_second']:.0f} | "
+                     f"{b:.2f} | **{a:.2f}** | {(a - DENSE_PPL) / (b - DENSE_PPL):.2f}x | "
+                     f"{r['lm_loss'][0]:.3f} → {r['lm_loss'][1]:.3f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("runs", nargs="+", help="LABEL=DIR, a checkpoint written by slim finetune")
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--limit", type=int, help="WikiText-2 windows (quick checks only; default: all)")
+    ap.add_argument("--data-dir")
+    args = ap.parse_args()
+    out = Path(args.out)
+    runs: dict[str, tuple[Path, Path, dict[str, Any]]] = {}
+    for item in args.runs:  # every path is checked before the first (long) evaluation
+        label, _, d = item.partition("=")
+        if not d:
+            ap.error(f"{item!r}: expected LABEL=DIR")
+        meta = read_slim_config(Path(d))
+        if "finetune" not in meta or not meta.get("finetuned_from"):
+            ap.error(f"{d}: not a checkpoint written by slim finetune (no finetune record)")
+        runs[label] = (Path(d), Path(meta["finetuned_from"]), meta)
+    res: dict[str, Any] = {"machine": machine(), "commit": source_commit(),
+                           "command": "python " + " ".join(sys.argv), "runs": {}}
+    for label, (d, src, meta) in runs.items():
+        ft = meta["finetune"]
+        hist = ft["history"]
+        res["runs"][label] = {
+            "source": src.name, "config": ft["config"], "tokens": ft["tokens"], "epochs": ft["epochs"],
+            "train_seconds": ft.get("train_seconds", ft["seconds"]),
+            "tokens_per_second": ft["tokens"] / max(ft.get("train_seconds", ft["seconds"]), 1e-9),
+            "lm_loss": [hist[0]["lm_loss"], hist[-1]["lm_loss"]], "kl": [hist[0]["kl"], hist[-1]["kl"]],
+            "command": meta.get("command"),
+            "before": scored(src, out / "evals", args.limit, args.data_dir),
+            "after": scored(d, out / "evals", args.limit, args.data_dir)}
+        write_json(out / "results.json", res)
+    (out / "README.md").write_text(table(res))
+    print(table(res))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
