@@ -162,6 +162,15 @@ def test_bf16_base_matmul_and_its_exact_switch():
     assert with_gain.base_low is None
     with_gain(x).pow(2).sum().backward()
     assert with_gain.gain.grad.abs().sum() > 0
+    # under autocast (finetune's "bf16") the whole layer, adapters included, computes and returns bfloat16
+    low.exact = False
+    low.A.grad = low.B.grad = None
+    with torch.autocast("cpu", torch.bfloat16):
+        auto = low(x)
+    assert auto.dtype == torch.bfloat16
+    assert float((auto.float() - want).detach().pow(2).sum() / want.detach().pow(2).sum()) < 1e-3
+    auto.float().pow(2).sum().backward()
+    assert low.A.grad.dtype == torch.float32 and low.A.grad.abs().sum() > 0 and low.B.grad.abs().sum() > 0
 
 
 def test_written_back_layer_matches_the_trained_one():
