@@ -139,3 +139,24 @@ def test_plus_ft_table_scores_each_checkpoint_once(bench, tiny_llama_dir, shared
     assert bench("plus_ft", *argv) == 0  # scored already: nothing evaluated again
     assert {p.name: p.stat().st_mtime_ns for p in (out / "evals").iterdir()} == stamps
     assert "| tiny | ck |" in (out / "README.md").read_text()
+
+
+def test_finetune_lr_probe_reuses_runs_and_refuses_other_options(bench, tiny_llama_dir, shared_data, tmp_path):
+    from slim.cli import main
+
+    ck = tmp_path / "ck"
+    assert main(["compress", str(tiny_llama_dir), "--out", str(ck), "--calib-samples", "4", "--calib-seqlen", "64",
+                 "--data-dir", str(shared_data), "-q"]) == 0
+    out, work = tmp_path / "probe", tmp_path / "work"
+    argv = [str(ck), "--out", str(out), "--work", str(work), "--lrs", "1e-3,1e-1", "--max-tokens", "256",
+            "--batch", "4", "--micro-batch", "4", "--seqlen", "32", "--autocast", "none", "--eval-limit", "1",
+            "--data-dir", str(shared_data)]
+    assert bench("finetune_lr_probe", *argv) == 0
+    runs = json.loads((out / "results.json").read_text())["runs"]
+    assert [r["lr"] for r in runs] == [1e-3, 1e-1] and runs[0]["before"] == runs[1]["before"]
+    assert runs[0]["after"] != runs[1]["after"]  # the lr reached the training
+    stamp = (work / "lr1e-3" / "model.safetensors").stat().st_mtime_ns
+    assert bench("finetune_lr_probe", *argv) == 0  # reused, not trained again
+    assert (work / "lr1e-3" / "model.safetensors").stat().st_mtime_ns == stamp
+    with pytest.raises(SystemExit, match="other options"):
+        bench("finetune_lr_probe", *[a if a != "256" else "512" for a in argv])
