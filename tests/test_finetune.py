@@ -128,8 +128,9 @@ def test_step_loss_matches_the_textbook_formula(tiny_llama_dir, T):
     ref_kl = (p_t * (F.log_softmax(t / T, -1) - F.log_softmax(s / T, -1))).sum(-1).mean() * T * T
     ref = ref_lm + 0.5 * ref_kl
     (g_ref,) = torch.autograd.grad(ref, [student.lm_head.weight])
-    assert lm == pytest.approx(float(ref_lm), rel=1e-5) and kl == pytest.approx(float(ref_kl), rel=1e-4)
-    assert float(loss) == pytest.approx(float(ref), rel=1e-5)
+    ref_lm, ref_kl, ref_value = float(ref_lm.detach()), float(ref_kl.detach()), float(ref.detach())
+    assert lm == pytest.approx(ref_lm, rel=1e-5) and kl == pytest.approx(ref_kl, rel=1e-4)
+    assert float(loss.detach()) == pytest.approx(ref_value, rel=1e-5)
     torch.testing.assert_close(g, g_ref, rtol=1e-4, atol=1e-7)
 
 
