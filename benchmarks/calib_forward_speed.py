@@ -14,10 +14,18 @@ import time
 from pathlib import Path
 
 import torch
-from grid import add_common_args, calib_label, describe_machine, load_calibration, machine, source_commit, with_calib
+from grid import (
+    add_common_args,
+    calib_label,
+    describe_machine,
+    load_calibration,
+    machine,
+    source_commit,
+    with_calib,
+    write_result,
+)
 
 from slim.capture import capture_block_inputs, run_block
-from slim.checkpoint import write_json
 from slim.config import CompressConfig
 from slim.models import get_layers
 
@@ -58,11 +66,7 @@ def main() -> int:
     med = {m: statistics.median(r["seconds"] for r in res["runs"] if r["autocast"] == m) for m in ("none", "bf16")}
     res["summary"] = {**med, "speedup": med["none"] / med["bf16"]}
     res["rel_err"] = float((outs["bf16"] - outs["none"]).pow(2).sum() / outs["none"].pow(2).sum())
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    write_json(out / "results.json", res)
-    (out / "README.md").write_text(table(res))
-    print(table(res))
+    print(write_result(Path(args.out), res, table))
     return 0
 
 

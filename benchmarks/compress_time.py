@@ -24,9 +24,10 @@ from grid import (
     load_calibration,
     machine,
     with_calib,
+    write_result,
 )
 
-from slim.checkpoint import save, versions, write_json
+from slim.checkpoint import save, versions
 from slim.config import PRESETS, CompressConfig
 from slim.models import load_model
 from slim.pipeline import compress_model
@@ -57,6 +58,8 @@ def main() -> int:
     args = ap.parse_args()
     order = [r.strip() for r in args.order.split(",") if r.strip()]
     bad = [r for r in order if r not in RECIPES]
+    if not order:
+        ap.error("--order names no recipe")
     if bad:
         ap.error(f"unknown recipes {bad}; choose from {list(RECIPES)}")
     cfgs = {name: CompressConfig.from_dict(with_calib(RECIPES[name], args.calib_samples)) for name in set(order)}
@@ -91,9 +94,8 @@ def main() -> int:
             for s in summ.values():
                 s["vs_paper"] = s["median"] / summ["paper"]["median"]
         res["summary"] = summ
-        write_json(out / "results.json", res)
-        (out / "README.md").write_text(table(res))
-    print(table(res))
+        text = write_result(out, res, table)
+    print(text)
     return 0
 
 

@@ -16,9 +16,8 @@ import json
 import sys
 from pathlib import Path
 
-from grid import describe_machine, machine, source_commit
+from grid import describe_machine, machine, source_commit, write_result
 
-from slim.checkpoint import write_json
 from slim.cli import main as slim_main
 
 
@@ -82,10 +81,7 @@ def main() -> int:
         res["runs"].append({"lr": float(lr), "before": r["before"]["ppl"], "after": r["after"]["ppl"],
                             "lm_loss": [hist[0]["lm_loss"], hist[-1]["lm_loss"]],
                             "train_seconds": r["finetune"]["train_seconds"], "config": r["finetune"]["config"]})
-    out.mkdir(parents=True, exist_ok=True)
-    write_json(out / "results.json", res)
-    (out / "README.md").write_text(table(res))
-    print(table(res))
+    print(write_result(out, res, table))
     return 0
 
 

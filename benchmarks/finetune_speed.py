@@ -14,9 +14,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-from grid import describe_machine, machine, source_commit
+from grid import describe_machine, machine, source_commit, write_result
 
-from slim.checkpoint import read_slim_config, write_json
+from slim.checkpoint import read_slim_config
 from slim.cli import main as slim_main
 
 
@@ -71,9 +71,7 @@ def main() -> int:
            for m in dict.fromkeys(order)}
     res["summary"] = {m: {"runs": sum(r["autocast"] == m for r in res["runs"]), "median": v,
                           "vs_none": v / med["none"]} for m, v in med.items()}
-    write_json(out / "results.json", res)
-    (out / "README.md").write_text(table(res))
-    print(table(res))
+    print(write_result(out, res, table))
     return 0
 
 

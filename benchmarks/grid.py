@@ -110,13 +110,22 @@ def calib_label(base: CompressConfig) -> str:
     return f"{c.n_samples} x {c.seqlen} {c.data} tokens, seed {c.seed}"
 
 
+def write_result(out: Path, res: dict, render: Callable[[dict], str]) -> str:
+    """OUT/results.json and its markdown rendering OUT/README.md, the pair every benchmark leaves; returns the
+    markdown (the scripts print it)."""
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "results.json", res)
+    text = render(res)
+    (out / "README.md").write_text(text)
+    return text
+
+
 def save_row(out: Path, res: dict, name: str, row: dict, render: Callable[[dict], str]) -> None:
     """Merge one row into OUT/results.json (rows other workers wrote meanwhile are kept) and re-render."""
     rfile = out / "results.json"
     latest = json.loads(rfile.read_text()) if rfile.exists() else {"rows": {}}
     res["rows"] = {**latest.get("rows", {}), **res["rows"], name: row}
-    write_json(rfile, res)
-    (out / "README.md").write_text(render(res))
+    write_result(out, res, render)
 
 
 def find_reusable(

@@ -17,9 +17,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from grid import describe_machine, machine, source_commit
+from grid import describe_machine, machine, source_commit, write_result
 
-from slim.checkpoint import read_slim_config, write_json
+from slim.checkpoint import read_slim_config
 from slim.cli import main as slim_main
 
 DENSE_PPL = 21.61  # SmolLM2-135M-Instruct (fp32), full WikiText-2, docs/results/ablation
@@ -80,17 +80,16 @@ def main() -> int:
     for label, (d, src, meta) in runs.items():
         ft = meta["finetune"]
         hist = ft["history"]
+        train = ft.get("train_seconds", ft["seconds"])  # runs from before per-step times: one piece's wall time
         res["runs"][label] = {
             "source": src.name, "config": ft["config"], "tokens": ft["tokens"], "epochs": ft["epochs"],
-            "train_seconds": ft.get("train_seconds", ft["seconds"]),
-            "tokens_per_second": ft["tokens"] / max(ft.get("train_seconds", ft["seconds"]), 1e-9),
+            "train_seconds": train, "tokens_per_second": ft["tokens"] / max(train, 1e-9),
             "lm_loss": [hist[0]["lm_loss"], hist[-1]["lm_loss"]], "kl": [hist[0]["kl"], hist[-1]["kl"]],
             "command": meta.get("command"),
             "before": scored(src, out / "evals", args.limit, args.data_dir),
             "after": scored(d, out / "evals", args.limit, args.data_dir)}
-        write_json(out / "results.json", res)
-    (out / "README.md").write_text(table(res))
-    print(table(res))
+        text = write_result(out, res, table)  # after each run: an interrupted table keeps the runs scored so far
+    print(text)
     return 0
 
 
