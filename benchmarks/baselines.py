@@ -37,6 +37,7 @@ METHODS: dict[str, tuple[str, str, dict[str, Any] | None]] = {
     "wanda-awq": ("Wanda", "AWQ", PRESETS["wanda-awq"]),
     "wanda-gptq": ("Wanda", "Group OPTQ", PRESETS["wanda-gptq"]),
     "wanda-omniquant": ("Wanda", "OmniQuant (LWC, 20 epochs)", PRESETS["wanda-omniquant"]),
+    "wanda-affinequant": ("Wanda", "AffineQuant (LWC + LET, 20 epochs)", PRESETS["wanda-affinequant"]),
     "wanda-slim-quant": ("Wanda", "SLiM-Quant (W)", PRESETS["wanda-slim-quant"]),
     "slim-quant-o": ("Wanda", "SLiM-Quant^O (1 % channels x2)", PRESETS["slim-quant-o"]),
     "jsq": ("JSQ", "JSQ (Group AbsMax)", PRESETS["jsq"]),

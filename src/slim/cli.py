@@ -136,6 +136,9 @@ def build_parser() -> argparse.ArgumentParser:
                    default=None, help="scale the learning rate by each tensor's RMS (on)")
     g.add_argument("--block-tune-clipping", dest="tune.clipping", action=argparse.BooleanOptionalAction,
                    default=None, help="train OmniQuant's clipping logits (--quant omniquant) and requantize")
+    g.add_argument("--block-tune-let", dest="tune.let", action=argparse.BooleanOptionalAction, default=None,
+                   help="with --block-tune-clipping: also train AffineQuant's equivalent transformation (norm "
+                        "scales and shifts, q/k scale, per-head v/o matrices), folded into the stored block")
     g.add_argument("--block-tune-autocast", dest="tune.autocast", choices=TUNE_AUTOCAST,
                    help="mixed precision for the tuning steps: bf16-base (the frozen base matmuls in bf16: "
                         "faster on CPUs with AMX), bf16 (every matmul under autocast: for GPUs), none (default)")

@@ -222,6 +222,14 @@ class TuneConfig:
     # train the quantizer's clipping instead (OmniQuant's learnable weight clipping, quant.method omniquant):
     # codes and scales are recomputed from the trained clipping, the mask stays
     clipping: bool = False
+    # with tune.clipping: also train AffineQuant's learnable equivalent transformation (its weight-only LLaMA-2
+    # setting): per-channel scales and shifts between each norm and the linears it feeds, a q/k scale, and an
+    # affine matrix per attention head between v and o, opened off the diagonal epoch by epoch (its gradual
+    # mask); all folded into the stored weights, norms and biases, so the stored layout stays the same
+    let: bool = False
+    let_lr: float = 5e-3  # AffineQuant's let_lr (absolute; the clipping logits keep tune.lr)
+    let_alpha: float = 0.5  # the scales' start: SmoothQuant's max|x|^alpha / max|W|^(1 - alpha)
+    let_sf: float = 1.0  # AffineQuant's stability factor: weight of the opened off-diagonals
     # mixed precision for the training steps' forward and backward ("bf16": matmuls in bfloat16 under
     # torch.autocast; "bf16-base": only the frozen base weights' matmuls, the bulk of a step, everything trained
     # in float32; parameters, optimizer state and the held-out measurement stay float32 in both); pays off where
@@ -245,6 +253,11 @@ class TuneConfig:
             raise ConfigError(f"tune.schedule: unknown schedule {self.schedule!r}; choose from {TUNE_SCHEDULES}")
         if self.clipping and self.scales:
             raise ConfigError("tune.clipping recomputes the scales from the trained clipping: drop tune.scales")
+        if self.let and not self.clipping:
+            raise ConfigError("tune.let trains AffineQuant's transformation together with the learnable clipping "
+                              "that requantizes the transformed weights: add tune.clipping (--block-tune-clipping)")
+        if self.let_lr <= 0 or not (0.0 <= self.let_alpha <= 1.0) or self.let_sf <= 0:
+            raise ConfigError("tune.let_lr and tune.let_sf must be > 0 and tune.let_alpha in [0, 1]")
 
     @property
     def enabled(self) -> bool:
@@ -278,6 +291,9 @@ class CompressConfig:
             raise ConfigError("block tuning trains the adapters (with tune.scales also the quantizer scales, with "
                               "tune.clipping OmniQuant's clipping): this recipe has none of them; add adapters "
                               "(--adapter fullcov) or --block-tune-scales")
+        if t.let and ADAPTERS[self.adapter.method].fit is not None:
+            raise ConfigError("tune.let (AffineQuant's transformation) changes each layer's input space, which "
+                              "closed-form adapters were fitted in: use --adapter none with it")
         if not quantizer.feedback and self.quant.error_feedback:
             raise ConfigError(f"quant.method {self.quant.method} rounds to nearest (its parameters are trained, not "
                               "fed back): turn quant.error_feedback off")
@@ -409,6 +425,14 @@ PRESETS.update({
     "wanda-omniquant": merge(_baseline("wanda", {"method": "omniquant", "bits": 4, "group_size": 128}), {
         "tune": {"steps": 0, "epochs": 20, "lr": 1e-2, "lr_relative": False, "schedule": "constant",
                  "holdout": 0.0, "teacher": "dense", "clipping": True},
+        "calib": {"batch_size": 1},
+    }),
+    # AffineQuant's weight-only setting (its LLaMA-2 W4A16g128 scripts: --lwc --let, 20 epochs, one sample a
+    # step, AdamW without decay, lwc_lr 1e-2, let_lr 5e-3, alpha 0.5, stability factor 1.0), on a Wanda mask
+    "wanda-affinequant": merge(_baseline("wanda", {"method": "omniquant", "bits": 4, "group_size": 128}), {
+        "tune": {"steps": 0, "epochs": 20, "lr": 1e-2, "lr_relative": False, "schedule": "constant",
+                 "holdout": 0.0, "teacher": "dense", "clipping": True, "let": True, "let_lr": 5e-3,
+                 "let_alpha": 0.5, "let_sf": 1.0},
         "calib": {"batch_size": 1},
     }),
 })

@@ -57,14 +57,15 @@ class Ranks:
             load[r] += costs[i]
         return own
 
-    def all_reduce(self, tensors: Sequence[torch.Tensor]) -> None:
-        """Sum each tensor over the ranks, in place."""
+    def all_reduce(self, tensors: Sequence[torch.Tensor], op: str = "sum") -> None:
+        """Sum (or, with op "max", take the largest of) each tensor over the ranks, in place."""
         if not self.active:
             return
         import torch.distributed as dist
 
+        red = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}[op]
         for t in tensors:
-            dist.all_reduce(t)
+            dist.all_reduce(t, op=red)
 
     def broadcast(self, obj: Any, src: int) -> Any:
         """`obj` from rank `src` on every rank (pickled: tensors arrive bit for bit)."""

@@ -152,6 +152,18 @@ def _copy_side_files(src: Path, dst: Path) -> None:
             shutil.copy2(src / f, dst / f)
 
 
+def _foreign_biases(model: nn.Module, layers: dict[str, SlimLinear]) -> list[str]:
+    """Layers that store a bias where the architecture, as its config builds it, has none."""
+    from transformers import AutoModelForCausalLM
+
+    biased = [n for n, m in layers.items() if m.bias is not None]
+    if not biased:
+        return []
+    with torch.device("meta"):
+        plain = AutoModelForCausalLM.from_config(model.config)
+    return [n for n in biased if getattr(plain.get_submodule(n), "bias", None) is None]
+
+
 def _save_config(model: nn.Module, dst: Path, dtype: torch.dtype) -> None:
     cfg = model.config
     old = cfg.dtype
@@ -295,6 +307,12 @@ def export(src: str | os.PathLike, out: str | os.PathLike, fmt: str, dtype: str 
     tdtype = DTYPES[dtype]
     model = checkpoint.load(src, backend="reference", dtype="fp32")
     layers = {n: m for n, m in model.named_modules() if isinstance(m, SlimLinear)}
+    foreign = _foreign_biases(model, layers)
+    if foreign:
+        raise ExportError(f"layer {foreign[0]} (and {len(foreign) - 1} more) has a bias that the "
+                          f"{model.config.model_type} architecture has no place for (AffineQuant's shifts, "
+                          "--block-tune-let, put it there): transformers and vLLM would drop it. Run this checkpoint "
+                          "with slim.load, or re-compress without --block-tune-let")
     info: dict[str, Any] = {"format": fmt, "source": str(src), "dtype": dtype, "layers": len(layers)}
 
     n_weights = sum(m.layout.d_in * m.layout.d_out for m in layers.values())

@@ -99,6 +99,13 @@ def check_compressible(model: nn.Module, cfg: CompressConfig) -> None:
         if ad.rank > cap:
             raise ConfigError(f"adapter rank {int(ad.rank)} is larger than min(d_out, d_in) = {cap} of {name} "
                               f"({lin.out_features} x {lin.in_features}); use a rank <= {cap} or a ratio < 1")
+    if cfg.tune.let:  # AffineQuant's transformation must know where the block's norms and heads are
+        from .affine import let_map
+
+        try:
+            let_map(layers[0])
+        except ValueError as e:
+            raise ConfigError(f"tune.let: {e}") from None
     check_finite(model.named_parameters())
 
 

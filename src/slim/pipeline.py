@@ -14,6 +14,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .affine import let_map
 from .capture import Activations, capture_block_inputs, run_block
 from .config import CompressConfig
 from .dist import Ranks
@@ -147,7 +148,7 @@ def _compress_blocks(model: nn.Module, calib_ids: torch.Tensor, cfg: CompressCon
         del stats
         if targets is not None:
             tuned = tune_block(block, hidden, targets, kwargs, device, cfg.tune, seed=cfg.calib.seed + i,
-                               ranks=ranks, lwc_init=cfg.quant.lwc_init,
+                               ranks=ranks, lwc_init=cfg.quant.lwc_init, config=model.config,
                                clip_sources={k: lin.weight.data for k, lin in linears.items()})
             for k in linears:
                 per_layer[f"{prefix}.{i}.{k}"]["block_tune"] = tuned
@@ -180,6 +181,8 @@ def _install(block: nn.Module, lin: nn.Linear, name: str, cw: Any, cfg: Compress
     kind = cfg.sparsity.kind
     n, m = cfg.sparsity.nm  # (0, 0) unless N:M
     bias = None if lin.bias is None else lin.bias.data.detach().cpu()
+    if bias is None and cfg.tune.let and name in let_map(block).biased:  # AffineQuant's shifts end up in biases
+        bias = torch.zeros(lin.out_features, dtype=lin.weight.dtype)
     new = SlimLinear.from_compressed(cw, bias, kind, n, m, fp8_inputs=cfg.fp8_inputs)
     new.cache = True  # the block runs on every calibration batch next; dropped after that
     set_submodule(block, name, new.to(device))

@@ -14,13 +14,14 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .affine import AffineTransform, let_map, record_act_max
 from .capture import block_forward, map_tensors
 from .checkpoint import cast_dense_parts
 from .config import TuneConfig
@@ -85,13 +86,19 @@ class TrainableLinear(nn.Module):
         # work) in `base_dtype`, everything trained in float32; `exact` switches it off (the held-out check)
         self.base_dtype = base_dtype
         self.exact = False
+        # AffineQuant's transformation (affine.AffineTransform.apply): this step's transformed float weight, bias
+        # and input transform (x - shift) / scale, all carrying gradients to the transformation's parameters
+        self.let_weight: torch.Tensor | None = None
+        self.let_bias: torch.Tensor | None = None
+        self.let_input: tuple[torch.Tensor, torch.Tensor] | None = None
         fixed = self.up is None and self.gain is None
         self.register_buffer("base_low", self.base.to(base_dtype) if base_dtype is not None and fixed else None)
 
     def weight(self) -> torch.Tensor:
         L = self.layout
         if self.up is not None:
-            return lwc_fake_quant(self.base, L.bits, L.group_size, self.up, self.low) * self.keep
+            src = self.base if self.let_weight is None else self.let_weight
+            return lwc_fake_quant(src, L.bits, L.group_size, self.up, self.low) * self.keep
         if self.gain is None:
             return self.base
         g = self.gain if L.group_size == 0 else expand_groups(self.gain, L.d_in, L.group_size)
@@ -101,10 +108,13 @@ class TrainableLinear(nn.Module):
         L = self.layout
         if self.input_scale is not None:
             x = x / self.input_scale
+        if self.let_input is not None:
+            x = (x - self.let_input[0]) / self.let_input[1]
+        bias = self.bias if self.let_bias is None else self.let_bias
         if L.fp8_inputs:  # straight through the input quantizer as well, so earlier linears get gradients
             x = x + (fp8_fake_quant(x.detach()) - x).detach()
         if self.base_dtype is None or self.exact:
-            y = F.linear(x, self.weight(), self.bias)
+            y = F.linear(x, self.weight(), bias)
         else:
             w = self.base_low if self.base_low is not None else self.weight().to(self.base_dtype)
             # under autocast (finetune's "bf16") the adapters take the same low-precision input and the output
@@ -116,8 +126,8 @@ class TrainableLinear(nn.Module):
                 x = xl
             else:
                 y = y.to(x.dtype)
-            if self.bias is not None:
-                y = y + self.bias
+            if bias is not None:
+                y = y + bias
         if self.A is not None:
             a = ste(self.A, L.adapter_bits, L.adapter_group)
             b = ste(self.B, L.adapter_bits, L.adapter_group)
@@ -136,6 +146,8 @@ class TrainableLinear(nn.Module):
                     getattr(mod, name + "_scale").copy_(scale.to(torch.float16))
                 else:
                     getattr(mod, name).copy_(t.detach().to(torch.float16))
+        if mod.bias is not None and self.bias is not None:  # trained where AffineQuant's shifts moved it
+            mod.bias.copy_(self.bias.to(mod.bias.dtype))
         if self.gain is not None:
             mod.scale.copy_(round_scale(mod.scale.float() * self.gain).to(torch.float16))
         if self.up is not None:  # codes, scales and zero points from the trained clipping; the mask stays
@@ -251,13 +263,14 @@ class _Batches:
 def tune_block(
     block: nn.Module, inputs: Sequence[torch.Tensor], targets: Sequence[torch.Tensor], kwargs: list[dict[str, Any]],
     device: str, cfg: TuneConfig, seed: int = 0, ranks: Ranks | None = None,
-    clip_sources: dict[str, torch.Tensor] | None = None, lwc_init: float = 4.0,
+    clip_sources: dict[str, torch.Tensor] | None = None, lwc_init: float = 4.0, config: Any = None,
 ) -> dict[str, Any]:
     """Train the adapters (and scale gains) of the block's SlimLinears to map `inputs` to `targets`, one
     calibration batch (or `cfg.batch_size` windows of one) per step; the block is modified in place. Returns what
     happened (losses, steps, seconds).
     With `cfg.clipping`, each layer's clipping logits (from `lwc_init`) are trained on its float weight in
-    `clip_sources` (OmniQuant's LWC) and its codes recomputed.
+    `clip_sources` (OmniQuant's LWC) and its codes recomputed; with `cfg.let` also AffineQuant's transformation
+    (the model's `config` gives the heads), folded into the block's weights, norms and biases at the end.
 
     Under torchrun (`ranks`), each rank holds its share of the batches: every step runs on the rank that holds
     its batch and the gradients reach the others by an all-reduce (a sum with zeros: exact), so every rank takes
@@ -271,9 +284,26 @@ def tune_block(
     frozen = {p: p.requires_grad for p in block.parameters()}
     if cfg.clipping and clip_sources is None:
         raise ValueError("tune.clipping needs each layer's float weight (clip_sources)")
+    act_max: dict[str, torch.Tensor] = {}
+    if cfg.let:  # AffineQuant's start needs each spanned input's max |x|: one pass over the training windows
+        act_max = _act_max(block, inputs, kwargs, device, train_ids, where)
     opened = open_layers(block, cfg.scales, clip_sources if cfg.clipping else None, lwc_init,
                          autocast_dtype(cfg.autocast))
     params = list(trainable(opened).values())
+    let: AffineTransform | None = None
+    lrs: dict[int, float] = {}
+    prepare = None
+    if cfg.let:
+        if config is None:
+            raise ValueError("tune.let needs the model config (its attention heads)")
+        epochs = cfg.epochs or max(1, math.ceil(cfg.steps / max(len(train_ids), 1)))
+        let = AffineTransform(block, opened, config, act_max, cfg.let_alpha, cfg.let_sf, epochs)
+        lrs = {id(p): cfg.let_lr for p in let.parameters()}
+        params += list(let.parameters())
+
+        def prepare(epoch: int) -> None:
+            let.epoch = epoch
+            let.apply()
     if cfg.norms:  # the block's dense parameters besides the opened layers: its norms
         seen = {id(p) for p in params}
         extra = [p for p in block.parameters() if id(p) not in seen and p.is_floating_point()]
@@ -281,14 +311,20 @@ def tune_block(
             p.requires_grad_(True)
         params += extra
     info: dict[str, Any] = {"steps": 0}
+    let_inputs = {}
     try:
         with torch.enable_grad():
-            info = _train(block, params, inputs, targets, kwargs, device, cfg, train_ids, hold_ids, seed, where)
+            info = _train(block, params, inputs, targets, kwargs, device, cfg, train_ids, hold_ids, seed, where,
+                          lrs, prepare)
+        if let is not None:
+            let_inputs = let.settle()
     finally:
         close_layers(block, opened)
         for p, flag in frozen.items():
             p.requires_grad_(flag)
         cast_dense_parts(block, dtypes)
+    if let is not None:
+        let.fold(block, let_inputs)
     info["seconds"] = time.perf_counter() - t0
     def num(k: str) -> float:
         v = info.get(k)
@@ -297,6 +333,31 @@ def tune_block(
     log.info("block tuning: %d steps, held-out loss %.5f -> %.5f, train %.5f -> %.5f (%.1f s)", info["steps"],
              num("holdout_before"), num("holdout_after"), num("train_first"), num("train_last"), info["seconds"])
     return info
+
+
+def _act_max(block: nn.Module, inputs: Sequence[torch.Tensor], kwargs: list[dict[str, Any]], device: str,
+             ids: list[int], where: _Batches) -> dict[str, torch.Tensor]:
+    """Max |x| per input channel of the layers that seed AffineQuant's scales, over the training windows (every
+    rank's, combined by a max)."""
+    m = let_map(block)
+    seeds = [fed[0] for _, fed in m.norms] + [m.o]
+    seen, handles = record_act_max((n, block.get_submodule(n)) for n in seeds)
+    try:
+        with torch.no_grad():
+            for u in ids:
+                unit = where.local(u, inputs, inputs, kwargs)
+                if unit is not None:
+                    block_forward(block, unit[0], unit[2], device, torch.float32)
+    finally:
+        for h in handles:
+            h.remove()
+    if where.ranks.active:
+        for n in seeds:
+            t = seen.get(n)
+            if t is None:
+                t = seen[n] = torch.zeros(block.get_submodule(n).in_features, device=device)
+            where.ranks.all_reduce([t], op="max")
+    return seen
 
 
 def _holdout(block: nn.Module, inputs: Sequence[torch.Tensor], targets: Sequence[torch.Tensor],
@@ -324,11 +385,15 @@ def _holdout(block: nn.Module, inputs: Sequence[torch.Tensor], targets: Sequence
 
 def _train(block: nn.Module, params: list[nn.Parameter], inputs: Sequence[torch.Tensor],
            targets: Sequence[torch.Tensor], kwargs: list[dict[str, Any]], device: str, cfg: TuneConfig,
-           train_ids: list[int], hold_ids: list[int], seed: int, where: _Batches) -> dict[str, Any]:
+           train_ids: list[int], hold_ids: list[int], seed: int, where: _Batches,
+           lrs: dict[int, float] | None = None, prepare: Callable[[int], None] | None = None) -> dict[str, Any]:
     # the learning rate is relative to each tensor's RMS: adapters' magnitudes differ by orders of magnitude
     # between models (and between A and B), and a step should move a tensor by a share of its own size
     # (absolute with lr_relative off: OmniQuant's clipping logits)
+    # (`lrs`: absolute rates by parameter id, AffineQuant's let_lr; `prepare(epoch)` runs before every forward)
     def lr(p: nn.Parameter) -> float:
+        if lrs and id(p) in lrs:
+            return lrs[id(p)]
         return cfg.lr * max(float(p.detach().pow(2).mean().sqrt()), 1e-12) if cfg.lr_relative else cfg.lr
 
     steps = cfg.steps or cfg.epochs * len(train_ids)
@@ -340,6 +405,9 @@ def _train(block: nn.Module, params: list[nn.Parameter], inputs: Sequence[torch.
     gen = torch.Generator().manual_seed(seed)
     order: list[int] = []
     best_state = [p.detach().clone() for p in params]
+    per_epoch = max(len(train_ids), 1)
+    if prepare is not None:
+        prepare(0)
     best = _holdout(block, inputs, targets, kwargs, device, hold_ids, where) if hold_ids else math.inf
     info: dict[str, Any] = {"holdout_before": best if hold_ids else None, "best_step": 0}
     since, first, last, step = 0, None, None, 0
@@ -348,6 +416,8 @@ def _train(block: nn.Module, params: list[nn.Parameter], inputs: Sequence[torch.
             order = [train_ids[k] for k in torch.randperm(len(train_ids), generator=gen).tolist()]
         unit = where.local(order.pop(), inputs, targets, kwargs)
         opt.zero_grad(set_to_none=True)
+        if prepare is not None:
+            prepare((step - 1) // per_epoch)
         loss_t = torch.zeros(1, dtype=torch.float64)
         if unit is not None:
             with torch.autocast(torch.device(device).type, torch.bfloat16, enabled=cfg.autocast == "bf16"):
@@ -366,6 +436,9 @@ def _train(block: nn.Module, params: list[nn.Parameter], inputs: Sequence[torch.
         last = float(loss_t[0])
         first = last if first is None else first
         if hold_ids and (step % cfg.eval_every == 0 or step == steps):
+            if prepare is not None:
+                with torch.no_grad():
+                    prepare((step - 1) // per_epoch)
             h = _holdout(block, inputs, targets, kwargs, device, hold_ids, where)
             if h < best:
                 best, since, info["best_step"] = h, 0, step
