@@ -16,6 +16,7 @@ from pathlib import Path
 from grid import (  # benchmarks/ is on sys.path when run as a script
     add_common_args,
     describe_machine,
+    parse_checkpoints,
     run_grid,
     with_calib,
 )
@@ -131,7 +132,8 @@ def main() -> int:
     if "paper" in args.redo.split(","):
         keep_paper_time(Path(args.out) / "results.json")
     res = run_grid(grid_rows, rows, Path(args.out), base, args.model, args.data_dir, args.limit, table,
-                   [Path(r) for r in args.reuse], [r for r in args.redo.split(",") if r])
+                   [Path(r) for r in args.reuse], [r for r in args.redo.split(",") if r],
+                   parse_checkpoints(args.from_checkpoint, grid_rows))
     print(table(res))
     return 0
 

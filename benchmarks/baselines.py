@@ -21,6 +21,7 @@ from typing import Any
 from grid import (  # benchmarks/ is on sys.path when run as a script
     add_common_args,
     describe_machine,
+    parse_checkpoints,
     run_grid,
     with_calib,
 )
@@ -143,7 +144,8 @@ def main() -> int:
         names = ["dense"] + [n for n in names[1:] if n.split("/", 1)[1] in want]
     base = CompressConfig.from_dict(with_calib(PRESETS["paper"], args.calib_samples))
     res = run_grid(rows, names, Path(args.out), base, args.model, args.data_dir, args.limit, render,
-                   [Path(r) for r in args.reuse], [r for r in args.redo.split(",") if r])
+                   [Path(r) for r in args.reuse], [r for r in args.redo.split(",") if r],
+                   parse_checkpoints(args.from_checkpoint, rows))
     if res.get("rows"):
         print(render(res))
     return 0

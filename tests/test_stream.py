@@ -120,6 +120,9 @@ def test_resume_after_sigkill_is_bit_identical(sharded_llama, shared_data, tmp_p
     r = subprocess.run([sys.executable, "-m", "slim", *args, "--out", str(out), "--resume"], env=env,
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
+    assert "over every piece of the resumed run" in r.stdout
+    rep = read_slim_config(out)["report"]  # the wall time of every piece, not only the last one's
+    assert rep["resumed_at_block"] >= 1 and rep["compress_seconds_all_pieces"] > rep["compress_seconds"]
     assert _weights(out) == _weights(tmp_path / "clean")
     assert read_slim_config(out)["content_sha256"] == read_slim_config(tmp_path / "clean")["content_sha256"]
     assert not partial.exists()

@@ -380,7 +380,9 @@ def _compress(args: argparse.Namespace, cfg: Any, ranks: Any) -> int:
         write_checkpoint_card(out)  # now with the measured perplexity
     print("\n== slim compress summary ==")
     print(f"checkpoint        {out}  ({_fmt_bytes(disk)} on disk)")
-    print(f"compression time  {elapsed:.1f} s")
+    pieces = rep.get("compress_seconds_all_pieces")
+    print(f"compression time  {elapsed:.1f} s" + (f"  ({pieces:.1f} s over every piece of the resumed run)"
+                                                   if pieces is not None else ""))
     print(f"linear layers     {_fmt_bytes(rep['linear_bytes'])} stored vs {_fmt_bytes(rep['linear_fp16_bytes'])} fp16"
           f"  = {rep['linear_ratio_vs_fp16']:.4f}x  ({rep['bits_per_weight']:.3f} bits/weight)")
     print(f"whole model       {_fmt_bytes(sizes['total_bytes'])} ({_fmt_bytes(sizes['other_bytes'])} embeddings, "

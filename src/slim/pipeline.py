@@ -171,8 +171,9 @@ def _compress_blocks(model: nn.Module, calib_ids: torch.Tensor, cfg: CompressCon
     elapsed = time.perf_counter() - t0
     log.info("compressed %d blocks in %.1f s%s", len(layers) - start, elapsed,
              f" (resumed after block {start - 1})" if start else "")
-    return {"compress_seconds": elapsed, "layers": per_layer, **size_report(model),
-            **({"resumed_at_block": start} if start else {})}
+    # a resumed run: also the wall time of every piece (what the compression cost in all)
+    resumed = {"resumed_at_block": start, "compress_seconds_all_pieces": run.seconds()} if start else {}
+    return {"compress_seconds": elapsed, "layers": per_layer, **size_report(model), **resumed}
 
 
 def _install(block: nn.Module, lin: nn.Linear, name: str, cw: Any, cfg: CompressConfig,

@@ -25,6 +25,7 @@ import logging
 import os
 import shutil
 import signal
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -270,6 +271,8 @@ class BlockRun:
         self.per_layer: dict[str, Any] = {}
         self.layouts: dict[str, dict[str, Any]] = {}
         self.threads = torch.get_num_threads()
+        # wall time of the committed blocks over every piece of an interrupted run (this piece's clock starts now)
+        self.started, self.prior_seconds = time.perf_counter(), 0.0
         progress = self.dir / PROGRESS
         if ranks.main:  # rank 0 owns the directory; the others only add their hidden-state files
             check_partial(self.out, resume, overwrite)
@@ -300,6 +303,7 @@ class BlockRun:
                             "bits from an uninterrupted run", self.threads, state.get("threads"))
             self.done = int(state["done"])
             self.per_layer, self.layouts = state["per_layer"], state["layouts"]
+            self.prior_seconds = float(state.get("seconds", 0.0))
             log.info("resuming %s after block %d", self.dir, self.done)
         elif resume:
             log.info("nothing to resume in %s; starting from the first block", self.dir)
@@ -380,13 +384,18 @@ class BlockRun:
         self.ranks.barrier()  # every rank's hidden states are on disk before the block counts as done
         if main:
             write_json(self.dir / PROGRESS, {"fingerprint": self.fingerprint, "done": i, "threads": self.threads,
-                                             "per_layer": self.per_layer, "layouts": self.layouts})
+                                             "per_layer": self.per_layer, "layouts": self.layouts,
+                                             "seconds": self.seconds()})
             _fsync_dir(self.dir)
         self.ranks.barrier()  # ... and it counts before any rank drops the states a resume would otherwise need
         if i > 0:
             self._hidden_file(i - 1).unlink(missing_ok=True)
         layers[i] = block.to("meta")
         release_free_memory()  # glibc keeps the freed block's pages otherwise: ~7 MB a block of resident growth
+
+    def seconds(self) -> float:
+        """Wall seconds spent on this run so far, the pieces before a resume included."""
+        return self.prior_seconds + time.perf_counter() - self.started
 
     def finish(self, model: nn.Module, tokenizer, meta: dict[str, Any], overwrite: bool) -> Path:
         """Assemble the checkpoint from the committed blocks and rename it into place (rank 0; the others wait)."""
