@@ -145,7 +145,7 @@ def main() -> int:
     base = CompressConfig.from_dict(with_calib(PRESETS["paper"], args.calib_samples))
     res = run_grid(rows, names, Path(args.out), base, args.model, args.data_dir, args.limit, render,
                    [Path(r) for r in args.reuse], [r for r in args.redo.split(",") if r],
-                   parse_checkpoints(args.from_checkpoint, rows))
+                   parse_checkpoints(args.from_checkpoint, rows), device=args.device)
     if res.get("rows"):
         print(render(res))
     return 0

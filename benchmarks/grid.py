@@ -91,6 +91,8 @@ def add_common_args(ap: argparse.ArgumentParser, with_eval: bool = True) -> None
                         help="score row ROW from a slim checkpoint made with its recipe and calibration (`slim "
                              "compress --preset ... --out DIR`, which can be interrupted and resumed: for rows that "
                              "take hours) instead of compressing it here (repeatable)")
+        ap.add_argument("--device", default="cpu", help="where rows are compressed and scored: cpu (default) or "
+                        "cuda (recorded in results.json's machine; a row's recipe is the same on either)")
     ap.add_argument("--data-dir", default=None, help="data directory (default: $SLIM_DATA_DIR, else ../shared/data)")
     ap.add_argument("--calib-samples", type=positive_int, default=None,
                     help="calibration windows instead of the recipes' 128, for quick checks (recorded in the results)")
@@ -178,7 +180,10 @@ def checkpoint_row(ck: Path, cfg_dict: dict[str, Any], model_name: str | None, c
     src = meta.get("source", {})
     if Path(src.get("path", "")).resolve() != Path(path).resolve() or src.get("gguf_file") != gguf:
         raise SystemExit(f"{ck} was compressed from {src}, not from this grid's model {path} {gguf or ''}")
-    if CompressConfig.from_dict(meta["config"]).to_dict() != CompressConfig.from_dict(cfg_dict).to_dict():
+    def recipe(d: dict[str, Any]) -> dict[str, Any]:  # where it ran is not part of the recipe
+        return {k: v for k, v in CompressConfig.from_dict(d).to_dict().items() if k != "device"}
+
+    if recipe(meta["config"]) != recipe(cfg_dict):
         raise SystemExit(f"{ck} was compressed with another recipe than this row's; compare its slim_config.json")
     if sorted(meta.get("calibration_data", {}).get("files", {}).values()) != sorted(calib_prov["files"].values()):
         raise SystemExit(f"{ck} was calibrated on other data than this grid ({meta.get('calibration_data')})")
@@ -195,13 +200,14 @@ def run_grid(
     rows: dict[str, tuple[str, dict[str, Any] | None]], names: list[str], out: Path, base: CompressConfig,
     model_name: str | None, data_dir: str | None, limit: int | None, render: Callable[[dict], str],
     reuse: list[Path] | None = None, redo: list[str] | None = None, checkpoints: dict[str, Path] | None = None,
+    device: str = "cpu",
 ) -> dict:
     """Compress and evaluate each named row (config None = the dense model); returns the results dict.
 
     A row already in OUT/results.json (with the same --limit setting) is skipped; one found in a
     --reuse file (see find_reusable) is copied with a note of where it came from. Rows in `redo` are measured
     again whatever OUT/results.json holds. Rows in `checkpoints` are scored from that checkpoint (see
-    checkpoint_row) instead of being compressed here.
+    checkpoint_row) instead of being compressed here. `device` is where rows are compressed and scored.
     """
     out.mkdir(parents=True, exist_ok=True)
     rfile = out / "results.json"
@@ -236,15 +242,15 @@ def run_grid(
         print(f"[{name}] ({k + 1}/{len(todo)}) {desc}", flush=True)
         if cfg_dict is not None and name in (checkpoints or {}):
             row.update(checkpoint_row(checkpoints[name], cfg_dict, model_name, prov))
-            model = load(checkpoints[name], backend="reference", cache=True, dtype=torch.float32)
+            model = load(checkpoints[name], device=device, backend="reference", cache=True, dtype=torch.float32)
         elif cfg_dict is not None:
-            cfg = CompressConfig.from_dict(cfg_dict)
+            cfg = CompressConfig.from_dict({**cfg_dict, "device": device})
             t0 = time.perf_counter()
             rep = compress_model(model, calib, cfg)
             row.update({"compress_seconds": time.perf_counter() - t0, "config": cfg.to_dict(),
                         "bits_per_weight": rep["bits_per_weight"], "linear_ratio_vs_fp16": rep["linear_ratio_vs_fp16"],
                         "mean_rel_err_final": mean_err(rep["layers"]), "layers": rep["layers"]})
-        ev = perplexity(model, ids, 2048, limit)
+        ev = perplexity(model.to(device), ids, 2048, limit, device)
         row.update({"ppl": ev["ppl"], "eval_seconds": ev["seconds"]})
         res["eval"] = {"windows": ev["windows"], "seqlen": ev["seqlen"]}
         save_row(out, res, name, row, render)

@@ -25,34 +25,43 @@ from slim.cli import main as slim_main
 DENSE_PPL = 21.61  # SmolLM2-135M-Instruct (fp32), full WikiText-2, docs/results/ablation
 
 
-def scored(ckpt: Path, evals: Path, limit: int | None, data_dir: str | None) -> dict[str, Any]:
-    """`slim eval` of a checkpoint, cached in `evals` under its content hash."""
+def scored(ckpt: Path, evals: Path, limit: int | None, data_dir: str | None, device: str = "cpu",
+           backend: str = "auto", dtype: str | None = None) -> dict[str, Any]:
+    """`slim eval` of a checkpoint, cached in `evals` under its content hash and the evaluation's settings."""
     sha = read_slim_config(ckpt).get("content_sha256") or ckpt.name
-    f = evals / f"{sha[:16]}{'' if limit is None else f'-limit{limit}'}.json"
+    how = "".join(f"-{v}" for v in (backend, dtype) if v and v != "auto")
+    f = evals / f"{sha[:16]}{how}{'' if limit is None else f'-limit{limit}'}.json"
     if not f.is_file():
         evals.mkdir(parents=True, exist_ok=True)
         cmd = ["eval", str(ckpt), "--out", str(f), "-q", *(["--limit", str(limit)] if limit else []),
-               *(["--data-dir", data_dir] if data_dir else [])]
+               *(["--data-dir", data_dir] if data_dir else []), "--device", device,
+               "--backend", backend, *(["--dtype", dtype] if dtype else [])]
         if slim_main(cmd) != 0:
             raise SystemExit(f"slim {' '.join(cmd)} failed")
     w = json.loads(f.read_text())["wikitext2"]
     return {"ppl": w["ppl"], "windows": w["windows"], "file": str(f), "checkpoint": str(ckpt)}
 
 
+def duration(seconds: float) -> str:
+    return f"{seconds / 3600:.2f} h" if seconds >= 3600 else f"{seconds / 60:.1f} min" if seconds >= 120 else \
+        f"{seconds:.0f} s"
+
+
 def table(res: dict[str, Any]) -> str:
     lines = ["# `slim finetune` (+FT) on SmolLM2-135M: WikiText-2 before and after\n",
              f"Machine: {describe_machine(res['machine'])}. WikiText-2: full test set, 2048-token windows (dense "
              f"{DENSE_PPL}). Training: C4 (the shipped sample, repeated in epochs), 1024-token blocks, global batch "
-             "64, Adafactor, linear decay, lr 1e-4 unless stated; time is the sum of the training steps' wall "
+             "64, Adafactor, linear decay to 0; time is the sum of the training steps' wall "
              "clock, over every resumed piece.",
              f"Command: `{res['command']}` (code {(res['commit'] or '?')[:7]})\n",
-             "| run | from | distill | autocast | tokens | epochs | training time | tokens/s | ppl before | "
+             "| run | from | distill | lr | autocast | tokens | epochs | training time | tokens/s | ppl before | "
              "ppl after | gap to dense after / before | LM loss first → last |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for label, r in res["runs"].items():
         c, b, a = r["config"], r["before"]["ppl"], r["after"]["ppl"]
-        lines.append(f"| {label} | {r['source']} | {c['distill'] or 'no'} | {c['autocast']} | {r['tokens']:,} | "
-                     f"{r['epochs']:.2f} | {r['train_seconds'] / 3600:.2f} h | {r['tokens_per_second']:.0f} | "
+        lines.append(f"| {label} | {r['source']} | {c['distill'] or 'no'} | {c['lr']:g} | {c['autocast']} | "
+                     f"{r['tokens']:,} | "
+                     f"{r['epochs']:.2f} | {duration(r['train_seconds'])} | {r['tokens_per_second']:.0f} | "
                      f"{b:.2f} | **{a:.2f}** | {(a - DENSE_PPL) / (b - DENSE_PPL):.2f}x | "
                      f"{r['lm_loss'][0]:.3f} → {r['lm_loss'][1]:.3f} |")
     return "\n".join(lines) + "\n"
@@ -64,6 +73,9 @@ def main() -> int:
     ap.add_argument("--out", required=True)
     ap.add_argument("--limit", type=int, help="WikiText-2 windows (quick checks only; default: all)")
     ap.add_argument("--data-dir")
+    ap.add_argument("--device", default="cpu", help="where the checkpoints are scored: cpu (default) or cuda")
+    ap.add_argument("--backend", default="auto", help="slim eval's --backend (reference: the plain formula)")
+    ap.add_argument("--dtype", default=None, help="slim eval's --dtype (fp32: as the ablation and baselines grids)")
     args = ap.parse_args()
     out = Path(args.out)
     runs: dict[str, tuple[Path, Path, dict[str, Any]]] = {}
@@ -86,8 +98,8 @@ def main() -> int:
             "train_seconds": train, "tokens_per_second": ft["tokens"] / max(train, 1e-9),
             "lm_loss": [hist[0]["lm_loss"], hist[-1]["lm_loss"]], "kl": [hist[0]["kl"], hist[-1]["kl"]],
             "command": meta.get("command"),
-            "before": scored(src, out / "evals", args.limit, args.data_dir),
-            "after": scored(d, out / "evals", args.limit, args.data_dir)}
+            "before": scored(src, out / "evals", args.limit, args.data_dir, args.device, args.backend, args.dtype),
+            "after": scored(d, out / "evals", args.limit, args.data_dir, args.device, args.backend, args.dtype)}
         text = write_result(out, res, table)  # after each run: an interrupted table keeps the runs scored so far
     print(text)
     return 0

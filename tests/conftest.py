@@ -5,6 +5,37 @@ from transformers import LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalL
 from slim.data import DataError, data_dir
 
 
+def compress_tiny(preset: str, epochs: int, **over):
+    """A 2-block tiny Llama with heavy-tailed weights (as trained LLMs have: where clipping and scaling pay),
+    compressed with a block-tuning preset over 16 x 64 random tokens; (model, dense copy, ids, report)."""
+    import copy
+
+    from torch import nn
+
+    from slim.config import PRESETS, CompressConfig, merge
+    from slim.pipeline import compress_model
+
+    torch.manual_seed(0)
+    model = tiny_model("llama", layers=2)
+    with torch.no_grad():
+        for lin in model.model.layers.modules():
+            if isinstance(lin, nn.Linear):
+                lin.weight.mul_(1 + 7 * (torch.rand_like(lin.weight) < 0.01))
+    dense = copy.deepcopy(model)
+    ids = torch.randint(0, 256, (16, 64), generator=torch.Generator().manual_seed(1))
+    cfg = CompressConfig.from_dict(merge(PRESETS[preset], merge(
+        {"calib": {"n_samples": 16, "seqlen": 64}, "tune": {"epochs": epochs}}, over)))
+    rep = compress_model(model, ids, cfg, progress=False)
+    return model, dense, ids, rep
+
+
+def slim_layers(model) -> dict:
+    """The model's SlimLinears by name."""
+    from slim.packed import SlimLinear
+
+    return {n: m for n, m in model.named_modules() if isinstance(m, SlimLinear)}
+
+
 def tiny_model(kind: str = "llama", vocab: int = 256, layers: int = 2):
     """A small random model built from a config: seconds, no files."""
     torch.manual_seed(0)

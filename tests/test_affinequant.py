@@ -2,12 +2,11 @@
 model for any parameter values (GQA, RoPE, biases, OPT), what is stored equals what was trained, gradients
 reach every transformation parameter, training lowers the error, the mask survives, bad options fail."""
 
-import copy
 from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import tiny_model
+from conftest import compress_tiny, slim_layers, tiny_model
 from torch import nn
 
 from slim.affine import AffineTransform, gradual_mask, heads_of, let_map
@@ -15,7 +14,6 @@ from slim.checkpoint import load, save
 from slim.config import PRESETS, CompressConfig, ConfigError, merge
 from slim.export import ExportError, export
 from slim.packed import SlimLinear
-from slim.pipeline import compress_model
 from slim.runtime import cpu_int4
 from slim.tune import close_layers, open_layers
 
@@ -82,30 +80,11 @@ def test_gradual_mask_opens_epoch_by_epoch():
     assert float(mid[0, 3]) == 1.0 and float(mid[0, 4]) == 0.0
 
 
-def _compressed(epochs: int, preset: str = "wanda-affinequant", **over):
-    torch.manual_seed(0)
-    model = tiny_model("llama", layers=2)
-    with torch.no_grad():  # heavy tails and a few loud input channels, as in trained LLMs
-        for lin in model.model.layers.modules():
-            if isinstance(lin, nn.Linear):
-                lin.weight.mul_(1 + 7 * (torch.rand_like(lin.weight) < 0.01))
-    dense = copy.deepcopy(model)
-    ids = torch.randint(0, 256, (16, 64), generator=torch.Generator().manual_seed(1))
-    cfg = CompressConfig.from_dict(merge(PRESETS[preset], merge(
-        {"calib": {"n_samples": 16, "seqlen": 64}, "tune": {"epochs": epochs}}, over)))
-    rep = compress_model(model, ids, cfg, progress=False)
-    return model, dense, ids, rep
-
-
-def _slims(model) -> dict[str, SlimLinear]:
-    return {n: m for n, m in model.named_modules() if isinstance(m, SlimLinear)}
-
-
 def test_stored_block_computes_what_was_trained_and_gradients_reach_everything():
     """A block opened with random transformation parameters: its training forward (fake-quantized transformed
     weights, input transforms) equals the stored block's after settle/close/fold; one backward reaches the
     scales, shifts, the open entries of A (not the closed ones), the q/k scale and the clipping logits."""
-    model, dense, _, _ = _compressed(0)
+    model, dense, _, _ = compress_tiny("wanda-affinequant", 0)
     block, dblock = model.model.layers[0], dense.model.layers[0]
     m = let_map(block)
     sources = {n: lin.weight.detach() for n, lin in dblock.named_modules() if isinstance(lin, nn.Linear)}
@@ -134,9 +113,9 @@ def test_stored_block_computes_what_was_trained_and_gradients_reach_everything()
         t.apply()
         out = block(x, position_embeddings=rot)
         want = out[0] if isinstance(out, tuple) else out
-        inputs = t.settle()
+        t.settle()
         close_layers(block, opened)
-        t.fold(block, inputs)
+        t.fold(block)
         out = block(x, position_embeddings=rot)
         got = out[0] if isinstance(out, tuple) else out
     torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-3)
@@ -151,8 +130,8 @@ def test_affinequant_training_lowers_the_error_and_keeps_the_mask(tmp_path):
     than at the transformation's start (the same run with no steps), block 0's masks (same inputs either way)
     are the Wanda masks, the biases the shifts need exist only where the transformation put them, and the
     saved checkpoint loads (with those biases) to the same logits (the int4 kernel's: within bf16 rounding)."""
-    closed, dense, ids, _ = _compressed(0)
-    tuned, _, _, rep = _compressed(3)
+    closed, dense, ids, _ = compress_tiny("wanda-affinequant", 0)
+    tuned, _, _, rep = compress_tiny("wanda-affinequant", 3)
 
     def err(m) -> float:
         with torch.no_grad():
@@ -162,9 +141,9 @@ def test_affinequant_training_lowers_the_error_and_keeps_the_mask(tmp_path):
 
     assert err(tuned) < 0.95 * err(closed)
     assert {v["block_tune"]["steps"] for v in rep["layers"].values()} == {3 * 16}
-    for n, mod in _slims(tuned).items():
+    for n, mod in slim_layers(tuned).items():
         if ".layers.0." in n:
-            assert torch.equal(mod.mask(), _slims(closed)[n].mask()), n
+            assert torch.equal(mod.mask(), slim_layers(closed)[n].mask()), n
         assert (mod.bias is None) == n.endswith("down_proj"), n
     save(tuned, tmp_path / "ck")
     with torch.no_grad():

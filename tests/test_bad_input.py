@@ -164,3 +164,20 @@ def test_missing_extra_and_tampered_tensors(tmp_path, change, msg):
     _rewrite_header(tmp_path / "ck" / "model.safetensors", change)
     with pytest.raises(CheckpointError, match=msg):
         slim.load(tmp_path / "ck", backend="reference")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+@pytest.mark.parametrize("cmd", ["finetune", "eval", "compress"])
+def test_cuda_without_a_gpu_or_a_bad_device_is_refused_before_loading(cmd, tmp_path, capsys):
+    """--device cuda on a machine without CUDA, or a device slim does not run on, fails at once with the fix."""
+    from slim.config import check_device
+
+    src = tmp_path / "missing-model"  # never read: the device is checked first
+    args = {"finetune": ["finetune", str(src), "--out", str(tmp_path / "o")], "eval": ["eval", str(src)],
+            "compress": ["compress", str(src), "--out", str(tmp_path / "o")]}[cmd]
+    assert main([*args, "--device", "cuda"]) == 2
+    err = capsys.readouterr().err
+    assert "CUDA is not available" in err and "--device cpu" in err
+    with pytest.raises(ConfigError, match="use 'cpu' or 'cuda'"):
+        check_device("gpu")
+    assert check_device("cuda:1", need=False) == "cuda:1"

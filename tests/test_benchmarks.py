@@ -1,6 +1,7 @@
 """The benchmark scripts run end to end on a tiny model, and a grid resumes instead of starting again."""
 
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -99,6 +100,13 @@ def test_grid_scores_a_row_from_a_checkpoint(bench, tiny_llama_dir, shared_data,
     assert there["from_checkpoint"] == str(ck) and there["checkpoint_command"].startswith("slim ")
     assert there["ppl"] == pytest.approx(here["ppl"], rel=1e-4)
     assert there["bits_per_weight"] == pytest.approx(here["bits_per_weight"])
+    gpu = tmp_path / "ck-gpu"  # compressed on another device: the same recipe, so the same row
+    shutil.copytree(ck, gpu)
+    meta = json.loads((gpu / "slim_config.json").read_text())
+    meta["config"]["device"] = "cuda"
+    (gpu / "slim_config.json").write_text(json.dumps(meta))
+    assert bench("baselines", *common, "--out", str(tmp_path / "gpu"), "--rows", "wanda-absmax",
+                 "--from-checkpoint", f"2:4/wanda-absmax={gpu}") == 0
     with pytest.raises(SystemExit, match="another recipe"):
         bench("baselines", *common, "--out", str(tmp_path / "bad"), "--rows", "magnitude-absmax",
               "--from-checkpoint", f"2:4/magnitude-absmax={ck}")
@@ -165,6 +173,9 @@ def test_plus_ft_table_scores_each_checkpoint_once(bench, tiny_llama_dir, shared
     assert bench("plus_ft", *argv) == 0  # scored already: nothing evaluated again
     assert {p.name: p.stat().st_mtime_ns for p in (out / "evals").iterdir()} == stamps
     assert "| tiny | ck |" in (out / "README.md").read_text()
+    assert bench("plus_ft", *argv, "--backend", "reference", "--dtype", "fp32") == 0  # other settings: scored anew
+    assert len(list((out / "evals").glob("*-reference-fp32-limit2.json"))) == 2
+    assert len(list((out / "evals").iterdir())) == 4
 
 
 def test_finetune_lr_probe_reuses_runs_and_refuses_other_options(bench, tiny_llama_dir, shared_data, tmp_path):
@@ -186,3 +197,31 @@ def test_finetune_lr_probe_reuses_runs_and_refuses_other_options(bench, tiny_lla
     assert (work / "lr1e-3" / "model.safetensors").stat().st_mtime_ns == stamp
     with pytest.raises(SystemExit, match="other options"):
         bench("finetune_lr_probe", *[a if a != "256" else "512" for a in argv])
+
+
+def test_gpu_script_dry_run_on_cpu(tiny_llama_dir, shared_data, tmp_path):
+    """benchmarks/plus_ft_gpu.sh (what a rented GPU runs, bounded) works end to end with DEVICE=cpu and tiny
+    settings: checkpoint, +FT with distillation, the +FT table, the zero-shot of the best run; stages left out by
+    ONLY say so. A broken flag here would otherwise cost a GPU lease to find."""
+    import os
+    import subprocess
+
+    pytest.importorskip("lm_eval")
+    text = tmp_path / "t.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 60)
+    env = {**os.environ, "MODEL": str(tiny_llama_dir), "RUNS": str(tmp_path / "runs"), "DEVICE": "cpu",
+           "RESULTS": str(tmp_path / "results"), "SLIM_DATA_DIR": str(shared_data),
+           "ONLY": "compress-default|finetune-default-kd|plus-ft|zeroshot-best",
+           "COMPRESS_EXTRA": "--calib-samples 4 --calib-seqlen 64",
+           "FT_EXTRA": f"--max-tokens 256 --seqlen 32 --batch 4 --micro-batch 4 --data {text}",
+           "EVAL_EXTRA": "--limit 2", "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    r = subprocess.run(["bash", str(BENCH / "plus_ft_gpu.sh")], env=env, cwd=BENCH.parent, capture_output=True,
+                       text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    for stage in ("compress-default", "finetune-default-kd", "plus-ft-table", "zeroshot-best-ft"):
+        assert f"[{stage}] rc 0" in r.stdout, (stage, r.stdout[-3000:])
+    assert "[compress-paper] not selected" in r.stdout
+    res = json.loads((tmp_path / "results" / "finetune" / "plus-ft" / "results.json").read_text())
+    assert list(res["runs"]) == ["default+KD"] and res["runs"]["default+KD"]["config"]["distill"] == 1.0
+    zs = json.loads((tmp_path / "runs" / "zeroshot-default-ft-kd.json").read_text())
+    assert set(zs["zeroshot"]["tasks"]) == {"piqa", "arc_easy", "arc_challenge", "winogrande", "openbookqa"}

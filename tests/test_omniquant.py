@@ -3,33 +3,11 @@ gradients reach the clipping logits, training lowers the block error, the mask s
 
 import pytest
 import torch
-from conftest import tiny_model
+from conftest import compress_tiny, slim_layers
 
 from slim.config import PRESETS, CompressConfig, ConfigError, merge
-from slim.packed import SlimLinear
-from slim.pipeline import compress_model
 from slim.quant import lwc_fake_quant, lwc_params, qrange
 from slim.tune import TrainableLinear
-
-
-def _compress(epochs: int, **over):
-    torch.manual_seed(0)
-    model = tiny_model("llama", layers=2)
-    with torch.no_grad():  # heavy tails, as in trained LLM weights: where clipping pays
-        for lin in model.model.layers.modules():
-            if isinstance(lin, torch.nn.Linear):
-                lin.weight.mul_(1 + 7 * (torch.rand_like(lin.weight) < 0.01))
-    dense = tiny_model("llama", layers=2)
-    dense.load_state_dict(model.state_dict())
-    ids = torch.randint(0, 256, (16, 64), generator=torch.Generator().manual_seed(1))
-    cfg = CompressConfig.from_dict(merge(PRESETS["wanda-omniquant"], merge(
-        {"calib": {"n_samples": 16, "seqlen": 64}, "tune": {"epochs": epochs}}, over)))
-    rep = compress_model(model, ids, cfg, progress=False)
-    return model, dense, ids, rep
-
-
-def _slims(model) -> dict[str, SlimLinear]:
-    return {n: m for n, m in model.named_modules() if isinstance(m, SlimLinear)}
 
 
 def test_lwc_quantizer_codes_and_gradients():
@@ -51,9 +29,9 @@ def test_lwc_quantizer_codes_and_gradients():
 
 
 def test_opened_layer_equals_the_stored_one_before_and_after_training():
-    model, *_ = _compress(0)
+    model, *_ = compress_tiny("wanda-omniquant", 0)
     for name in ("model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj"):
-        mod = _slims(model)[name]
+        mod = slim_layers(model)[name]
         mask = mod.mask()
         x = torch.randn(2, 5, mod.in_features)
         t = TrainableLinear(mod, clip_source=torch.randn(mod.out_features, mod.in_features), lwc_init=4.0)
@@ -72,8 +50,8 @@ def test_clipping_training_lowers_the_model_error_and_keeps_the_mask():
     """Four epochs of clipping training against the dense blocks: the compressed model's hidden states move
     closer to the dense model's on the calibration windows than the closed form's (-6 % here), every block
     trained, and in block 0 (same inputs either way) only values, scales and zero points differ."""
-    closed, dense, ids, _ = _compress(0)
-    tuned, _, _, rep = _compress(4, tune={"lr": 5e-2})
+    closed, dense, ids, _ = compress_tiny("wanda-omniquant", 0)
+    tuned, _, _, rep = compress_tiny("wanda-omniquant", 4, tune={"lr": 5e-2})
 
     def err(m) -> float:
         with torch.no_grad():
@@ -84,10 +62,10 @@ def test_clipping_training_lowers_the_model_error_and_keeps_the_mask():
     assert err(tuned) < 0.98 * err(closed)
     steps = {v["block_tune"]["steps"] for v in rep["layers"].values()}
     assert steps == {4 * 16}  # 4 epochs x 16 single-window batches, no held-out share
-    for n, m in _slims(tuned).items():
+    for n, m in slim_layers(tuned).items():
         if ".layers.0." not in n:
             continue
-        c = _slims(closed)[n]
+        c = slim_layers(closed)[n]
         assert torch.equal(m.mask(), c.mask()), n
         for k, t in m.state_dict().items():
             if k not in ("values", "scale", "zero"):

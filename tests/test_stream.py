@@ -60,6 +60,23 @@ def test_skeleton_reads_only_the_dense_parts(sharded_any):
     assert model.model.rotary_emb.inv_freq.device.type == "cpu"  # a computed buffer, not read
 
 
+def test_capture_on_another_device_leaves_meta_blocks_alone(sharded_any):
+    """Capturing block 0's inputs on a device other than "cpu" moves only the parts outside the blocks that hold
+    data: a streamed skeleton's meta blocks made `model.to(device)` fail on CUDA (seen on an H200). "cpu:0" takes
+    the same path on a machine without a GPU; the captured inputs equal those of the plain CPU path."""
+    from slim.capture import capture_block_inputs
+
+    model = skeleton(sharded_any, SourceWeights(sharded_any))
+    ids = torch.randint(0, 200, (4, 16), generator=torch.Generator().manual_seed(0))
+    ref, _ = capture_block_inputs(model, ids, 2)
+    hidden, kwargs = capture_block_inputs(model, ids, 2, device="cpu:0")
+    assert all(torch.equal(a, b) for a, b in zip(ref, hidden, strict=True)) and len(kwargs) == 2
+    assert model.model.layers[0].mlp.up_proj.weight.device.type == "meta"  # untouched, and the catcher removed
+    assert type(model.model.layers[0]).__name__ != "_Catcher"
+    tied = model.lm_head.weight is model.model.embed_tokens.weight
+    assert tied == model.config.tie_word_embeddings
+
+
 def test_streamed_equals_in_memory_and_the_api(sharded_any, shared_data, tmp_path):
     """Reading one block at a time changes nothing: the same bytes as loading the whole model, and as
     slim.compress + slim.save."""

@@ -180,26 +180,24 @@ class AffineTransform(nn.Module):
             layer.let_weight, layer.let_bias, layer.let_input = w, b, t_in
 
     @torch.no_grad()
-    def settle(self) -> dict[str, tuple[Tensor, Tensor] | None]:
+    def settle(self) -> None:
         """Make the trained transformation the opened layers' own float weights and biases (what `write_back`
-        quantizes with the trained clipping); returns each layer's input transform for `fold`."""
+        quantizes with the trained clipping); `fold` then moves the input transform out of the stored block."""
         self.epoch = self.epochs - 1
         self.truncate()
-        inputs = {}
-        for name, (w, b, t_in) in self.transformed().items():
+        for name, (w, b, _) in self.transformed().items():
             layer = self._opened[name]
             layer.base = w.detach().clone()
             layer.bias = b.detach().clone()
             layer.let_weight = layer.let_bias = layer.let_input = None
-            inputs[name] = None if t_in is None else (t_in[0].detach().clone(), t_in[1].detach().clone())
-        return inputs
 
     @torch.no_grad()
-    def fold(self, block: nn.Module, inputs: dict[str, tuple[Tensor, Tensor] | None]) -> None:
-        """Move the input transform out of the stored layers: 1/s into the norm, and the shift into each layer's
-        bias through its stored (quantized) weight, so the stored block computes what was trained."""
-        for norm_name, fed in self.map.norms:
-            shift, s = inputs[fed[0]]
+    def fold(self, block: nn.Module) -> None:
+        """Move the input transform (x - shift) / scale out of the stored layers: 1/scale into the norm, and the
+        shift into each layer's bias through its stored (quantized) weight, so the stored block computes what was
+        trained. After `settle`: the scales are the truncated ones the layers were settled with."""
+        for (norm_name, fed), s, shift in zip(self.map.norms, self.scales, self.shifts, strict=True):
+            s, shift = s.detach(), shift.detach()
             norm = block.get_submodule(norm_name)
             norm.weight.div_(s.to(norm.weight))
             if getattr(norm, "bias", None) is not None:

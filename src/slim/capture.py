@@ -126,12 +126,8 @@ def capture_block_inputs(
     layers = get_layers(model)
     first = layers[0]
     layers[0] = _Catcher(first)
-    if device != "cpu":  # only the embedding side moves: swap the blocks out while moving
-        parent_name, _, attr = _layers_attr(model)
-        parent = model.get_submodule(parent_name)
-        setattr(parent, attr, nn.ModuleList([layers[0]]))
-        model.to(device)
-        setattr(parent, attr, layers)
+    if device != "cpu":
+        move_outside_blocks(model, device)
     hidden, kwargs = Activations(spill, "in"), []
     try:
         for b in range(0, ids.shape[0], batch_size):
@@ -147,8 +143,28 @@ def capture_block_inputs(
     finally:
         layers[0] = first
         if device != "cpu":
-            model.to("cpu")
+            move_outside_blocks(model, "cpu")
     return hidden, kwargs
+
+
+def move_outside_blocks(model: nn.Module, device: torch.device | str) -> None:
+    """The embeddings, rotary tables, final norm and head to `device`, in place; the decoder blocks stay where they
+    are (the pipeline moves one at a time), and so does anything on the meta device (a streamed model's blocks and
+    unread parts), which `model.to` would refuse to copy."""
+    parent_name, _, attr = _layers_attr(model)
+    parent = model.get_submodule(parent_name)
+    layers = getattr(parent, attr)
+    setattr(parent, attr, nn.ModuleList())
+    try:
+        for m in model.modules():
+            for p in m._parameters.values():
+                if p is not None and not p.is_meta:
+                    p.data = p.data.to(device)  # the same Parameter: tied weights stay tied
+            for k, b in m._buffers.items():
+                if b is not None and not b.is_meta:
+                    m._buffers[k] = b.to(device)
+    finally:
+        setattr(parent, attr, layers)
 
 
 def _layers_attr(model: nn.Module) -> tuple[str, str, str]:

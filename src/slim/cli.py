@@ -24,6 +24,7 @@ from .config import (
     TUNE_TEACHERS,
     CompressConfig,
     ConfigError,
+    check_device,
     load_yaml_config,
     merge,
 )
@@ -217,6 +218,8 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--data", default="c4", help="training text: c4 (the shipped sample), a .jsonl/.txt file or folder")
     f.add_argument("--data-dir", help="data folder (default: $SLIM_DATA_DIR or ../shared/data)")
     f.add_argument("--seed", type=int, default=0)
+    f.add_argument("--device", default="cpu", help="cpu (default) or cuda: where the student, the teacher and the "
+                   "evaluation run (a resumed run may change it; its bytes then follow the new device's arithmetic)")
     f.add_argument("--save-every", type=int, default=10, help="optimizer steps between resumable states (10)")
     f.add_argument("--eval", action="store_true", help="WikiText-2 perplexity before and after")
     f.add_argument("--eval-limit", type=int, default=None, help="perplexity on the first N windows only")
@@ -269,6 +272,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
     from . import dist
 
     cfg = config_from_args(args)
+    check_device(cfg.device)
     ranks, _ = dist.from_env(cfg.device)  # torchrun: one process per rank (else a plain single process)
     try:
         if ranks.main:
@@ -416,6 +420,7 @@ def load_any(model_arg: str | None, backend: str, dtype: str | None, device: str
     """A slim checkpoint through a backend, or a dense model; returns (model, tokenizer, kind)."""
     from . import checkpoint, models
 
+    check_device(device)
     if model_arg and checkpoint.is_checkpoint(model_arg):
         model = checkpoint.load(model_arg, device=device, backend=backend, dtype=dtype)
         counts = ", ".join(f"{n} on {b}" for b, n in model.slim_backend["counts"].items())
@@ -531,6 +536,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     from .finetune import FinetuneConfig, check_paths, epochs_note, finetune, training_blocks
     from .packed import set_dense_cache
 
+    device = check_device(args.device)
     cfg = FinetuneConfig(max_tokens=args.max_tokens, seqlen=args.seqlen, batch=args.batch,
                          micro_batch=args.micro_batch, lr=args.lr, optimizer=args.optimizer, warmup=args.warmup,
                          distill=args.distill, temperature=args.temperature, scales=args.scales, data=args.data,
@@ -546,7 +552,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         if not name:
             raise ConfigError(f"--distill needs the dense model: {src} records no source; pass --teacher MODEL")
         teacher, _, _ = models.load_model(name, dtype=torch.float32)
-    model = checkpoint.load(src, backend="reference", dtype=torch.float32)
+        teacher = teacher.to(device)
+    model = checkpoint.load(src, device=device, backend="reference", dtype=torch.float32)
     tok = checkpoint.load_tokenizer(src)
     blocks = training_blocks(tok, texts, cfg.seqlen)
     print(f"slim: fine-tuning the adapters of {src}: {epochs_note(cfg, blocks.shape[0])}; {cfg.optimizer}, lr "
@@ -557,7 +564,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     def wikitext2() -> dict[str, Any]:  # dense weights cached for the evaluation only (training rebuilds them)
         set_dense_cache(model, True)
         try:
-            return evaluate.perplexity(model, ids, 2048, args.eval_limit, "cpu", not args.quiet)
+            return evaluate.perplexity(model, ids, 2048, args.eval_limit, device, not args.quiet)
         finally:
             set_dense_cache(model, False)
 

@@ -264,6 +264,19 @@ class TuneConfig:
         return bool(self.steps or self.epochs)
 
 
+
+def check_device(device: str, need: bool = True) -> str:
+    """`device` if it names one slim runs on ('cpu', 'cuda', 'cuda:N'), and with `need`, one this machine has:
+    refused before any loading, so a typo or a missing GPU fails at once."""
+    if not (device == "cpu" or device == "cuda" or (device.startswith("cuda:") and device[5:].isdigit())):
+        raise ConfigError(f"device {device!r}: use 'cpu' or 'cuda' (or 'cuda:N')")
+    if need and device != "cpu":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device {device!r} requested but CUDA is not available here; use --device cpu")
+    return device
+
 @dataclass(frozen=True)
 class CompressConfig:
     """Everything that determines a compressed model; saved next to every checkpoint."""
@@ -278,8 +291,7 @@ class CompressConfig:
     device: str = "cpu"
 
     def __post_init__(self) -> None:
-        if not (self.device == "cpu" or self.device.startswith("cuda")):
-            raise ConfigError(f"device {self.device!r}: use 'cpu' or 'cuda' (or 'cuda:N')")
+        check_device(self.device, need=False)
         t = self.tune
         quantizer = QUANTIZERS[self.quant.method]
         if t.clipping and not quantizer.learnable_clipping:

@@ -207,6 +207,7 @@ def finetune(
         start, history = _load_state(state_file, params, opt, sched, fingerprint)
         log.info("resuming fine-tuning after step %d of %d", start, cfg.steps)
     n_micro = cfg.batch // cfg.micro_batch
+    device = next(iter(params.values())).device  # the student's: blocks stay on the CPU, micro-batches travel
     t0 = time.perf_counter()
     bar = tqdm(range(start, cfg.steps), desc="fine-tuning", unit="step", disable=not progress, initial=start,
                total=cfg.steps)
@@ -218,7 +219,7 @@ def finetune(
             opt.zero_grad(set_to_none=True)
             with torch.enable_grad():
                 for k in range(n_micro):
-                    ids = blocks[order[k * cfg.micro_batch : (k + 1) * cfg.micro_batch]]
+                    ids = blocks[order[k * cfg.micro_batch : (k + 1) * cfg.micro_batch]].to(device)
                     loss, lm, kl = step_loss(model, ids, cfg, teacher)
                     (loss / n_micro).backward()
                     lm_sum, kl_sum = lm_sum + lm / n_micro, kl_sum + kl / n_micro

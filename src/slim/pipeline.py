@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 from .affine import let_map
 from .capture import Activations, capture_block_inputs, run_block
-from .config import CompressConfig
+from .config import CompressConfig, check_device
 from .dist import Ranks
 from .models import check_compressible, find_linears, get_layers, layers_prefix, set_submodule
 from .packed import SlimLinear, set_dense_cache
@@ -26,12 +26,6 @@ from .stream import BlockRun, fault
 from .tune import tune_block
 
 log = logging.getLogger(__name__)
-
-
-def _resolve_device(device: str) -> str:
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError(f"device {device!r} requested but CUDA is not available; use --device cpu")
-    return device
 
 
 @torch.no_grad()
@@ -54,7 +48,7 @@ def compress_model(
     Returns a report with per-layer errors and timings.
     """
     check_compressible(model, cfg)
-    device = _resolve_device(cfg.device)
+    device = check_device(cfg.device)
     ranks = ranks or Ranks()
     if ranks.active:
         calib_ids = _share(calib_ids, cfg.calib.batch_size, ranks)

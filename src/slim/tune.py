@@ -311,20 +311,19 @@ def tune_block(
             p.requires_grad_(True)
         params += extra
     info: dict[str, Any] = {"steps": 0}
-    let_inputs = {}
     try:
         with torch.enable_grad():
             info = _train(block, params, inputs, targets, kwargs, device, cfg, train_ids, hold_ids, seed, where,
                           lrs, prepare)
         if let is not None:
-            let_inputs = let.settle()
+            let.settle()
     finally:
         close_layers(block, opened)
         for p, flag in frozen.items():
             p.requires_grad_(flag)
         cast_dense_parts(block, dtypes)
     if let is not None:
-        let.fold(block, let_inputs)
+        let.fold(block)
     info["seconds"] = time.perf_counter() - t0
     def num(k: str) -> float:
         v = info.get(k)
