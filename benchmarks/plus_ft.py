@@ -35,7 +35,8 @@ def scored(ckpt: Path, evals: Path, limit: int | None, data_dir: str | None, dev
         evals.mkdir(parents=True, exist_ok=True)
         cmd = ["eval", str(ckpt), "--out", str(f), "-q", *(["--limit", str(limit)] if limit else []),
                *(["--data-dir", data_dir] if data_dir else []), "--device", device,
-               "--backend", backend, *(["--dtype", dtype] if dtype else [])]
+               "--backend", backend, *(["--dtype", dtype] if dtype else []),
+               *(["--dense-cache"] if backend == "reference" else [])]
         if slim_main(cmd) != 0:
             raise SystemExit(f"slim {' '.join(cmd)} failed")
     w = json.loads(f.read_text())["wikitext2"]

@@ -58,10 +58,10 @@ best=$(python3 -c "import json; r = json.load(open('$RESULTS/finetune/plus-ft/re
 print(min(r, key=lambda k: r[k]['after']['ppl']))" 2>/dev/null)
 if [ -n "$best" ]; then
   ck=$(python3 -c "import json; print(json.load(open('$RESULTS/finetune/plus-ft/results.json'))['runs']['$best']['after']['checkpoint'])")
-  stage zeroshot-best-ft 120 $S eval "$ck" --tasks $TASKS --no-ppl --device $DEVICE --backend reference --dtype fp32 --batch-size 64 -q $EVAL_EXTRA \
+  stage zeroshot-best-ft 120 $S eval "$ck" --tasks $TASKS --no-ppl --device $DEVICE --backend reference --dense-cache --dtype fp32 --batch-size 64 -q $EVAL_EXTRA \
     --out "$RUNS/zeroshot-$(basename "$ck").json"
   src=$(python3 -c "import json; print(json.load(open('$ck/slim_config.json'))['finetuned_from'])")
-  stage zeroshot-its-source 120 $S eval "$src" --tasks $TASKS --no-ppl --device $DEVICE --backend reference --dtype fp32 --batch-size 64 -q $EVAL_EXTRA \
+  stage zeroshot-its-source 120 $S eval "$src" --tasks $TASKS --no-ppl --device $DEVICE --backend reference --dense-cache --dtype fp32 --batch-size 64 -q $EVAL_EXTRA \
     --out "$RUNS/zeroshot-$(basename "$src").json"
 fi
 grid=()

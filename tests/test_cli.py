@@ -26,6 +26,12 @@ def test_compress_eval_info(tiny_llama_dir, shared_data, tmp_path, capsys):
                  "--out", str(tmp_path / "e.json"), "-q"]) == 0
     again = json.loads((tmp_path / "e.json").read_text())
     assert again["wikitext2"]["ppl"] == pytest.approx(res["compressed"]["ppl"], rel=1e-6)
+    # --dense-cache: the same numbers (the weight rebuilt once instead of every forward); only on reference
+    assert main(["eval", str(out), "--seqlen", "64", "--limit", "2", "--data-dir", str(shared_data),
+                 "--backend", "reference", "--dense-cache", "--out", str(tmp_path / "c.json"), "-q"]) == 0
+    assert json.loads((tmp_path / "c.json").read_text())["wikitext2"]["ppl"] == again["wikitext2"]["ppl"]
+    assert main(["eval", str(out), "--dense-cache", "--data-dir", str(shared_data), "-q"]) == 2
+    assert "needs --backend reference" in capsys.readouterr().err
     assert main(["info", str(out)]) == 0
     assert '"bits_per_weight"' in capsys.readouterr().out
 

@@ -169,6 +169,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "winogrande,openbookqa[,mmlu] (needs the [eval] extra)")
     e.add_argument("--batch-size", type=int, default=8, help="zero-shot batch size (8)")
     e.add_argument("--no-ppl", action="store_true", help="skip WikiText-2 perplexity")
+    e.add_argument("--dense-cache", action="store_true", help="with --backend reference: keep each layer's dense "
+                   "weight after its first use (the same numbers, much faster; dense-sized memory)")
     e.add_argument("-q", "--quiet", action="store_true")
 
     r = sub.add_parser("report", help="markdown report with plots from result files and checkpoint dirs")
@@ -416,13 +418,17 @@ def _file_stamps(path: str) -> list[tuple[str, int, int]]:
     return sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in p.iterdir() if f.is_file())
 
 
-def load_any(model_arg: str | None, backend: str, dtype: str | None, device: str) -> tuple[Any, Any, str]:
+def load_any(model_arg: str | None, backend: str, dtype: str | None, device: str,
+             dense_cache: bool = False) -> tuple[Any, Any, str]:
     """A slim checkpoint through a backend, or a dense model; returns (model, tokenizer, kind)."""
     from . import checkpoint, models
 
     check_device(device)
+    if dense_cache and backend != "reference":
+        raise ConfigError(f"--dense-cache keeps the reference backend's dense weights; it needs --backend reference, "
+                          f"not {backend}")
     if model_arg and checkpoint.is_checkpoint(model_arg):
-        model = checkpoint.load(model_arg, device=device, backend=backend, dtype=dtype)
+        model = checkpoint.load(model_arg, device=device, backend=backend, dtype=dtype, cache=dense_cache)
         counts = ", ".join(f"{n} on {b}" for b, n in model.slim_backend["counts"].items())
         print(f"slim: loaded {model_arg} with backend {backend} ({counts} compressed layers)", file=sys.stderr)
         return model, checkpoint.load_tokenizer(model_arg), "slim checkpoint"
@@ -467,7 +473,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from . import checkpoint, data, evaluate, models
 
-    model, tok, kind = load_any(args.model, args.backend, args.dtype, args.device)
+    model, tok, kind = load_any(args.model, args.backend, args.dtype, args.device, args.dense_cache)
     res: dict[str, Any] = {"model": args.model or models.DEFAULT_MODEL, "kind": kind, "versions": checkpoint.versions()}
     if kind == "slim checkpoint":  # keep the result self-describing: what was evaluated, at what size
         meta = checkpoint.read_slim_config(args.model)
