@@ -264,7 +264,6 @@ class TuneConfig:
         return bool(self.steps or self.epochs)
 
 
-
 def check_device(device: str, need: bool = True) -> str:
     """`device` if it names one slim runs on ('cpu', 'cuda', 'cuda:N'), and with `need`, one this machine has:
     refused before any loading, so a typo or a missing GPU fails at once."""
@@ -276,6 +275,7 @@ def check_device(device: str, need: bool = True) -> str:
         if not torch.cuda.is_available():
             raise ConfigError(f"device {device!r} requested but CUDA is not available here; use --device cpu")
     return device
+
 
 @dataclass(frozen=True)
 class CompressConfig:
