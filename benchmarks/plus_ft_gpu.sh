@@ -54,15 +54,17 @@ stage finetune-paper-kd 90 $S finetune "$RUNS/paper" --out "$RUNS/paper-ft-kd" $
 stage finetune-default 60 $S finetune "$RUNS/default" --out "$RUNS/default-ft" $FT
 stage finetune-paper 60 $S finetune "$RUNS/paper" --out "$RUNS/paper-ft" $FT
 table
-best=$(python3 -c "import json; r = json.load(open('$RESULTS/finetune/plus-ft/results.json'))['runs']; \
-print(min(r, key=lambda k: r[k]['after']['ppl']))" 2>/dev/null)
-if [ -n "$best" ]; then
-  ck=$(python3 -c "import json; print(json.load(open('$RESULTS/finetune/plus-ft/results.json'))['runs']['$best']['after']['checkpoint'])")
-  stage zeroshot-best-ft 120 $S eval "$ck" --tasks $TASKS --no-ppl --device $DEVICE --backend reference --dense-cache --dtype fp32 --batch-size 64 -q $EVAL_EXTRA \
-    --out "$RUNS/zeroshot-$(basename "$ck").json"
-  src=$(python3 -c "import json; print(json.load(open('$ck/slim_config.json'))['finetuned_from'])")
-  stage zeroshot-its-source 120 $S eval "$src" --tasks $TASKS --no-ppl --device $DEVICE --backend reference --dense-cache --dtype fp32 --batch-size 64 -q $EVAL_EXTRA \
-    --out "$RUNS/zeroshot-$(basename "$src").json"
+zeroshot() {  # STAGE CHECKPOINT: the 5-task zero-shot, written next to the checkpoints
+  stage "$1" 120 $S eval "$2" --tasks $TASKS --no-ppl --device $DEVICE --backend reference --dense-cache --dtype fp32 \
+    --batch-size 64 -q $EVAL_EXTRA --out "$RUNS/zeroshot-$(basename "$2").json"
+}
+# the best finetuned checkpoint (lowest ppl after) and the one-shot checkpoint it started from
+mapfile -t best < <(python3 -c "import json; r = json.load(open('$RESULTS/finetune/plus-ft/results.json'))['runs']; \
+b = min(r.values(), key=lambda v: v['after']['ppl']); print(b['after']['checkpoint']); print(b['before']['checkpoint'])" \
+  2>/dev/null)
+if [ ${#best[@]} -eq 2 ]; then
+  zeroshot zeroshot-best-ft "${best[0]}"
+  zeroshot zeroshot-its-source "${best[1]}"
 fi
 grid=()
 for spec in 2:4/wanda-omniquant=omni-24 2:4/wanda-affinequant=affine-24 50%/wanda-omniquant=omni-50 \

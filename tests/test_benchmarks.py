@@ -201,8 +201,8 @@ def test_finetune_lr_probe_reuses_runs_and_refuses_other_options(bench, tiny_lla
 
 def test_gpu_script_dry_run_on_cpu(tiny_llama_dir, shared_data, tmp_path):
     """benchmarks/plus_ft_gpu.sh (what a rented GPU runs, bounded) works end to end with DEVICE=cpu and tiny
-    settings: checkpoint, +FT with distillation, the +FT table, the zero-shot of the best run; stages left out by
-    ONLY say so. A broken flag here would otherwise cost a GPU lease to find."""
+    settings: checkpoint, +FT with distillation, the +FT table, the zero-shot of the best run and of its source;
+    stages left out by ONLY say so. A broken flag here would otherwise cost a GPU lease to find."""
     import os
     import subprocess
 
@@ -211,17 +211,19 @@ def test_gpu_script_dry_run_on_cpu(tiny_llama_dir, shared_data, tmp_path):
     text.write_text("The quick brown fox jumps over the lazy dog. " * 60)
     env = {**os.environ, "MODEL": str(tiny_llama_dir), "RUNS": str(tmp_path / "runs"), "DEVICE": "cpu",
            "RESULTS": str(tmp_path / "results"), "SLIM_DATA_DIR": str(shared_data),
-           "ONLY": "compress-default|finetune-default-kd|plus-ft|zeroshot-best",
+           "ONLY": "compress-default|finetune-default-kd|plus-ft|zeroshot",
            "COMPRESS_EXTRA": "--calib-samples 4 --calib-seqlen 64",
            "FT_EXTRA": f"--max-tokens 256 --seqlen 32 --batch 4 --micro-batch 4 --data {text}",
            "EVAL_EXTRA": "--limit 2", "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
     r = subprocess.run(["bash", str(BENCH / "plus_ft_gpu.sh")], env=env, cwd=BENCH.parent, capture_output=True,
                        text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    for stage in ("compress-default", "finetune-default-kd", "plus-ft-table", "zeroshot-best-ft"):
+    for stage in ("compress-default", "finetune-default-kd", "plus-ft-table", "zeroshot-best-ft",
+                  "zeroshot-its-source"):
         assert f"[{stage}] rc 0" in r.stdout, (stage, r.stdout[-3000:])
     assert "[compress-paper] not selected" in r.stdout
     res = json.loads((tmp_path / "results" / "finetune" / "plus-ft" / "results.json").read_text())
     assert list(res["runs"]) == ["default+KD"] and res["runs"]["default+KD"]["config"]["distill"] == 1.0
-    zs = json.loads((tmp_path / "runs" / "zeroshot-default-ft-kd.json").read_text())
-    assert set(zs["zeroshot"]["tasks"]) == {"piqa", "arc_easy", "arc_challenge", "winogrande", "openbookqa"}
+    for name in ("default-ft-kd", "default"):  # the best finetuned checkpoint and its one-shot source
+        zs = json.loads((tmp_path / "runs" / f"zeroshot-{name}.json").read_text())
+        assert set(zs["zeroshot"]["tasks"]) == {"piqa", "arc_easy", "arc_challenge", "winogrande", "openbookqa"}
