@@ -4,7 +4,9 @@ Each RUN is LABEL=DIR, a checkpoint written by `slim finetune`; its slim_config.
 from and records the training (options, tokens, epochs, every step's loss and time, also over resumed pieces).
 Both checkpoints are scored on the full WikiText-2 test set with `slim eval`; the scores are kept in
 OUT/evals/ by content hash, so a source shared by several runs (and any run already scored) is evaluated once.
-Writes OUT/results.json and OUT/README.md.
+Writes OUT/results.json and OUT/README.md. `--keep` keeps the rows of an existing OUT/results.json that this call
+does not score again (a bounded GPU call can then add rows to an earlier call's table); each row records the
+command that scored it.
 
     python benchmarks/plus_ft.py --out docs/results/finetune/plus-ft default+KD=/work/runs/ck/default-ft-kd
 """
@@ -54,7 +56,7 @@ def table(res: dict[str, Any]) -> str:
              f"{DENSE_PPL}). Training: C4 (the shipped sample, repeated in epochs), 1024-token blocks, global batch "
              "64, Adafactor, linear decay to 0; time is the sum of the training steps' wall "
              "clock, over every resumed piece.",
-             f"Command: `{res['command']}` (code {(res['commit'] or '?')[:7]})\n",
+             *commands(res),
              "| run | from | distill | lr | autocast | tokens | epochs | training time | tokens/s | ppl before | "
              "ppl after | gap to dense after / before | LM loss first → last |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -68,6 +70,19 @@ def table(res: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def commands(res: dict[str, Any]) -> list[str]:
+    """The scoring command(s) under the table's title: one line, or one per call when --keep merged calls."""
+    by: dict[tuple[str, str], list[str]] = {}
+    for label, r in res["runs"].items():
+        s = r.get("scored_by", {"command": res["command"], "commit": res["commit"]})
+        by.setdefault((s["command"], (s["commit"] or "?")[:7]), []).append(label)
+    if len(by) == 1:
+        (cmd, commit), = by
+        return [f"Command: `{cmd}` (code {commit})\n"]
+    return ["Commands:", *(f"- {', '.join(labels)}: `{cmd}` (code {commit})" for (cmd, commit), labels in by.items()),
+            ""]
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("runs", nargs="+", help="LABEL=DIR, a checkpoint written by slim finetune")
@@ -77,6 +92,8 @@ def main() -> int:
     ap.add_argument("--device", default="cpu", help="where the checkpoints are scored: cpu (default) or cuda")
     ap.add_argument("--backend", default="auto", help="slim eval's --backend (reference: the plain formula)")
     ap.add_argument("--dtype", default=None, help="slim eval's --dtype (fp32: as the ablation and baselines grids)")
+    ap.add_argument("--keep", action="store_true",
+                    help="keep the rows of OUT/results.json that this call does not score again")
     args = ap.parse_args()
     out = Path(args.out)
     runs: dict[str, tuple[Path, Path, dict[str, Any]]] = {}
@@ -90,6 +107,12 @@ def main() -> int:
         runs[label] = (Path(d), Path(meta["finetuned_from"]), meta)
     res: dict[str, Any] = {"machine": machine(), "commit": source_commit(),
                            "command": "python " + " ".join(sys.argv), "runs": {}}
+    if args.keep and (out / "results.json").is_file():
+        old = json.loads((out / "results.json").read_text())
+        for label, r in old["runs"].items():  # in their order; a label scored again is replaced in place
+            r.setdefault("scored_by", {"command": old["command"], "commit": old["commit"]})
+            res["runs"][label] = r
+    scored_by = {"command": res["command"], "commit": res["commit"]}
     for label, (d, src, meta) in runs.items():
         ft = meta["finetune"]
         hist = ft["history"]
@@ -98,7 +121,7 @@ def main() -> int:
             "source": src.name, "config": ft["config"], "tokens": ft["tokens"], "epochs": ft["epochs"],
             "train_seconds": train, "tokens_per_second": ft["tokens"] / max(train, 1e-9),
             "lm_loss": [hist[0]["lm_loss"], hist[-1]["lm_loss"]], "kl": [hist[0]["kl"], hist[-1]["kl"]],
-            "command": meta.get("command"),
+            "command": meta.get("command"), "scored_by": scored_by,
             "before": scored(src, out / "evals", args.limit, args.data_dir, args.device, args.backend, args.dtype),
             "after": scored(d, out / "evals", args.limit, args.data_dir, args.device, args.backend, args.dtype)}
         text = write_result(out, res, table)  # after each run: an interrupted table keeps the runs scored so far

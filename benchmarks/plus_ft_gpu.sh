@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# The issue-19 GPU runs in one go, each stage skipped once the time left is below what it needs, so one bounded
-# call of a rented GPU gives whole results: the default and --preset paper checkpoints, `slim finetune` (+FT) on
-# each with and without --distill (2,031,616 tokens: 31 steps x 64 x 1024; --autocast bf16 --lr 1e-3), the +FT
-# table (benchmarks/plus_ft.py), the zero-shot of the best finetuned checkpoint and of its one-shot source, then
-# the OmniQuant and AffineQuant baselines rows. Every number comes from `slim` commands and the benchmark scripts.
+# The issue-19 GPU runs in one go, most wanted first, each stage skipped once the time left is below what it
+# needs, so one bounded call of a rented GPU gives whole results: the default and --preset paper checkpoints,
+# `slim finetune` (+FT) on each with and without --distill (2,031,616 tokens: 31 steps x 64 x 1024; --autocast bf16
+# --lr 1e-3), the +FT table (benchmarks/plus_ft.py --keep: rows of earlier calls stay), the zero-shot of the best
+# finetuned checkpoint and of its one-shot source, then the OmniQuant and AffineQuant baselines rows. Every number comes from `slim` commands and the benchmark scripts.
 #
 #   MODEL=/path/SmolLM2-135M-Instruct.Q4_1.gguf RUNS=/tmp/runs DEADLINE=560 bash benchmarks/plus_ft_gpu.sh
 #
@@ -36,36 +36,39 @@ stage() {  # NAME NEEDS_SECONDS COMMAND...: run unless less time is left than it
   echo "[$name] rc $rc after $((SECONDS - t)) s"
   return $rc
 }
-table() {  # the +FT table over the finetuned checkpoints written so far (scores cached by content hash)
+table() {  # the +FT table over the finetuned checkpoints written so far (scores cached by content hash; rows
+  # of earlier calls kept)
   local runs=()
   for r in default+KD=default-ft-kd paper+KD=paper-ft-kd default=default-ft paper=paper-ft; do
     [ -f "$RUNS/${r#*=}/slim_config.json" ] && runs+=("${r%%=*}=$RUNS/${r#*=}")
   done
-  [ ${#runs[@]} -gt 0 ] && stage plus-ft-table 30 python3 benchmarks/plus_ft.py --out $RESULTS/finetune/plus-ft \
+  [ ${#runs[@]} -gt 0 ] && stage plus-ft-table 30 python3 benchmarks/plus_ft.py --out $RESULTS/finetune/plus-ft --keep \
     --device $DEVICE --backend reference --dtype fp32 $EVAL_EXTRA "${runs[@]}"
 }
 
-command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-stage compress-default 90 $S compress "$MODEL" --out "$RUNS/default" --device $DEVICE -q $COMPRESS_EXTRA
-stage finetune-default-kd 90 $S finetune "$RUNS/default" --out "$RUNS/default-ft-kd" $FT --distill
-table
-stage compress-paper 90 $S compress "$MODEL" --preset paper --out "$RUNS/paper" --device $DEVICE -q $COMPRESS_EXTRA
-stage finetune-paper-kd 90 $S finetune "$RUNS/paper" --out "$RUNS/paper-ft-kd" $FT --distill
-stage finetune-default 60 $S finetune "$RUNS/default" --out "$RUNS/default-ft" $FT
-stage finetune-paper 60 $S finetune "$RUNS/paper" --out "$RUNS/paper-ft" $FT
-table
 zeroshot() {  # STAGE CHECKPOINT: the 5-task zero-shot, written next to the checkpoints
   stage "$1" 120 $S eval "$2" --tasks $TASKS --no-ppl --device $DEVICE --backend reference --dense-cache --dtype fp32 \
     --batch-size 64 -q $EVAL_EXTRA --out "$RUNS/zeroshot-$(basename "$2").json"
 }
-# the best finetuned checkpoint (lowest ppl after) and the one-shot checkpoint it started from
-mapfile -t best < <(python3 -c "import json; r = json.load(open('$RESULTS/finetune/plus-ft/results.json'))['runs']; \
-b = min(r.values(), key=lambda v: v['after']['ppl']); print(b['after']['checkpoint']); print(b['before']['checkpoint'])" \
-  2>/dev/null)
-if [ ${#best[@]} -eq 2 ]; then
-  zeroshot zeroshot-best-ft "${best[0]}"
-  zeroshot zeroshot-its-source "${best[1]}"
-fi
+best() {  # the best finetuned checkpoint on this machine (lowest ppl after) and the one-shot checkpoint it came from
+  python3 -c "import json, os; r = json.load(open('$RESULTS/finetune/plus-ft/results.json'))['runs']; \
+b = min((v for v in r.values() if os.path.isdir(v['after']['checkpoint'])), key=lambda v: v['after']['ppl']); \
+print(b['after']['checkpoint']); print(b['before']['checkpoint'])" 2>/dev/null
+}
+
+command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+# most wanted first: the default's +FT with and without distillation, its table rows, the best run's zero-shot
+stage compress-default 90 $S compress "$MODEL" --out "$RUNS/default" --device $DEVICE -q $COMPRESS_EXTRA
+stage finetune-default-kd 90 $S finetune "$RUNS/default" --out "$RUNS/default-ft-kd" $FT --distill
+stage finetune-default 60 $S finetune "$RUNS/default" --out "$RUNS/default-ft" $FT
+table
+mapfile -t best < <(best)
+[ ${#best[@]} -eq 2 ] && zeroshot zeroshot-best-ft "${best[0]}"
+stage compress-paper 90 $S compress "$MODEL" --preset paper --out "$RUNS/paper" --device $DEVICE -q $COMPRESS_EXTRA
+stage finetune-paper 60 $S finetune "$RUNS/paper" --out "$RUNS/paper-ft" $FT
+stage finetune-paper-kd 90 $S finetune "$RUNS/paper" --out "$RUNS/paper-ft-kd" $FT --distill
+table
+[ ${#best[@]} -eq 2 ] && zeroshot zeroshot-its-source "${best[1]}"
 grid=()
 for spec in 2:4/wanda-omniquant=omni-24 2:4/wanda-affinequant=affine-24 50%/wanda-omniquant=omni-50 \
             50%/wanda-affinequant=affine-50; do

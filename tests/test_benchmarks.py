@@ -176,6 +176,14 @@ def test_plus_ft_table_scores_each_checkpoint_once(bench, tiny_llama_dir, shared
     assert bench("plus_ft", *argv, "--backend", "reference", "--dtype", "fp32") == 0  # other settings: scored anew
     assert len(list((out / "evals").glob("*-reference-fp32-limit2.json"))) == 2
     assert len(list((out / "evals").iterdir())) == 4
+    # --keep: a later call adds its row and keeps the earlier one with the command that scored it
+    assert bench("plus_ft", *argv[:-1], "--keep", f"again={ft}") == 0
+    res = json.loads((out / "results.json").read_text())
+    assert list(res["runs"]) == ["tiny", "again"] and "--keep" not in res["runs"]["tiny"]["scored_by"]["command"]
+    readme = (out / "README.md").read_text()
+    assert "Commands:" in readme and "- tiny: `" in readme and "- again: `" in readme
+    assert bench("plus_ft", *argv[:-1], f"again={ft}") == 0  # without --keep the table is this call's alone
+    assert list(json.loads((out / "results.json").read_text())["runs"]) == ["again"]
 
 
 def test_finetune_lr_probe_reuses_runs_and_refuses_other_options(bench, tiny_llama_dir, shared_data, tmp_path):

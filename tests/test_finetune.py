@@ -191,7 +191,7 @@ def test_batch_order_is_epochs_of_permutations():
 def test_cuda_paths_of_compress_finetune_and_eval(tiny_llama_dir, text_file, tmp_path):
     """On a GPU: a streamed compression (meta blocks: broke `--device cuda` once), the block-tuning presets, +FT with
     distillation and `slim eval --dense-cache` there, each against the same command on the CPU where the numbers
-    must agree (float order only). Unmeasured so far: written after the first H200 session."""
+    must agree (float order only). Passed on an H200 (2026-12-04, with the other gpu tests: 3 passed in 66 s)."""
     if not torch.cuda.is_available():
         pytest.skip("no CUDA device")
     from slim.data import data_dir
