@@ -75,6 +75,12 @@ ROWS: dict[str, tuple[str, dict]] = {
                                  merge(BEST, merge(TUNE, {"tune": {"steps": 128, "eval_every": 64, "batch_size": 1,
                                                                    "autocast": "bf16-base"},
                                                           "calib": {"autocast": "bf16"}}))),
+    "best+tune128x1s-bf16-cal-norms": ("1 + 2 + 3 + block tuning as best+tune128x1s-bf16-cal, also training the "
+                                       "blocks' norms (--block-tune-norms: full precision, no extra bits)",
+                                       merge(BEST, merge(TUNE, {"tune": {"steps": 128, "eval_every": 64,
+                                                                         "batch_size": 1, "autocast": "bf16-base",
+                                                                         "norms": True},
+                                                                "calib": {"autocast": "bf16"}}))),
 }
 
 

@@ -389,6 +389,8 @@ def _compress(args: argparse.Namespace, cfg: Any, ranks: Any) -> int:
     pieces = rep.get("compress_seconds_all_pieces")
     print(f"compression time  {elapsed:.1f} s" + (f"  ({pieces:.1f} s over every piece of the resumed run)"
                                                    if pieces is not None else ""))
+    if rep.get("phase_seconds"):  # where the time went (dotted phases are parts of their parent)
+        print("  by phase        " + ", ".join(f"{k} {v:.1f} s" for k, v in rep["phase_seconds"].items()))
     print(f"linear layers     {_fmt_bytes(rep['linear_bytes'])} stored vs {_fmt_bytes(rep['linear_fp16_bytes'])} fp16"
           f"  = {rep['linear_ratio_vs_fp16']:.4f}x  ({rep['bits_per_weight']:.3f} bits/weight)")
     print(f"whole model       {_fmt_bytes(sizes['total_bytes'])} ({_fmt_bytes(sizes['other_bytes'])} embeddings, "

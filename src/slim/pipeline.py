@@ -14,12 +14,14 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from . import phases
 from .affine import let_map
 from .capture import Activations, capture_block_inputs, run_block
 from .config import CompressConfig, check_device
 from .dist import Ranks
 from .models import check_compressible, find_linears, get_layers, layers_prefix, set_submodule
 from .packed import SlimLinear, set_dense_cache
+from .phases import phase
 from .solver import allocate_ranks, compress_weight, error_spectrum
 from .stats import InputStats
 from .stream import BlockRun, fault
@@ -78,7 +80,9 @@ def _compress_blocks(model: nn.Module, calib_ids: torch.Tensor, cfg: CompressCon
     layers = get_layers(model)
     prefix = layers_prefix(model)
     jsq_clip = cfg.sparsity.jsq_clip if cfg.needs_jsq and masks is None else None
-    hidden, kwargs = capture_block_inputs(model, calib_ids, cfg.calib.batch_size, device, spill)
+    phases.reset()
+    with phase("calibrate"):
+        hidden, kwargs = capture_block_inputs(model, calib_ids, cfg.calib.batch_size, device, spill)
     per_layer: dict[str, dict[str, Any]] = {}
     start = 0
     # block tuning with the dense teacher: the dense model's own stream, run beside the compressed one (None while
@@ -93,19 +97,22 @@ def _compress_blocks(model: nn.Module, calib_ids: torch.Tensor, cfg: CompressCon
     bar = tqdm(range(start, len(layers)), desc="compressing blocks", unit="block", disable=not progress,
                initial=start, total=len(layers))
     for i in bar:
-        block = (layers[i] if run is None else run.load(model, i)).to(device)
+        with phase("io"):
+            block = (layers[i] if run is None else run.load(model, i)).to(device)
         linears = find_linears(block)
         # block tuning's targets: the dense block's outputs, before its linears are replaced; on the compressed
         # stream (block 0, or --block-tune-teacher compressed) they are the statistics pass's own outputs
         own_stream = teacher is None or cfg.tune.teacher == "compressed"
         targets = None
-        if tuning:
-            targets = (Activations(spill, f"t{i:05d}") if own_stream
-                       else run_block(block, teacher, kwargs, device, spill=spill, tag=f"t{i:05d}", autocast=fast))
-        stats, groups = _collect_stats(block, linears, hidden, kwargs, device, with_gram, jsq_clip=jsq_clip,
-                                       with_abs=cfg.needs_abs, outputs=targets if own_stream else None,
-                                       autocast=fast)
-        _reduce(stats, ranks)
+        with phase("calibrate"):
+            if tuning:
+                targets = (Activations(spill, f"t{i:05d}") if own_stream
+                           else run_block(block, teacher, kwargs, device, spill=spill, tag=f"t{i:05d}",
+                                          autocast=fast))
+            stats, groups = _collect_stats(block, linears, hidden, kwargs, device, with_gram, jsq_clip=jsq_clip,
+                                           with_abs=cfg.needs_abs, outputs=targets if own_stream else None,
+                                           autocast=fast)
+            _reduce(stats, ranks)
         stats, measure = _split_gram(stats, cfg)
         adapter_ranks: dict[str, int] = {}
         if cfg.adapter.allocation == "greedy" and cfg.adapter.method != "none":
@@ -128,12 +135,15 @@ def _compress_blocks(model: nn.Module, calib_ids: torch.Tensor, cfg: CompressCon
             for k, o in zip(unit, owner, strict=True):
                 if o != ranks.rank:
                     continue
-                cw = compress_weight(linears[k].weight.data, stats[k], cfg, mask=_mask(masks, f"{prefix}.{i}.{k}"),
-                                     name=k, rank=adapter_ranks.get(k), measure_gram=measure.get(k))
+                with phase("solve"):
+                    cw = compress_weight(linears[k].weight.data, stats[k], cfg,
+                                         mask=_mask(masks, f"{prefix}.{i}.{k}"), name=k, rank=adapter_ranks.get(k),
+                                         measure_gram=measure.get(k))
                 if ranks.active:  # installed below, once every rank has solved its share
                     solved[k] = cw
                 else:
-                    per_layer[f"{prefix}.{i}.{k}"] = _install(block, linears[k], k, cw, cfg, device)
+                    with phase("install"):
+                        per_layer[f"{prefix}.{i}.{k}"] = _install(block, linears[k], k, cw, cfg, device)
                 fault("block")
             for k, o in zip(unit, owner, strict=True):
                 if ranks.active:
@@ -141,9 +151,10 @@ def _compress_blocks(model: nn.Module, calib_ids: torch.Tensor, cfg: CompressCon
                     per_layer[f"{prefix}.{i}.{k}"] = _install(block, linears[k], k, cw, cfg, device)
         del stats
         if targets is not None:
-            tuned = tune_block(block, hidden, targets, kwargs, device, cfg.tune, seed=cfg.calib.seed + i,
-                               ranks=ranks, lwc_init=cfg.quant.lwc_init, config=model.config,
-                               clip_sources={k: lin.weight.data for k, lin in linears.items()})
+            with phase("tune"):
+                tuned = tune_block(block, hidden, targets, kwargs, device, cfg.tune, seed=cfg.calib.seed + i,
+                                   ranks=ranks, lwc_init=cfg.quant.lwc_init, config=model.config,
+                                   clip_sources={k: lin.weight.data for k, lin in linears.items()})
             for k in linears:
                 per_layer[f"{prefix}.{i}.{k}"]["block_tune"] = tuned
             if teacher is not None:
@@ -152,7 +163,8 @@ def _compress_blocks(model: nn.Module, calib_ids: torch.Tensor, cfg: CompressCon
                 teacher = targets
             else:
                 targets.drop()
-        out = run_block(block, hidden, kwargs, device, spill=spill, tag=f"b{i:05d}", autocast=fast)
+        with phase("calibrate"):
+            out = run_block(block, hidden, kwargs, device, spill=spill, tag=f"b{i:05d}", autocast=fast)
         hidden.drop()
         hidden = out
         set_dense_cache(block, False)
@@ -161,13 +173,15 @@ def _compress_blocks(model: nn.Module, calib_ids: torch.Tensor, cfg: CompressCon
         errs = [per_layer[k]["rel_err_final"] for k in names]
         bar.set_postfix(rel_err=f"{sum(errs) / len(errs):.4f}")
         if run is not None:
-            run.commit(model, i, hidden, {k: per_layer[k] for k in names}, teacher)
+            with phase("io"):
+                run.commit(model, i, hidden, {k: per_layer[k] for k in names}, teacher)
     elapsed = time.perf_counter() - t0
     log.info("compressed %d blocks in %.1f s%s", len(layers) - start, elapsed,
              f" (resumed after block {start - 1})" if start else "")
     # a resumed run: also the wall time of every piece (what the compression cost in all)
     resumed = {"resumed_at_block": start, "compress_seconds_all_pieces": run.seconds()} if start else {}
-    return {"compress_seconds": elapsed, "layers": per_layer, **size_report(model), **resumed}
+    return {"compress_seconds": elapsed, "phase_seconds": phases.seconds(), "layers": per_layer,
+            **size_report(model), **resumed}
 
 
 def _install(block: nn.Module, lin: nn.Linear, name: str, cw: Any, cfg: CompressConfig,

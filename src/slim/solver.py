@@ -11,6 +11,7 @@ from .lowrank import GramFactor, gram_factor, output_error, times_lower
 from .methods import ADAPTERS, MASKS, QUANTIZERS, FixedParams, Setup
 from .optq import ColumnGrid, Feedback, optq
 from .packed import CompressedWeight
+from .phases import phase
 from .quant import clamp_sym, expand_groups, fake_quant, gptq_scale, group_absmax_scale, quantize_codes
 from .stats import InputStats
 
@@ -251,7 +252,8 @@ def compress_weight(
     matrix of a method that does not use one, only for reporting the final error in the full metric.
     """
     q, ad = cfg.quant, cfg.adapter
-    prep = stats.cache.pop(("prep", name), None) or prepare_weight(w, stats, cfg, mask, name)
+    with phase("solve.prepare"):
+        prep = stats.cache.pop(("prep", name), None) or prepare_weight(w, stats, cfg, mask, name)
     w, stats, mask, fb, params, factor = prep.w, prep.stats, prep.mask, prep.fb, prep.params, prep.factor
     input_scale, qr, info = prep.input_scale, prep.qr, prep.info
     gram, rms = stats.mean_gram, stats.rms
@@ -261,10 +263,12 @@ def compress_weight(
         return output_error(err, gram, rms) / base
 
     def quantize(target: torch.Tensor) -> QuantResult:
-        return quantize_masked(target, mask, q, gram, fb, params)
+        with phase("solve.quantize"):
+            return quantize_masked(target, mask, q, gram, fb, params)
 
     def fit(err: torch.Tensor, product: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        return fit_adapter(err, stats, gram, rank, ad, factor, product)
+        with phase("solve.adapter"):
+            return fit_adapter(err, stats, gram, rank, ad, factor, product)
 
     # fullcov: E L is needed for each fit; the error of the state before it then costs no extra product
     low = None if factor is None or gram is None else factor.low
