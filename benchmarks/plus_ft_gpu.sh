@@ -74,7 +74,10 @@ for spec in 2:4/wanda-omniquant=omni-24 2:4/wanda-affinequant=affine-24 50%/wand
             50%/wanda-affinequant=affine-50; do
   row=${spec%%=*} dir=$RUNS/${spec#*=} sp=()
   [ "${row%%/*}" = "50%" ] && sp=(--sparsity 0.5)
-  stage "compress-${spec#*=}" 120 $S compress "$MODEL" --preset "${row#*/}" "${sp[@]}" --out "$dir" --device $DEVICE -q $COMPRESS_EXTRA \
+  if [ -f "$dir/slim_config.json" ]; then grid+=(--from-checkpoint "$row=$dir"); continue; fi  # done in a past call
+  # --resume: a stage cut by the deadline continues in the next call on the same (warm) machine, block by block
+  stage "compress-${spec#*=}" 60 $S compress "$MODEL" --preset "${row#*/}" "${sp[@]}" --out "$dir" --resume \
+    --device $DEVICE -q $COMPRESS_EXTRA \
     && grid+=(--from-checkpoint "$row=$dir")
 done
 [ ${#grid[@]} -gt 0 ] && stage baselines-rows 40 python3 benchmarks/baselines.py --model "$MODEL" \
