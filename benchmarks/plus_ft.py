@@ -74,7 +74,7 @@ def commands(res: dict[str, Any]) -> list[str]:
     """The scoring command(s) under the table's title: one line, or one per call when --keep merged calls."""
     by: dict[tuple[str, str], list[str]] = {}
     for label, r in res["runs"].items():
-        s = r.get("scored_by", {"command": res["command"], "commit": res["commit"]})
+        s = r["scored_by"]  # main() sets it on every row, kept or new
         by.setdefault((s["command"], (s["commit"] or "?")[:7]), []).append(label)
     if len(by) == 1:
         (cmd, commit), = by

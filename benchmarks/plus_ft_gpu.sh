@@ -3,7 +3,8 @@
 # needs, so one bounded call of a rented GPU gives whole results: the default and --preset paper checkpoints,
 # `slim finetune` (+FT) on each with and without --distill (2,031,616 tokens: 31 steps x 64 x 1024; --autocast bf16
 # --lr 1e-3), the +FT table (benchmarks/plus_ft.py --keep: rows of earlier calls stay), the zero-shot of the best
-# finetuned checkpoint and of its one-shot source, then the OmniQuant and AffineQuant baselines rows. Every number comes from `slim` commands and the benchmark scripts.
+# finetuned checkpoint and of its one-shot source, then the OmniQuant and AffineQuant baselines rows. Every
+# number comes from `slim` commands and the benchmark scripts.
 #
 #   MODEL=/path/SmolLM2-135M-Instruct.Q4_1.gguf RUNS=/tmp/runs DEADLINE=560 bash benchmarks/plus_ft_gpu.sh
 #
