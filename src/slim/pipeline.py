@@ -7,6 +7,7 @@ import logging
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -154,7 +155,8 @@ def _compress_blocks(model: nn.Module, calib_ids: torch.Tensor, cfg: CompressCon
             with phase("tune"):
                 tuned = tune_block(block, hidden, targets, kwargs, device, cfg.tune, seed=cfg.calib.seed + i,
                                    ranks=ranks, lwc_init=cfg.quant.lwc_init, config=model.config,
-                                   clip_sources={k: lin.weight.data for k, lin in linears.items()})
+                                   clip_sources={k: lin.weight.data for k, lin in linears.items()},
+                                   on_step=_tune_progress(bar))
             for k in linears:
                 per_layer[f"{prefix}.{i}.{k}"]["block_tune"] = tuned
             if teacher is not None:
@@ -182,6 +184,14 @@ def _compress_blocks(model: nn.Module, calib_ids: torch.Tensor, cfg: CompressCon
     resumed = {"resumed_at_block": start, "compress_seconds_all_pieces": run.seconds()} if start else {}
     return {"compress_seconds": elapsed, "phase_seconds": phases.seconds(), "layers": per_layer,
             **size_report(model), **resumed}
+
+
+def _tune_progress(bar: Any) -> Callable[[int, int, float], None]:
+    """Block tuning's step and loss in the block bar's postfix, about a hundred refreshes a block."""
+    def show(step: int, steps: int, loss: float) -> None:
+        if step % max(1, steps // 100) == 0 or step == steps:
+            bar.set_postfix_str(f"tune {step}/{steps} loss={loss:.4f}")
+    return show
 
 
 def _install(block: nn.Module, lin: nn.Linear, name: str, cw: Any, cfg: CompressConfig,
