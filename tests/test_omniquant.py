@@ -6,7 +6,7 @@ import torch
 from conftest import compress_tiny, slim_layers
 
 from slim.config import PRESETS, CompressConfig, ConfigError, merge
-from slim.quant import lwc_fake_quant, lwc_params, qrange
+from slim.quant import expand_groups, lwc_fake_quant, lwc_params, qrange
 from slim.tune import TrainableLinear
 
 
@@ -26,6 +26,37 @@ def test_lwc_quantizer_codes_and_gradients():
     assert len(torch.unique(deq.detach()[0, :128])) <= 16
     (deq - w).pow(2).sum().backward()
     assert up.grad.abs().sum() > 0 and low.grad.abs().sum() > 0
+
+
+def test_lwc_rounding_function_matches_its_autograd_formula():
+    """The fused rounding gives the values and gradients (to the weight and both logits) of writing the
+    straight-through quantizer as autograd ops, clamped codes included (the shrunk groups clamp their extremes)."""
+    torch.manual_seed(0)
+    w = torch.randn(16, 320)  # a shorter last group (320 = 2 x 128 + 64)
+    g = torch.randn(16, 320)
+
+    def reference(w, up, low):
+        scale, zero = lwc_params(w, 4, 128, up, low)
+        s, z = expand_groups(scale, 320, 128), expand_groups(zero, 320, 128)
+        x = w / s
+        return (torch.clamp(x + (torch.round(x) - x).detach() + z, *qrange(4)) - z) * s
+
+    grads = []
+    for fn in (reference, lambda w, up, low: lwc_fake_quant(w, 4, 128, up, low)):
+        wr = w.clone().requires_grad_()
+        up = (torch.randn(16, 3, generator=torch.Generator().manual_seed(1)) + 1).requires_grad_()
+        low = (torch.randn(16, 3, generator=torch.Generator().manual_seed(2)) + 1).requires_grad_()
+        out = fn(wr, up, low)
+        (out * g).sum().backward()
+        grads.append((out.detach(), wr.grad, up.grad, low.grad))
+    qmin, qmax = qrange(4)
+    scale, zero = lwc_params(w, 4, 128, up, low)
+    codes = torch.round(w / expand_groups(scale, 320, 128)) + expand_groups(zero, 320, 128)
+    assert bool(((codes < qmin) | (codes > qmax)).any())  # the clamped branch is exercised
+    assert torch.equal(grads[0][0], grads[1][0])
+    for a, b in zip(grads[0][1:], grads[1][1:], strict=True):
+        assert b.abs().sum() > 0
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
 
 
 def test_opened_layer_equals_the_stored_one_before_and_after_training():

@@ -433,18 +433,21 @@ PRESETS.update({
     "slim-quant-o": _baseline("wanda", {"method": "slim-o", "bits": 4}),
     # OmniQuant's weight-only setting (its W4A16g128 runs: learnable weight clipping only, 20 epochs over the
     # calibration samples one at a time, AdamW lr 1e-2 without weight decay or schedule, MSE to the dense
-    # model's block outputs), on a Wanda mask as the SLiM paper ran it
+    # model's block outputs), on a Wanda mask as the SLiM paper ran it. Its steps run under mixed precision
+    # (torch.cuda.amp.autocast unless --deactive_amp): bf16 autocast here, which also runs on CPUs (1.5x
+    # faster a step than float32 on an AMX Xeon: 0.08 vs 0.12 s for a SmolLM2 block and a 512-token window)
     "wanda-omniquant": merge(_baseline("wanda", {"method": "omniquant", "bits": 4, "group_size": 128}), {
         "tune": {"steps": 0, "epochs": 20, "lr": 1e-2, "lr_relative": False, "schedule": "constant",
-                 "holdout": 0.0, "teacher": "dense", "clipping": True},
+                 "holdout": 0.0, "teacher": "dense", "clipping": True, "autocast": "bf16"},
         "calib": {"batch_size": 1},
     }),
     # AffineQuant's weight-only setting (its LLaMA-2 W4A16g128 scripts: --lwc --let, 20 epochs, one sample a
-    # step, AdamW without decay, lwc_lr 1e-2, let_lr 5e-3, alpha 0.5, stability factor 1.0), on a Wanda mask
+    # step, AdamW without decay, lwc_lr 1e-2, let_lr 5e-3, alpha 0.5, stability factor 1.0, mixed precision as
+    # OmniQuant's), on a Wanda mask
     "wanda-affinequant": merge(_baseline("wanda", {"method": "omniquant", "bits": 4, "group_size": 128}), {
         "tune": {"steps": 0, "epochs": 20, "lr": 1e-2, "lr_relative": False, "schedule": "constant",
                  "holdout": 0.0, "teacher": "dense", "clipping": True, "let": True, "let_lr": 5e-3,
-                 "let_alpha": 0.5, "let_sf": 1.0},
+                 "let_alpha": 0.5, "let_sf": 1.0, "autocast": "bf16"},
         "calib": {"batch_size": 1},
     }),
 })

@@ -10,6 +10,7 @@ so what is stored on disk is exactly what the in-memory model uses.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 
@@ -180,32 +181,63 @@ def minmax_asym_params(
     return scale, zero.clamp(qmin, qmax)
 
 
+def group_minmax(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each group's (max, min), (rows, n_groups) each."""
+    wg = grouped(w, group_size)
+    return wg.amax(-1), wg.amin(-1)
+
+
 def lwc_params(
-    w: torch.Tensor, bits: int, group_size: int, up: torch.Tensor, low: torch.Tensor
+    w: torch.Tensor, bits: int, group_size: int, up: torch.Tensor, low: torch.Tensor,
+    minmax: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """OmniQuant's learnable weight clipping: asymmetric min-max groups whose max and min are shrunk by
     sigmoid(up) and sigmoid(low), (rows, n_groups) logits. Returns (scale, zero), zero in the signed code space.
     Differentiable in `up` and `low`: the scale's fp16 rounding passes gradients straight through, the zero
-    point carries none (as in OmniQuant), so training sees exactly the quantizer that is stored."""
-    wg = grouped(w, group_size)
-    mx = wg.amax(-1) * torch.sigmoid(up)
-    mn = wg.amin(-1) * torch.sigmoid(low)
+    point carries none (as in OmniQuant), so training sees exactly the quantizer that is stored. `minmax`:
+    `group_minmax(w)` when known (a weight that stays fixed while its clipping trains)."""
+    gmax, gmin = group_minmax(w, group_size) if minmax is None else minmax
+    mx = gmax * torch.sigmoid(up)
+    mn = gmin * torch.sigmoid(low)
     raw = ((mx - mn) / (2**bits - 1)).clamp(1e-5, 1e4)
     scale = raw + (round_scale(raw.detach()) - raw).detach()
     zero = torch.round(-mn.detach() / scale.detach()).clamp(0, 2**bits - 1) + qrange(bits)[0]
     return scale, zero
 
 
+class _AsymRoundSTE(torch.autograd.Function):
+    """(clamp(round(w / s) + z) - z) * s with a straight-through round: the values and gradients of writing it
+    as autograd ops (x + (round(x) - x).detach(), clamp, ...), in a few passes over the weight where that graph
+    took ~16 a step, most of an OmniQuant step's elementwise work. Gradients: to w where the code is not clamped,
+    to s (q - z) - x there and (q - z) where clamped; z (computed from detached values) takes none."""
+
+    @staticmethod
+    def forward(ctx: Any, w: torch.Tensor, s: torch.Tensor, z: torch.Tensor, qmin: int, qmax: int) -> torch.Tensor:
+        ctx.save_for_backward(w, s, z)
+        ctx.qrange = (qmin, qmax)
+        return torch.round(w / s).add_(z).clamp_(qmin, qmax).sub_(z).mul_(s)
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        w, s, z = ctx.saved_tensors
+        qmin, qmax = ctx.qrange
+        x = w / s
+        v = torch.round(x).add_(z)
+        inside = (v >= qmin) & (v <= qmax)  # torch.clamp's gradient mask (bounds included)
+        gw = g * inside if ctx.needs_input_grad[0] else None
+        gs = v.clamp_(qmin, qmax).sub_(z).sub_(x.mul_(inside)).mul_(g) if ctx.needs_input_grad[1] else None
+        return gw, gs, None, None, None
+
+
 def lwc_fake_quant(
-    w: torch.Tensor, bits: int, group_size: int, up: torch.Tensor, low: torch.Tensor
+    w: torch.Tensor, bits: int, group_size: int, up: torch.Tensor, low: torch.Tensor,
+    minmax: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """The weight as `lwc_params`' quantizer stores it, with straight-through rounding (for training)."""
-    scale, zero = lwc_params(w, bits, group_size, up, low)
+    scale, zero = lwc_params(w, bits, group_size, up, low, minmax)
     d_in = w.shape[1]
     s, z = expand_groups(scale, d_in, group_size), expand_groups(zero, d_in, group_size)
-    x = w / s
-    q = torch.clamp(x + (torch.round(x) - x).detach() + z, *qrange(bits))
-    return (q - z) * s
+    return _AsymRoundSTE.apply(w, s, z, *qrange(bits))
 
 
 # ---------------------------------------------------------------- activations

@@ -32,6 +32,7 @@ from .quant import (
     expand_groups,
     fake_quant_grouped,
     fp8_fake_quant,
+    group_minmax,
     lwc_fake_quant,
     lwc_params,
     n_groups,
@@ -76,6 +77,9 @@ class TrainableLinear(nn.Module):
             keep = mod.mask()
             self.register_buffer("base", clip_source.detach().float().to(keep.device) * keep)
             self.register_buffer("keep", keep)
+            # the fixed weight's group extremes, computed once per base tensor (AffineQuant's transformed weight
+            # changes every step; its `settle` replaces the base)
+            self._minmax: tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]] | None = None
             logits = torch.full((L.d_out, n_groups(L.d_in, L.group_size)), lwc_init, device=keep.device)
             self.up, self.low = nn.Parameter(logits.clone()), nn.Parameter(logits.clone())
         self.gain = nn.Parameter(torch.ones(mod.scale.shape, device=self.base.device)) if scales and L.bits else None
@@ -97,8 +101,12 @@ class TrainableLinear(nn.Module):
     def weight(self) -> torch.Tensor:
         L = self.layout
         if self.up is not None:
-            src = self.base if self.let_weight is None else self.let_weight
-            return lwc_fake_quant(src, L.bits, L.group_size, self.up, self.low) * self.keep
+            if self.let_weight is None:
+                if self._minmax is None or self._minmax[0] is not self.base:
+                    self._minmax = (self.base, group_minmax(self.base, L.group_size))
+                mm = self._minmax[1]
+                return lwc_fake_quant(self.base, L.bits, L.group_size, self.up, self.low, mm) * self.keep
+            return lwc_fake_quant(self.let_weight, L.bits, L.group_size, self.up, self.low) * self.keep
         if self.gain is None:
             return self.base
         g = self.gain if L.group_size == 0 else expand_groups(self.gain, L.d_in, L.group_size)
