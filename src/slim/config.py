@@ -435,7 +435,7 @@ PRESETS.update({
     # calibration samples one at a time, AdamW lr 1e-2 without weight decay or schedule, MSE to the dense
     # model's block outputs), on a Wanda mask as the SLiM paper ran it. Its steps run under mixed precision
     # (torch.cuda.amp.autocast unless --deactive_amp): bf16 autocast here, which also runs on CPUs (1.5x
-    # faster a step than float32 on an AMX Xeon: 0.08 vs 0.12 s for a SmolLM2 block and a 512-token window)
+    # faster a step than float32 on a 2-core AMD EPYC: 0.08 vs 0.12 s for a SmolLM2 block and a 512-token window)
     "wanda-omniquant": merge(_baseline("wanda", {"method": "omniquant", "bits": 4, "group_size": 128}), {
         "tune": {"steps": 0, "epochs": 20, "lr": 1e-2, "lr_relative": False, "schedule": "constant",
                  "holdout": 0.0, "teacher": "dense", "clipping": True, "autocast": "bf16"},
