@@ -101,12 +101,12 @@ class TrainableLinear(nn.Module):
     def weight(self) -> torch.Tensor:
         L = self.layout
         if self.up is not None:
-            if self.let_weight is None:
+            src, mm = self.let_weight, None
+            if src is None:
                 if self._minmax is None or self._minmax[0] is not self.base:
                     self._minmax = (self.base, group_minmax(self.base, L.group_size))
-                mm = self._minmax[1]
-                return lwc_fake_quant(self.base, L.bits, L.group_size, self.up, self.low, mm) * self.keep
-            return lwc_fake_quant(self.let_weight, L.bits, L.group_size, self.up, self.low) * self.keep
+                src, mm = self.base, self._minmax[1]
+            return lwc_fake_quant(src, L.bits, L.group_size, self.up, self.low, mm) * self.keep
         if self.gain is None:
             return self.base
         g = self.gain if L.group_size == 0 else expand_groups(self.gain, L.d_in, L.group_size)
