@@ -1,6 +1,7 @@
 """Time of an OmniQuant / AffineQuant tuning step on SmolLM2's first block: the fused straight-through rounding
-(`slim.quant._AsymRoundSTE`, with the fixed weight's group extremes computed once) against writing the same
-quantizer as autograd ops with the extremes recomputed every step (the code before it). Same block, calibration,
+(`slim.quant._AsymRoundSTE`, with the fixed weight's group extremes computed once, and AffineQuant's changing
+extremes differentiated by `slim.quant._GroupMinMax`'s scatter) against writing the same quantizer as autograd
+ops with the extremes recomputed every step by amax/amin (the code before them). Same block, calibration,
 seed and steps in one process, the two run alternately; also reports how far the stored weights of the two
 runs differ (the gradients agree to float rounding, so a few codes may flip over many steps).
 
@@ -20,12 +21,14 @@ HERE = Path(__file__).resolve().parent
 
 
 def autograd_lwc_fake_quant(w: Any, bits: int, group_size: int, up: Any, low: Any, minmax: Any = None) -> Any:
-    """The quantizer as autograd ops, the group extremes recomputed (`minmax` ignored): the 'before' side."""
+    """The quantizer as autograd ops, the group extremes recomputed by amax/amin (`minmax` ignored, and
+    gradients through the extremes by amax/amin's own backward): the 'before' side."""
     import torch
 
-    from slim.quant import expand_groups, lwc_params, qrange
+    from slim.quant import expand_groups, grouped, lwc_params, qrange
 
-    scale, zero = lwc_params(w, bits, group_size, up, low)
+    wg = grouped(w, group_size)
+    scale, zero = lwc_params(w, bits, group_size, up, low, (wg.amax(-1), wg.amin(-1)))
     s, z = expand_groups(scale, w.shape[1], group_size), expand_groups(zero, w.shape[1], group_size)
     x = w / s
     return (torch.clamp(x + (torch.round(x) - x).detach() + z, *qrange(bits)) - z) * s

@@ -6,7 +6,7 @@ import torch
 from conftest import compress_tiny, slim_layers
 
 from slim.config import PRESETS, CompressConfig, ConfigError, merge
-from slim.quant import expand_groups, lwc_fake_quant, lwc_params, qrange
+from slim.quant import expand_groups, group_minmax, grouped, lwc_fake_quant, lwc_params, qrange
 from slim.tune import TrainableLinear
 
 
@@ -57,6 +57,28 @@ def test_lwc_rounding_function_matches_its_autograd_formula():
     for a, b in zip(grads[0][1:], grads[1][1:], strict=True):
         assert b.abs().sum() > 0
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+
+
+def test_group_extremes_gradient_matches_amax():
+    """AffineQuant's transformed weights pass gradients through their groups' max and min: the scatter backward
+    equals amax/amin's where the extremes are unique (a shorter, zero-padded last group included, whose padding
+    is the max of an all-negative group and takes that gradient out), and keeps a tie's gradient whole."""
+    w = torch.randn(8, 320)
+    w[0, 256:] = -w[0, 256:].abs() - 0.1  # the padding's zero is this group's max
+    gmax, gmin = torch.randn(8, 3), torch.randn(8, 3)
+    grads = []
+    for fn in (lambda t: (grouped(t, 128).amax(-1), grouped(t, 128).amin(-1)), lambda t: group_minmax(t, 128)):
+        wr = w.clone().requires_grad_()
+        mx, mn = fn(wr)
+        (mx * gmax + mn * gmin).sum().backward()
+        grads.append((mx.detach(), mn.detach(), wr.grad))
+    for a, b in zip(*grads, strict=True):
+        assert torch.equal(a, b)
+    assert float(grads[1][2][0, 256:].sum()) == float(gmin[0, 2])  # the max's gradient went to the padding
+    tie = torch.zeros(1, 128, requires_grad=True)  # every entry is the max and the min
+    mx, mn = group_minmax(tie, 128)
+    (2 * mx + 3 * mn).sum().backward()
+    assert float(tie.grad.sum()) == 5.0
 
 
 def test_opened_layer_equals_the_stored_one_before_and_after_training():

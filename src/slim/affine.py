@@ -170,7 +170,9 @@ class AffineTransform(nn.Module):
         shift_q = self.shift_v.view(kv, hd).repeat_interleave(self.rep, 0).flatten()
         wo_t = torch.einsum("oha,hba->ohb", wo.view(wo.shape[0], -1, hd), A_q).reshape(wo.shape)
         out[m.o] = (wo_t, bias0(m.o) + wo @ shift_q, None)
-        return {k: (w * o[k].keep, b, t) for k, (w, b, t) in out.items()}
+        # only v and o need the mask again (A mixes their rows / columns); the others' scalings keep the
+        # masked base's zeros
+        return {k: (w * o[k].keep if k in (m.v, m.o) else w, b, t) for k, (w, b, t) in out.items()}
 
     def apply(self) -> None:
         """Give the opened layers this step's transformed weights (a fresh graph each step)."""

@@ -181,10 +181,37 @@ def minmax_asym_params(
     return scale, zero.clamp(qmin, qmax)
 
 
+class _GroupMinMax(torch.autograd.Function):
+    """Each group's (max, min) of a grouped (rows, n_groups, group_size) weight, whose backward scatters the two
+    gradients to the argmax and argmin entries: what amax/amin's backward gives except at exact ties (there
+    one tied entry takes the gradient, amax splits it), in one pass over the weight instead of ~10 (on a
+    SmolLM2 block, AffineQuant's transformed weights: half of the weight side of a step)."""
+
+    @staticmethod
+    def forward(ctx: Any, wg: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        mx, imx = wg.max(-1)
+        mn, imn = wg.min(-1)
+        ctx.save_for_backward(imx, imn)
+        ctx.shape = wg.shape
+        return mx, mn
+
+    @staticmethod
+    def backward(ctx: Any, gmx: torch.Tensor | None, gmn: torch.Tensor | None) -> torch.Tensor:
+        imx, imn = ctx.saved_tensors
+        dtype = gmx.dtype if gmx is not None else gmn.dtype
+        g = torch.zeros(ctx.shape, dtype=dtype, device=imx.device)
+        for grad, idx in ((gmx, imx), (gmn, imn)):
+            if grad is not None:
+                g.scatter_add_(-1, idx[..., None], grad[..., None])
+        return g
+
+
 def group_minmax(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each group's (max, min), (rows, n_groups) each."""
+    """Each group's (max, min), (rows, n_groups) each; differentiable in w (AffineQuant's transformed weights)."""
     wg = grouped(w, group_size)
-    return wg.amax(-1), wg.amin(-1)
+    if not wg.requires_grad:
+        return wg.amax(-1), wg.amin(-1)
+    return _GroupMinMax.apply(wg)
 
 
 def lwc_params(
