@@ -184,8 +184,9 @@ def minmax_asym_params(
 class _GroupMinMax(torch.autograd.Function):
     """Each group's (max, min) of a grouped (rows, n_groups, group_size) weight, whose backward scatters the two
     gradients to the argmax and argmin entries: what amax/amin's backward gives except at exact ties (there
-    one tied entry takes the gradient, amax splits it), in one pass over the weight instead of ~10 (on a
-    SmolLM2 block, AffineQuant's transformed weights: half of the weight side of a step)."""
+    one tied entry takes the gradient, amax splits it), its backward one pass over the weight where amax/amin's
+    take ~10 (an AffineQuant step on a SmolLM2 block, with `_AsymRoundSTE`: 1.05x, docs/results/timing/
+    lwc-step-extremes)."""
 
     @staticmethod
     def forward(ctx: Any, wg: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
