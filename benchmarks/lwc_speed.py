@@ -21,17 +21,11 @@ HERE = Path(__file__).resolve().parent
 
 
 def autograd_lwc_fake_quant(w: Any, bits: int, group_size: int, up: Any, low: Any, minmax: Any = None) -> Any:
-    """The quantizer as autograd ops, the group extremes recomputed by amax/amin (`minmax` ignored, and
-    gradients through the extremes by amax/amin's own backward): the 'before' side."""
-    import torch
+    """The 'before' side: the quantizer as autograd ops, the group extremes recomputed by amax/amin every step
+    (`minmax` ignored, so gradients through the extremes take amax/amin's own backward)."""
+    from slim.quant import lwc_fake_quant_reference
 
-    from slim.quant import expand_groups, grouped, lwc_params, qrange
-
-    wg = grouped(w, group_size)
-    scale, zero = lwc_params(w, bits, group_size, up, low, (wg.amax(-1), wg.amin(-1)))
-    s, z = expand_groups(scale, w.shape[1], group_size), expand_groups(zero, w.shape[1], group_size)
-    x = w / s
-    return (torch.clamp(x + (torch.round(x) - x).detach() + z, *qrange(bits)) - z) * s
+    return lwc_fake_quant_reference(w, bits, group_size, up, low)
 
 
 def measure(presets: list[str], steps: int, repeats: int, data_dir: str | None) -> list[dict[str, Any]]:

@@ -6,7 +6,15 @@ import torch
 from conftest import compress_tiny, slim_layers
 
 from slim.config import PRESETS, CompressConfig, ConfigError, merge
-from slim.quant import expand_groups, group_minmax, grouped, lwc_fake_quant, lwc_params, qrange
+from slim.quant import (
+    expand_groups,
+    group_minmax,
+    grouped,
+    lwc_fake_quant,
+    lwc_fake_quant_reference,
+    lwc_params,
+    qrange,
+)
 from slim.tune import TrainableLinear
 
 
@@ -35,18 +43,12 @@ def test_lwc_rounding_function_matches_its_autograd_formula():
     w = torch.randn(16, 320)  # a shorter last group (320 = 2 x 128 + 64)
     g = torch.randn(16, 320)
 
-    def reference(w, up, low):
-        scale, zero = lwc_params(w, 4, 128, up, low)
-        s, z = expand_groups(scale, 320, 128), expand_groups(zero, 320, 128)
-        x = w / s
-        return (torch.clamp(x + (torch.round(x) - x).detach() + z, *qrange(4)) - z) * s
-
     grads = []
-    for fn in (reference, lambda w, up, low: lwc_fake_quant(w, 4, 128, up, low)):
+    for fn in (lwc_fake_quant_reference, lwc_fake_quant):
         wr = w.clone().requires_grad_()
         up = (torch.randn(16, 3, generator=torch.Generator().manual_seed(1)) + 1).requires_grad_()
         low = (torch.randn(16, 3, generator=torch.Generator().manual_seed(2)) + 1).requires_grad_()
-        out = fn(wr, up, low)
+        out = fn(wr, 4, 128, up, low)
         (out * g).sum().backward()
         grads.append((out.detach(), wr.grad, up.grad, low.grad))
     qmin, qmax = qrange(4)

@@ -340,8 +340,10 @@ def tune_block(
         v = info.get(k)
         return math.nan if v is None else v
 
-    log.info("block tuning: %d steps, held-out loss %.5f -> %.5f, train %.5f -> %.5f (%.1f s)", info["steps"],
-             num("holdout_before"), num("holdout_after"), num("train_first"), num("train_last"), info["seconds"])
+    held = (f"held-out loss {num('holdout_before'):.5f} -> {num('holdout_after'):.5f}"
+            if info.get("holdout_before") is not None else "no held-out windows")
+    log.info("block tuning: %d steps, %s, train %.5f -> %.5f (%.1f s)", info["steps"], held,
+             num("train_first"), num("train_last"), info["seconds"])
     return info
 
 
