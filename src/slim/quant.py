@@ -271,12 +271,11 @@ def lwc_fake_quant(
 
 def lwc_fake_quant_reference(
     w: torch.Tensor, bits: int, group_size: int, up: torch.Tensor, low: torch.Tensor,
-    minmax: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """`lwc_fake_quant` written as plain autograd ops (x + (round(x) - x).detach(), clamp, ...), the group extremes
-    by amax/amin unless given: the formula the fused rounding is tested and timed against."""
+    by amax/amin: the formula the fused rounding is tested and timed against."""
     wg = grouped(w, group_size)
-    scale, zero = lwc_params(w, bits, group_size, up, low, minmax or (wg.amax(-1), wg.amin(-1)))
+    scale, zero = lwc_params(w, bits, group_size, up, low, (wg.amax(-1), wg.amin(-1)))
     d_in = w.shape[1]
     s, z = expand_groups(scale, d_in, group_size), expand_groups(zero, d_in, group_size)
     x = w / s
