@@ -272,3 +272,88 @@ def test_tuning_resumes_bit_identical(tiny_llama_dir, shared_data, tmp_path):
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     assert (out / "model.safetensors").read_bytes() == (tmp_path / "clean" / "model.safetensors").read_bytes()
+
+
+def test_window_trains_each_block_again_with_the_next(monkeypatch):
+    """tune.window 2: block i's stage trains blocks i-1 and i together (a BlockChain from block i-1's inputs);
+    block i-1's adapters move there while every mask and base code stays, and the held-out loss never rises."""
+    import slim.pipeline as pipeline
+    from slim.tune import BlockChain
+
+    real, seen = pipeline.tune_block, []
+
+    def watched(block, *a, **kw):
+        slims = _slims(block)
+        before = {n: {k: t.clone() for k, t in m.state_dict().items()} for n, m in slims.items()}
+        masks = {n: m.mask() for n, m in slims.items()}
+        info = real(block, *a, **kw)
+        moved = set()
+        for n, m in _slims(block).items():
+            assert torch.equal(m.mask(), masks[n]), n
+            for k, t in m.state_dict().items():
+                if not torch.equal(t, before[n][k]):
+                    assert k.startswith("lora_"), (n, k)
+                    moved.add(n.split(".")[1] if isinstance(block, BlockChain) else "0")
+        seen.append((len(block.blocks) if isinstance(block, BlockChain) else 1, moved))
+        return info
+
+    monkeypatch.setattr(pipeline, "tune_block", watched)
+    torch.manual_seed(0)
+    model = tiny_model("llama", layers=3)
+    ids = torch.randint(0, 256, (32, 64), generator=torch.Generator().manual_seed(1))
+    cfg = CompressConfig.from_dict({"calib": {"n_samples": 32, "seqlen": 64, "batch_size": 4},
+                                    "tune": {**TUNE, "window": 2}})
+    rep = compress_model(model, ids, cfg, progress=False)
+    assert [n for n, _ in seen] == [1, 2, 2]
+    assert all(moved == {"0", "1"} for _, moved in seen[1:]), seen  # the earlier block trained again
+    stages = {k.rsplit(".", 2)[0]: v["block_tune"] for k, v in rep["layers"].items()}
+    assert [s.get("blocks") for s in stages.values()] == [None, [0, 1], [1, 2]]
+    for s in stages.values():
+        assert s["holdout_after"] <= s["holdout_before"]
+
+
+def test_window_stream_is_the_final_blocks_outputs():
+    """After a window stage the compressed stream is recomputed through the retrained blocks: with window 2 and a
+    window of 1 step, the last block's closed form sees the same inputs as a fresh pass of the final model's
+    blocks would give it, so compressing again with the stored blocks reproduces the model's outputs."""
+    torch.manual_seed(0)
+    model = tiny_model("llama", layers=3)
+    ids = torch.randint(0, 256, (16, 32), generator=torch.Generator().manual_seed(1))
+    cfg = CompressConfig.from_dict({"calib": {"n_samples": 16, "seqlen": 32, "batch_size": 4},
+                                    "tune": {"steps": 6, "eval_every": 2, "window": 3}})
+    import slim.pipeline as pipeline
+
+    inputs = {}
+    real = pipeline.run_block
+
+    def record(block, hidden, *a, **kw):
+        out = real(block, hidden, *a, **kw)
+        inputs[id(block)] = [h.clone() for h in hidden]
+        return out
+
+    pipeline.run_block = record
+    try:
+        compress_model(model, ids, cfg, progress=False)
+    finally:
+        pipeline.run_block = real
+    h, kw = capture_block_inputs(model, ids, 4)
+    for blk in model.model.layers:  # the final blocks' inputs are the last ones each was run on
+        got = inputs[id(blk)]
+        assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(got, h, strict=True))
+        h = run_block(blk, h, kw, "cpu")
+
+
+def test_bad_window_options(tmp_path, capsys):
+    with pytest.raises(ConfigError, match="window"):
+        TuneConfig(steps=4, window=0)
+    with pytest.raises(ConfigError, match="window"):
+        TuneConfig(steps=4, window=2, teacher="compressed")
+    with pytest.raises(ConfigError, match="window"):
+        TuneConfig(steps=4, window=2, clipping=True)
+    args = build_parser().parse_args(["compress", "m", "--out", str(tmp_path / "o"), "--block-tune-steps", "4",
+                                      "--block-tune-window", "2"])
+    assert config_from_args(args).tune.window == 2
+    assert main(["compress", "m", "--out", str(tmp_path / "o"), "--block-tune-steps", "4",
+                 "--block-tune-window", "2", "-q"]) != 0
+    assert "--block-tune-window > 1 is not supported by slim compress" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
