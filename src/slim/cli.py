@@ -119,9 +119,6 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--block-tune-teacher", dest="tune.teacher", choices=TUNE_TEACHERS,
                    help="targets: the dense model's own stream (dense, default) or the dense block on the compressed "
                         "stream's inputs")
-    g.add_argument("--block-tune-window", dest="tune.window", type=int,
-                   help="blocks trained together (1): with 2, each block's stage also trains the block before it "
-                        "against this block's dense output (give steps / 2 to keep the cost; Python API only)")
     g.add_argument("--block-tune-scales", dest="tune.scales", action=argparse.BooleanOptionalAction, default=None,
                    help="also train the weight quantizer's scales (codes frozen)")
     g.add_argument("--block-tune-holdout", dest="tune.holdout", type=float,
@@ -299,10 +296,6 @@ def _compress(args: argparse.Namespace, cfg: Any, ranks: Any) -> int:
     except ValueError as e:
         raise ConfigError(str(e)) from None
 
-    if cfg.tune.enabled and cfg.tune.window > 1:
-        raise ConfigError("--block-tune-window > 1 is not supported by slim compress yet (it commits each block to "
-                          "disk as it is done, while a window trains it again with the next block): use window 1, "
-                          "or slim.compress in Python")
     out = checkpoint.check_output_dir(args.out, args.overwrite)
     stream.check_partial(out, args.resume, args.overwrite)
     ranks.barrier()  # every rank has checked before rank 0 creates anything

@@ -215,10 +215,6 @@ class TuneConfig:
     # "dense": targets are the dense model's own block outputs (a dense stream runs beside the compressed one);
     # "compressed": the dense block's outputs on the compressed stream's inputs (no second stream)
     teacher: str = "dense"
-    # blocks trained together: with 2, block i's stage trains blocks i-1 and i (i-1 already tuned once) against the
-    # dense output of block i, so a block's adapters also learn what its error does to the next block (each block
-    # is trained `window` times: give it steps / window each to keep the cost); 1 = one block at a time
-    window: int = 1
     scales: bool = False  # also train the weight quantizer's scales (codes frozen)
     # also train the block's own dense parameters (its norms' weights and biases): stored in full precision
     # anyway, so tuning them costs no bits
@@ -251,11 +247,6 @@ class TuneConfig:
             raise ConfigError("tune.steps and tune.epochs both set: give one (epochs = passes over the batches)")
         if not (0.0 <= self.holdout < 1.0):
             raise ConfigError(f"tune.holdout must be in [0, 1), got {self.holdout}")
-        if self.window < 1:
-            raise ConfigError(f"tune.window must be >= 1 (blocks trained together), got {self.window}")
-        if self.window > 1 and (self.clipping or self.teacher != "dense"):
-            raise ConfigError("tune.window > 1 trains adapters of consecutive blocks against the dense stream: it "
-                              "needs tune.teacher dense and no tune.clipping (OmniQuant / AffineQuant tune one block)")
         if self.teacher not in TUNE_TEACHERS:
             raise ConfigError(f"tune.teacher: unknown teacher {self.teacher!r}; choose from {TUNE_TEACHERS}")
         if self.schedule not in TUNE_SCHEDULES:

@@ -26,7 +26,7 @@ from .phases import phase
 from .solver import allocate_ranks, compress_weight, error_spectrum
 from .stats import InputStats
 from .stream import BlockRun, fault
-from .tune import BlockChain, tune_block
+from .tune import tune_block
 
 log = logging.getLogger(__name__)
 
@@ -52,10 +52,6 @@ def compress_model(
     """
     check_compressible(model, cfg)
     device = check_device(cfg.device)
-    if cfg.tune.enabled and cfg.tune.window > 1 and run is not None:
-        raise ValueError("tune.window > 1 (--block-tune-window) cannot be committed block by block yet: a block "
-                         "still changes while the next one trains; compress in memory (slim.compress without a "
-                         "run, or benchmarks/ablation.py) or use tune.window 1")
     ranks = ranks or Ranks()
     if ranks.active:
         calib_ids = _share(calib_ids, cfg.calib.batch_size, ranks)
@@ -65,8 +61,7 @@ def compress_model(
         "; CPU default seqlen is 512 (the paper uses 2048)" if device == "cpu" else "",
     )
     act_bytes = calib_ids.numel() * model.config.hidden_size * model.get_input_embeddings().weight.element_size()
-    # a block's inputs and outputs (+ the teacher's inputs and targets, + the inputs of the window's earlier blocks)
-    copies = 2 + (2 + cfg.tune.window - 1 if cfg.tune.enabled else 0)
+    copies = 4 if cfg.tune.enabled else 2  # a block's inputs and outputs (+ the teacher's inputs and targets)
     spill = None
     if max_memory is not None and copies * act_bytes > max_memory / 4:
         spill = Path(tempfile.mkdtemp(prefix="slim-act-")) if run is None else run.dir / "activations"
@@ -98,9 +93,6 @@ def _compress_blocks(model: nn.Module, calib_ids: torch.Tensor, cfg: CompressCon
         start, hidden, teacher = run.resume(model, hidden, spill)
         per_layer.update(run.per_layer)
     tuning = cfg.tune.enabled
-    # tune.window > 1: the last window - 1 compressed blocks, trained again with the next one, and the compressed
-    # stream's inputs to each (oldest first)
-    window: list[tuple[nn.Module, Activations]] = []
     with_gram = cfg.needs_gram or cfg.calib.gram_errors
     fast = torch.bfloat16 if cfg.calib.autocast == "bf16" else None  # the calibration forwards' autocast dtype
     bar = tqdm(range(start, len(layers)), desc="compressing blocks", unit="block", disable=not progress,
@@ -161,27 +153,10 @@ def _compress_blocks(model: nn.Module, calib_ids: torch.Tensor, cfg: CompressCon
         del stats
         if targets is not None:
             with phase("tune"):
-                if window:  # this block with the ones before it, from the first one's inputs
-                    chain = BlockChain([b.to(device) for b, _ in window] + [block])
-                    tuned = tune_block(chain, window[0][1], targets, kwargs, device, cfg.tune,
-                                       seed=cfg.calib.seed + i, ranks=ranks, on_step=_tune_progress(bar))
-                    tuned["blocks"] = list(range(i - len(window), i + 1))
-                else:
-                    tuned = tune_block(block, hidden, targets, kwargs, device, cfg.tune, seed=cfg.calib.seed + i,
-                                       ranks=ranks, lwc_init=cfg.quant.lwc_init, config=model.config,
-                                       clip_sources={k: lin.weight.data for k, lin in linears.items()},
-                                       on_step=_tune_progress(bar))
-            if window:  # the earlier blocks changed: their outputs again, up to this block's inputs
-                with phase("calibrate"):
-                    h = window[0][1]
-                    for j, (b, _) in enumerate(window):
-                        h = run_block(b, h, kwargs, device, spill=spill, tag=f"w{i:05d}-{j}", autocast=fast)
-                        b.to("cpu")
-                        if j + 1 < len(window):
-                            window[j + 1][1].drop()
-                            window[j + 1] = (window[j + 1][0], h)
-                    hidden.drop()
-                    hidden = h
+                tuned = tune_block(block, hidden, targets, kwargs, device, cfg.tune, seed=cfg.calib.seed + i,
+                                   ranks=ranks, lwc_init=cfg.quant.lwc_init, config=model.config,
+                                   clip_sources={k: lin.weight.data for k, lin in linears.items()},
+                                   on_step=_tune_progress(bar))
             for k in linears:
                 per_layer[f"{prefix}.{i}.{k}"]["block_tune"] = tuned
             if teacher is not None:
@@ -192,15 +167,10 @@ def _compress_blocks(model: nn.Module, calib_ids: torch.Tensor, cfg: CompressCon
                 targets.drop()
         with phase("calibrate"):
             out = run_block(block, hidden, kwargs, device, spill=spill, tag=f"b{i:05d}", autocast=fast)
+        hidden.drop()
+        hidden = out
         set_dense_cache(block, False)
         layers[i] = block.to("cpu")
-        if tuning and cfg.tune.window > 1:  # kept for the next blocks' stages, with its inputs
-            window.append((block, hidden))
-            if len(window) >= cfg.tune.window:
-                window.pop(0)[1].drop()
-        else:
-            hidden.drop()
-        hidden = out
         names = [f"{prefix}.{i}.{k}" for k in linears]
         errs = [per_layer[k]["rel_err_final"] for k in names]
         bar.set_postfix(rel_err=f"{sum(errs) / len(errs):.4f}")

@@ -169,21 +169,6 @@ class TrainableLinear(nn.Module):
         return mod
 
 
-class BlockChain(nn.Module):
-    """Consecutive decoder blocks as one module with a block's call (hidden states first, the block arguments as
-    keywords, every block taking the same ones): what `tune_block` trains when `tune.window` > 1."""
-
-    def __init__(self, blocks: Sequence[nn.Module]) -> None:
-        super().__init__()
-        self.blocks = nn.ModuleList(blocks)
-
-    def forward(self, h: torch.Tensor, **kw: Any) -> torch.Tensor:
-        for b in self.blocks:
-            out = b(h, **kw)
-            h = out[0] if isinstance(out, (tuple, list)) else out
-        return h
-
-
 def autocast_dtype(autocast: str) -> torch.dtype | None:
     """The dtype of the frozen base matmuls for an `autocast` setting ("bf16-base"), None for float32."""
     return torch.bfloat16 if autocast == "bf16-base" else None

@@ -1,4 +1,4 @@
-cd "$(dirname "$0")/../../../../.."  # the repository root
+cd "$(dirname "$0")/../../../../.."  # the repository root; needs the code of commit 0b66710 (tune.window, reverted after this probe)
 export SLIM_DATA_DIR=${SLIM_DATA_DIR:-../shared/data} OMP_NUM_THREADS=1
 T='"steps": 128, "eval_every": 64, "batch_size": 1, "autocast": "bf16-base", "lr": 0.03, "teacher": "dense"'
 T2='"steps": 64, "eval_every": 32, "batch_size": 1, "autocast": "bf16-base", "lr": 0.03, "teacher": "dense", "window": 2'
