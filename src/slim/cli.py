@@ -20,7 +20,6 @@ from .config import (
     PRESETS,
     QUANT_METHODS,
     TUNE_AUTOCAST,
-    TUNE_LOSSES,
     TUNE_SCHEDULES,
     TUNE_TEACHERS,
     CompressConfig,
@@ -120,9 +119,6 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--block-tune-teacher", dest="tune.teacher", choices=TUNE_TEACHERS,
                    help="targets: the dense model's own stream (dense, default) or the dense block on the compressed "
                         "stream's inputs")
-    g.add_argument("--block-tune-loss", dest="tune.loss", choices=TUNE_LOSSES,
-                   help="block: squared error relative to the batch's output energy (default); token: each "
-                        "token's relative error, averaged (massive-activation tokens weigh as much as any other)")
     g.add_argument("--block-tune-scales", dest="tune.scales", action=argparse.BooleanOptionalAction, default=None,
                    help="also train the weight quantizer's scales (codes frozen)")
     g.add_argument("--block-tune-holdout", dest="tune.holdout", type=float,

@@ -192,7 +192,6 @@ class CalibConfig:
 
 TUNE_TEACHERS = ("dense", "compressed")
 TUNE_SCHEDULES = ("cosine", "constant")
-TUNE_LOSSES = ("block", "token")
 TUNE_AUTOCAST = ("none", "bf16", "bf16-base")
 FINETUNE_AUTOCAST = ("none", "bf16-base", "bf16")
 
@@ -216,10 +215,6 @@ class TuneConfig:
     # "dense": targets are the dense model's own block outputs (a dense stream runs beside the compressed one);
     # "compressed": the dense block's outputs on the compressed stream's inputs (no second stream)
     teacher: str = "dense"
-    # what the error is relative to: "block", the squared error over all the outputs of a batch relative to their
-    # energy (dominated by the few tokens and channels with massive activations), or "token", each token's
-    # squared error relative to its own energy, averaged over tokens (what the next block's RMSNorm sees)
-    loss: str = "block"
     scales: bool = False  # also train the weight quantizer's scales (codes frozen)
     # also train the block's own dense parameters (its norms' weights and biases): stored in full precision
     # anyway, so tuning them costs no bits
@@ -254,8 +249,6 @@ class TuneConfig:
             raise ConfigError(f"tune.holdout must be in [0, 1), got {self.holdout}")
         if self.teacher not in TUNE_TEACHERS:
             raise ConfigError(f"tune.teacher: unknown teacher {self.teacher!r}; choose from {TUNE_TEACHERS}")
-        if self.loss not in TUNE_LOSSES:
-            raise ConfigError(f"tune.loss: unknown loss {self.loss!r}; choose from {TUNE_LOSSES}")
         if self.schedule not in TUNE_SCHEDULES:
             raise ConfigError(f"tune.schedule: unknown schedule {self.schedule!r}; choose from {TUNE_SCHEDULES}")
         if self.clipping and self.scales:

@@ -202,15 +202,9 @@ def trainable(opened: dict[str, TrainableLinear]) -> dict[str, nn.Parameter]:
             if p is not None}
 
 
-def _rel_loss(y: torch.Tensor, t: torch.Tensor, per_token: bool = False) -> tuple[torch.Tensor, float]:
-    """(squared error summed, target energy): the loss is their ratio over a set of batches. `per_token`
-    (tune.loss "token"): (each token's squared error relative to its target's energy, summed; the token count),
-    so that the few tokens with massive activations (a window's first token holds up to ~98 % of a SmolLM2
-    block's output energy) weigh what any other token does."""
+def _rel_loss(y: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """(squared error summed, target energy): the loss is their ratio over a set of batches."""
     t = t.to(y.device, torch.float32)
-    if per_token:
-        rel = (y - t).pow(2).sum(-1) / t.pow(2).sum(-1).clamp_min(1e-30)
-        return rel.sum(), float(rel.numel())
     return (y - t).pow(2).sum(), float(t.pow(2).sum())
 
 
@@ -379,8 +373,7 @@ def _act_max(block: nn.Module, inputs: Sequence[torch.Tensor], kwargs: list[dict
 
 
 def _holdout(block: nn.Module, inputs: Sequence[torch.Tensor], targets: Sequence[torch.Tensor],
-             kwargs: list[dict[str, Any]], device: str, ids: list[int], where: _Batches,
-             per_token: bool = False) -> float:
+             kwargs: list[dict[str, Any]], device: str, ids: list[int], where: _Batches) -> float:
     parts: dict[int, torch.Tensor] = {}
     opened = [m for m in block.modules() if isinstance(m, TrainableLinear)]
     for m in opened:  # measured as stored: float32 throughout
@@ -390,8 +383,7 @@ def _holdout(block: nn.Module, inputs: Sequence[torch.Tensor], targets: Sequence
             for u in ids:
                 unit = where.local(u, inputs, targets, kwargs)
                 if unit is not None:
-                    e, n = _rel_loss(block_forward(block, unit[0], unit[2], device, torch.float32), unit[1],
-                                     per_token)
+                    e, n = _rel_loss(block_forward(block, unit[0], unit[2], device, torch.float32), unit[1])
                     parts[u] = torch.tensor([float(e), n], dtype=torch.float64)
     finally:
         for m in opened:
@@ -434,8 +426,7 @@ def _train(block: nn.Module, params: list[nn.Parameter], inputs: Sequence[torch.
     per_epoch = max(len(train_ids), 1)
     if prepare is not None:
         prepare(0)
-    per_token = cfg.loss == "token"
-    best = _holdout(block, inputs, targets, kwargs, device, hold_ids, where, per_token) if hold_ids else math.inf
+    best = _holdout(block, inputs, targets, kwargs, device, hold_ids, where) if hold_ids else math.inf
     info: dict[str, Any] = {"holdout_before": best if hold_ids else None, "best_step": 0}
     since, first, last, step = 0, None, None, 0
     for step in range(1, steps + 1):
@@ -449,7 +440,7 @@ def _train(block: nn.Module, params: list[nn.Parameter], inputs: Sequence[torch.
         if unit is not None:
             with torch.autocast(torch.device(device).type, torch.bfloat16, enabled=cfg.autocast == "bf16"):
                 y = block_forward(block, unit[0], unit[2], device, torch.float32)
-            e, n = _rel_loss(y.float(), unit[1], per_token)
+            e, n = _rel_loss(y.float(), unit[1])
             loss = e / max(n, 1e-30)
             loss.backward()
             loss_t[0] = float(loss.detach())
@@ -468,7 +459,7 @@ def _train(block: nn.Module, params: list[nn.Parameter], inputs: Sequence[torch.
             if prepare is not None:
                 with torch.no_grad():
                     prepare((step - 1) // per_epoch)
-            h = _holdout(block, inputs, targets, kwargs, device, hold_ids, where, per_token)
+            h = _holdout(block, inputs, targets, kwargs, device, hold_ids, where)
             if h < best:
                 best, since, info["best_step"] = h, 0, step
                 best_state = [p.detach().clone() for p in params]
