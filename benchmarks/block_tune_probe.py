@@ -5,7 +5,12 @@ teacher, learning rate, steps and whether scales train, before the full rows in 
 
     python benchmarks/block_tune_probe.py --out docs/results/ablation/block-tune --blocks 4 \\
         --variants '{"closed form": {}, "32 steps": {"tune": {"steps": 32}}}'
+    python benchmarks/block_tune_probe.py --out DIR --blocks 6 --ppl-windows 16 --variants '{...}'
     python benchmarks/block_tune_probe.py --out docs/results/ablation/block-tune --render A.json B.json
+
+`--ppl-windows N` adds a perplexity proxy: WikiText-2 on its first N windows of 2048 tokens with the probed blocks
+compressed and the others dense (the block error weighs the few massive-activation tokens most; perplexity does
+not); ~1.5 min a variant for 16 windows on 2 cores.
 """
 
 from __future__ import annotations
@@ -39,7 +44,8 @@ def probe(blocks: int, variants: dict[str, dict], data_dir: str | None, ppl_wind
 
     def ppl(m, rest) -> float | None:
         """WikiText-2 perplexity on the first `ppl_windows` windows of 2048 tokens with the first `blocks` blocks
-        as they are in `m` and the others dense: a proxy for the full row that weighs errors as the loss does."""
+        as they are in `m` and the others dense: a proxy for the full row that weighs errors as perplexity does,
+        not as the tuning loss does."""
         if not ppl_windows:
             return None
         m.model.layers = nn.ModuleList([*m.model.layers, *rest])
