@@ -182,11 +182,6 @@ class CalibConfig:
     # matmuls are fast (GPUs, CPUs with AMX: 2.1x per SmolLM2 block here); the statistics themselves (sums, Gram
     # matrices) still accumulate in float32/float64 from the activations, and the solver is unchanged
     autocast: str = "none"
-    # asymmetric closed form (prototype; needs block tuning's dense teacher stream): each linear is solved against
-    # the dense stream's outputs, min ||X_d W^T - X_c W'^T||, by compressing W* = W (X_d^T X_c) H^-1 with the usual
-    # H = X_c^T X_c objective, so the closed form corrects the error carried in from earlier blocks
-    asymmetric: bool = False
-    asym_damp: float = 0.01  # ridge on H for W*, relative to its mean diagonal
 
     def __post_init__(self) -> None:
         if self.n_samples < 1 or self.seqlen < 2 or self.batch_size < 1:

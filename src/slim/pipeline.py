@@ -114,10 +114,6 @@ def _compress_blocks(model: nn.Module, calib_ids: torch.Tensor, cfg: CompressCon
                                            with_abs=cfg.needs_abs, outputs=targets if own_stream else None,
                                            autocast=fast)
             _reduce(stats, ranks)
-        cross = None
-        if cfg.calib.asymmetric and teacher is not None and not own_stream:
-            with phase("calibrate"):
-                cross = _cross_stats(block, linears, hidden, teacher, kwargs, device, groups, fast)
         stats, measure = _split_gram(stats, cfg)
         adapter_ranks: dict[str, int] = {}
         if cfg.adapter.allocation == "greedy" and cfg.adapter.method != "none":
@@ -141,10 +137,7 @@ def _compress_blocks(model: nn.Module, calib_ids: torch.Tensor, cfg: CompressCon
                 if o != ranks.rank:
                     continue
                 with phase("solve"):
-                    w = linears[k].weight.data
-                    if cross is not None:
-                        w = _asym_weight(w, cross[k], stats[k], cfg.calib.asym_damp)
-                    cw = compress_weight(w, stats[k], cfg,
+                    cw = compress_weight(linears[k].weight.data, stats[k], cfg,
                                          mask=_mask(masks, f"{prefix}.{i}.{k}"), name=k, rank=adapter_ranks.get(k),
                                          measure_gram=measure.get(k))
                 if ranks.active:  # installed below, once every rank has solved its share
@@ -318,54 +311,6 @@ def _collect_stats(
         else:
             next(g for g in groups if g[0] == owner[k]).append(k)
     return {k: stats[owner[k]] for k in names}, groups
-
-
-@torch.no_grad()
-def _cross_stats(block: nn.Module, linears: dict[str, nn.Linear], hidden: Activations, teacher: Activations,
-                 kwargs: list[dict[str, Any]], device: str, groups: list[list[str]],
-                 autocast: torch.dtype | None) -> dict[str, torch.Tensor]:
-    """X_d^T X_c for each group's input (float64, d_in x d_in): the dense stream's inputs (the block on the dense
-    teacher's hidden states) against the compressed stream's, token by token, batch by batch."""
-    owners = {g[0]: g for g in groups}
-    cross = {k: torch.zeros(linears[k].in_features, linears[k].in_features, dtype=torch.float64, device=device)
-             for k in owners}
-    seen: dict[str, torch.Tensor] = {}
-    mode = {"dense": True}
-
-    def make_hook(k: str):
-        def hook(_m: nn.Module, inp: tuple, _o: torch.Tensor) -> None:
-            x = inp[0].detach().reshape(-1, inp[0].shape[-1]).float()
-            if mode["dense"]:
-                seen[k] = x
-            else:
-                cross[k] += (seen.pop(k).T @ x).double()
-        return hook
-
-    hooks = [linears[k].register_forward_hook(make_hook(k)) for k in owners]
-    try:
-        for j in range(len(hidden)):
-            for dense in (True, False):
-                mode["dense"] = dense
-                run_block(block, [teacher[j] if dense else hidden[j]], [kwargs[j]], device, keep=False,
-                          autocast=autocast)
-    finally:
-        for h in hooks:
-            h.remove()
-    return {k: cross[g[0]] for g in groups for k in g}
-
-
-def _asym_weight(w: torch.Tensor, cross: torch.Tensor, stats: InputStats, damp: float) -> torch.Tensor:
-    """W* = W (X_d^T X_c) H^-1 (its correction to W ridge-damped): the weight whose H-weighted error equals the error against the dense
-    stream's outputs (up to a constant), so the usual closed form solves the asymmetric problem."""
-    if stats.gram is None:
-        raise ValueError("calib.asymmetric needs the input Gram matrix (a recipe that uses it, e.g. the default)")
-    h = stats.gram.to(cross.device, torch.float64)
-    # W*^T = H^-1 C W^T with C = X_c^T X_d = cross^T, written W^T + H^-1 (C - H) W^T so that the ridge only damps
-    # the correction (equal streams give W back exactly)
-    wd = w.T.double().to(cross.device)
-    ridge = h + damp * h.diagonal().mean() * torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
-    wt = wd + torch.linalg.solve(ridge, (cross.T - h) @ wd)
-    return wt.T.to(w.device, w.dtype).contiguous()
 
 
 def size_report(model: nn.Module) -> dict[str, Any]:
