@@ -235,13 +235,8 @@ class TuneConfig:
     # in float32; parameters, optimizer state and the held-out measurement stay float32 in both); pays off where
     # bfloat16 matmuls are fast (GPUs, CPUs with AMX), and costs accuracy of the gradients, not of what is stored
     autocast: str = "none"
-    # an exponential moving average of the trained tensors (Polyak averaging), decay per step (0: off): the
-    # held-out check and the stored result use the average, which smooths single-window steps' noise
-    ema: float = 0.0
 
     def __post_init__(self) -> None:
-        if not (0.0 <= self.ema < 1.0):
-            raise ConfigError(f"tune.ema must be in [0, 1), got {self.ema}")
         if self.autocast not in TUNE_AUTOCAST:
             raise ConfigError(f"tune.autocast: unknown {self.autocast!r}; choose from {TUNE_AUTOCAST}")
         if (self.steps < 0 or self.epochs < 0 or self.batch_size < 0 or self.lr <= 0 or self.eval_every < 1

@@ -423,7 +423,6 @@ def _train(block: nn.Module, params: list[nn.Parameter], inputs: Sequence[torch.
     gen = torch.Generator().manual_seed(seed)
     order: list[int] = []
     best_state = [p.detach().clone() for p in params]
-    shadow = [p.detach().clone() for p in params] if cfg.ema else None
     per_epoch = max(len(train_ids), 1)
     if prepare is not None:
         prepare(0)
@@ -452,9 +451,6 @@ def _train(block: nn.Module, params: list[nn.Parameter], inputs: Sequence[torch.
             where.ranks.all_reduce([p.grad for p in params] + [loss_t])
         opt.step()
         sched.step()
-        if shadow is not None:
-            with torch.no_grad():
-                torch._foreach_lerp_(shadow, [p.detach() for p in params], 1.0 - cfg.ema)
         last = float(loss_t[0])
         first = last if first is None else first
         if on_step is not None:
@@ -463,32 +459,19 @@ def _train(block: nn.Module, params: list[nn.Parameter], inputs: Sequence[torch.
             if prepare is not None:
                 with torch.no_grad():
                     prepare((step - 1) // per_epoch)
-            live = _swap_in(params, shadow)  # with tune.ema the average is measured (and kept)
             h = _holdout(block, inputs, targets, kwargs, device, hold_ids, where)
-            state = [p.detach().clone() for p in params] if h < best else None
-            _swap_in(params, live)
-            if state is not None:
-                best, since, info["best_step"], best_state = h, 0, step, state
+            if h < best:
+                best, since, info["best_step"] = h, 0, step
+                best_state = [p.detach().clone() for p in params]
             else:
                 since += 1
                 if since >= cfg.patience:
                     info["stopped_early"] = True
                     break
     if hold_ids:
-        _swap_in(params, best_state)
-    elif shadow is not None:
-        _swap_in(params, shadow)
+        with torch.no_grad():
+            for p, b in zip(params, best_state, strict=True):
+                p.copy_(b)
     info.update({"steps": step, "train_first": first, "train_last": last,
                  "holdout_after": best if hold_ids else None})
     return info
-
-
-def _swap_in(params: list[nn.Parameter], values: list[torch.Tensor] | None) -> list[torch.Tensor] | None:
-    """Copy `values` into `params` (None: leave them); returns what they held before."""
-    if values is None:
-        return None
-    old = [p.detach().clone() for p in params]
-    with torch.no_grad():
-        for p, v in zip(params, values, strict=True):
-            p.copy_(v)
-    return old
