@@ -300,7 +300,14 @@ def tune_block(
         act_max = _act_max(block, inputs, kwargs, device, train_ids, where)
     opened = open_layers(block, cfg.scales, clip_sources if cfg.clipping else None, lwc_init,
                          autocast_dtype(cfg.autocast))
-    params = list(trainable(opened).values())
+    named = trainable(opened)
+    if cfg.factors != "both":  # one adapter factor frozen
+        frozen_factor = ".B" if cfg.factors == "A" else ".A"
+        for k, p in named.items():
+            if k.endswith(frozen_factor):
+                p.requires_grad_(False)
+        named = {k: p for k, p in named.items() if not k.endswith(frozen_factor)}
+    params = list(named.values())
     let: AffineTransform | None = None
     lrs: dict[int, float] = {}
     prepare = None
