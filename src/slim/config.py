@@ -182,13 +182,8 @@ class CalibConfig:
     # matmuls are fast (GPUs, CPUs with AMX: 2.1x per SmolLM2 block here); the statistics themselves (sums, Gram
     # matrices) still accumulate in float32/float64 from the activations, and the solver is unchanged
     autocast: str = "none"
-    # which adapter factors train ("both", "A": the input-side factor, "B": the output-side one): one factor frozen
-    # halves the tuned parameters, a lever against fitting the calibration text
-    factors: str = "both"
 
     def __post_init__(self) -> None:
-        if self.factors not in ("both", "A", "B"):
-            raise ConfigError(f"tune.factors: unknown {self.factors!r}; choose from both, A, B")
         if self.n_samples < 1 or self.seqlen < 2 or self.batch_size < 1:
             raise ConfigError("calib.n_samples, calib.batch_size must be >= 1 and calib.seqlen >= 2")
         if self.autocast not in CALIB_AUTOCAST:
@@ -240,13 +235,8 @@ class TuneConfig:
     # in float32; parameters, optimizer state and the held-out measurement stay float32 in both); pays off where
     # bfloat16 matmuls are fast (GPUs, CPUs with AMX), and costs accuracy of the gradients, not of what is stored
     autocast: str = "none"
-    # which adapter factors train ("both", "A": the input-side factor, "B": the output-side one): one factor frozen
-    # halves the tuned parameters, a lever against fitting the calibration text
-    factors: str = "both"
 
     def __post_init__(self) -> None:
-        if self.factors not in ("both", "A", "B"):
-            raise ConfigError(f"tune.factors: unknown {self.factors!r}; choose from both, A, B")
         if self.autocast not in TUNE_AUTOCAST:
             raise ConfigError(f"tune.autocast: unknown {self.autocast!r}; choose from {TUNE_AUTOCAST}")
         if (self.steps < 0 or self.epochs < 0 or self.batch_size < 0 or self.lr <= 0 or self.eval_every < 1

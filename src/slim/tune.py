@@ -300,14 +300,7 @@ def tune_block(
         act_max = _act_max(block, inputs, kwargs, device, train_ids, where)
     opened = open_layers(block, cfg.scales, clip_sources if cfg.clipping else None, lwc_init,
                          autocast_dtype(cfg.autocast))
-    named = trainable(opened)
-    if cfg.factors != "both":  # one adapter factor frozen
-        frozen_factor = ".B" if cfg.factors == "A" else ".A"
-        for k, p in named.items():
-            if k.endswith(frozen_factor):
-                p.requires_grad_(False)
-        named = {k: p for k, p in named.items() if not k.endswith(frozen_factor)}
-    params = list(named.values())
+    params = list(trainable(opened).values())
     let: AffineTransform | None = None
     lrs: dict[int, float] = {}
     prepare = None
