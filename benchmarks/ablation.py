@@ -132,7 +132,7 @@ def main() -> int:
     unknown = [r for r in rows if r not in ROWS]
     if unknown:
         ap.error(f"unknown rows {unknown}; choose from {list(ROWS)}")
-    paper = with_calib(PRESETS["paper"], args.calib_samples)
+    paper = with_calib(PRESETS["paper"], args.calib_samples, args.seed)
     base = CompressConfig.from_dict(paper)
     grid_rows = {n: (d, None if n == "dense" else merge(paper, o)) for n, (d, o) in ROWS.items()}
     if "paper" in args.redo.split(","):

@@ -79,12 +79,12 @@ TABLES: dict[str, tuple[str, str, dict]] = {  # key -> (title, sparsity pattern,
 }
 
 
-def all_rows(calib_samples: int | None = None) -> dict[str, tuple[str, dict[str, Any] | None]]:
+def all_rows(calib_samples: int | None = None, seed: int | None = None) -> dict[str, tuple[str, dict[str, Any] | None]]:
     """Every row of every table: 'TABLE/method' -> (description, full config dict)."""
     rows: dict[str, tuple[str, dict[str, Any] | None]] = {"dense": ("dense model", None)}
     for key, (_, pattern, methods) in TABLES.items():
         for name, (prune, quant, cfg) in methods.items():
-            cfg = with_calib(merge(cfg, {"sparsity": {"pattern": pattern}}), calib_samples)
+            cfg = with_calib(merge(cfg, {"sparsity": {"pattern": pattern}}), calib_samples, seed)
             rows[f"{key}/{name}"] = (f"{prune} | {quant}", cfg)
     return rows
 
@@ -134,7 +134,7 @@ def main() -> int:
     bad = [t for t in tables if t not in TABLES]
     if bad:
         ap.error(f"unknown tables {bad}; choose from {list(TABLES)}")
-    rows = all_rows(args.calib_samples)
+    rows = all_rows(args.calib_samples, args.seed)
     names = ["dense"] + [f"{t}/{n}" for t in tables for n in TABLES[t][2]]
     if args.rows:
         want = {r.strip() for r in args.rows.split(",") if r.strip()}
@@ -142,7 +142,7 @@ def main() -> int:
         if want - known:
             ap.error(f"unknown methods {sorted(want - known)}; choose from {sorted(known)}")
         names = ["dense"] + [n for n in names[1:] if n.split("/", 1)[1] in want]
-    base = CompressConfig.from_dict(with_calib(PRESETS["paper"], args.calib_samples))
+    base = CompressConfig.from_dict(with_calib(PRESETS["paper"], args.calib_samples, args.seed))
     res = run_grid(rows, names, Path(args.out), base, args.model, args.data_dir, args.limit, render,
                    [Path(r) for r in args.reuse], [r for r in args.redo.split(",") if r],
                    parse_checkpoints(args.from_checkpoint, rows), device=args.device)

@@ -50,7 +50,7 @@ def main() -> int:
     ap.add_argument("--block", type=int, default=0, help="which decoder block (0)")
     ap.add_argument("--repeats", type=int, default=3, help="runs of each variant (3)")
     args = ap.parse_args()
-    base = CompressConfig.from_dict(with_calib({}, args.calib_samples))
+    base = CompressConfig.from_dict(with_calib({}, args.calib_samples, args.seed))
     model, _, calib, _ = load_calibration(args.model, base, args.data_dir)
     hidden, kwargs = capture_block_inputs(model, calib, base.calib.batch_size)
     block = get_layers(model)[args.block]

@@ -62,7 +62,8 @@ def main() -> int:
         ap.error("--order names no recipe")
     if bad:
         ap.error(f"unknown recipes {bad}; choose from {list(RECIPES)}")
-    cfgs = {name: CompressConfig.from_dict(with_calib(RECIPES[name], args.calib_samples)) for name in set(order)}
+    cfgs = {name: CompressConfig.from_dict(with_calib(RECIPES[name], args.calib_samples, args.seed))
+            for name in set(order)}
     if len({calib_label(c) for c in cfgs.values()}) != 1:
         ap.error("the recipes differ in calibration settings; timings would not be comparable")
     base = next(iter(cfgs.values()))

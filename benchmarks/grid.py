@@ -96,11 +96,15 @@ def add_common_args(ap: argparse.ArgumentParser, with_eval: bool = True) -> None
     ap.add_argument("--data-dir", default=None, help="data directory (default: $SLIM_DATA_DIR, else ../shared/data)")
     ap.add_argument("--calib-samples", type=positive_int, default=None,
                     help="calibration windows instead of the recipes' 128, for quick checks (recorded in the results)")
+    ap.add_argument("--seed", type=int, default=None,
+                    help="calibration seed instead of the recipes' 0: other C4 windows, to see the spread between "
+                         "calibration sets (recorded in the results)")
 
 
-def with_calib(cfg: dict[str, Any], samples: int | None) -> dict[str, Any]:
-    """A recipe with the --calib-samples override applied."""
-    return merge(cfg, {"calib": {"n_samples": samples}}) if samples else cfg
+def with_calib(cfg: dict[str, Any], samples: int | None, seed: int | None = None) -> dict[str, Any]:
+    """A recipe with the --calib-samples and --seed overrides applied."""
+    calib = {k: v for k, v in (("n_samples", samples), ("seed", seed)) if v is not None}
+    return merge(cfg, {"calib": calib}) if calib else cfg
 
 
 def load_calibration(model_name: str | None, base: CompressConfig, data_dir: str | None):

@@ -51,6 +51,8 @@ def test_ablation_grid_resumes(bench, tiny_llama_dir, shared_data, tmp_path, cap
     # rows calibrated differently never land in one table
     with pytest.raises(SystemExit, match="calibrated on 8 x 512"):
         bench("ablation", *common[:-1], "4", "--rows", "paper")
+    with pytest.raises(SystemExit, match="not 8 x 512 c4 tokens, seed 1"):  # --seed: other windows, another grid
+        bench("ablation", *common, "--seed", "1", "--rows", "paper")
 
 
 def test_baselines_table(bench, tiny_llama_dir, shared_data, tmp_path, capsys):
