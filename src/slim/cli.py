@@ -189,6 +189,9 @@ def build_parser() -> argparse.ArgumentParser:
     gn.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling mass (0.9)")
     gn.add_argument("--seed", type=int, default=0, help="sampling seed (0)")
     gn.add_argument("--device", default="cpu")
+    gn.add_argument("--compile", action="store_true", help="decode through a static KV cache and a torch.compile'd "
+                    "one-token step (CUDA graphs on CUDA), as gpt-fast does: faster decoding after a one-time compile "
+                    "(printed apart, not counted in decode tokens/s); needs a C++ compiler on the CPU")
     _add_load_args(gn)
     gn.add_argument("--out", help="write the timings (and text) as JSON here")
 
@@ -444,7 +447,7 @@ def load_any(model_arg: str | None, backend: str, dtype: str | None, device: str
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from . import checkpoint
-    from .generate import encode_prompt, generate, reset_peak_rss, rss_bytes
+    from .generate import StaticCacheError, encode_prompt, generate, reset_peak_rss, rss_bytes
 
     if args.max_new_tokens < 1:
         raise ConfigError("--max-new-tokens must be at least 1")
@@ -456,18 +459,24 @@ def cmd_generate(args: argparse.Namespace) -> int:
         ids = encode_prompt(tok, args.prompt, args.chat)
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    res = generate(model, tok, ids, args.max_new_tokens, args.sample, args.temperature, args.top_p, args.seed,
-                   on_text=lambda t: print(t, end="", flush=True))
+    try:
+        res = generate(model, tok, ids, args.max_new_tokens, args.sample, args.temperature, args.top_p, args.seed,
+                       on_text=lambda t: print(t, end="", flush=True), compile=args.compile)
+    except StaticCacheError as e:
+        raise ConfigError(str(e)) from None
     print()
     dec = res["decode_tokens_per_s"]
     print(f"\n== {kind}: {res['prompt_tokens']} prompt tokens, {res['new_tokens']} new ==", file=sys.stderr)
+    if res["compile_seconds"] is not None:
+        print(f"compile  {res['compile_seconds']:.1f} s (static KV cache, compiled decode step; not in the rates)",
+              file=sys.stderr)
     print(f"prefill  {res['prefill_tokens_per_s']:.1f} tokens/s ({res['prefill_seconds']:.3f} s)", file=sys.stderr)
     print(f"decode   {'-' if dec is None else f'{dec:.1f}'} tokens/s ({res['decode_seconds']:.3f} s)", file=sys.stderr)
     print(f"memory   {_fmt_bytes(loaded - base)} after load, peak {_fmt_bytes(res['peak_rss_bytes'] - base)} above "
           f"the process before loading (peak resident {_fmt_bytes(res['peak_rss_bytes'])})", file=sys.stderr)
     if args.out:
-        res.update({"model": args.model, "kind": kind, "backend": args.backend, "rss_before_load_bytes": base,
-                    "rss_after_load_bytes": loaded, "versions": checkpoint.versions()})
+        res.update({"model": args.model, "kind": kind, "backend": args.backend, "compile": args.compile,
+                    "rss_before_load_bytes": base, "rss_after_load_bytes": loaded, "versions": checkpoint.versions()})
         checkpoint.write_json(Path(args.out), res)
     return 0
 
