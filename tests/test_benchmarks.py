@@ -237,3 +237,34 @@ def test_gpu_script_dry_run_on_cpu(tiny_llama_dir, shared_data, tmp_path):
     for name in ("default-ft-kd", "default"):  # the best finetuned checkpoint and its one-shot source
         zs = json.loads((tmp_path / "runs" / f"zeroshot-{name}.json").read_text())
         assert set(zs["zeroshot"]["tasks"]) == {"piqa", "arc_easy", "arc_challenge", "winogrande", "openbookqa"}
+
+
+def _gpu_runtime_smoke(bench, out, *extra):
+    pytest.importorskip("triton", reason="Triton is not installed")
+    assert bench("gpu_runtime", "--smoke", "--out", str(out), *extra) is None
+    return json.loads((out / "gpu.json").read_text()), (out / "gpu.md").read_text()
+
+
+def test_gpu_runtime_layers_smoke(bench, tmp_path):
+    """benchmarks/gpu_runtime.py (what a lent GPU runs for the cuda-int4 backend) works end to end on tiny shapes in
+    the Triton interpreter: every method and forced path timed, the table written. A broken flag here would
+    otherwise cost a GPU lease to find."""
+    res, md = _gpu_runtime_smoke(bench, tmp_path, "--no-e2e")
+    assert [(r["d_out"], r["d_in"], r["tokens"]) for r in res["layers"]] == [
+        (96, 256, 1), (96, 256, 4), (96, 256, 17), (256, 96, 1), (256, 96, 4), (256, 96, 17)]
+    for r in res["layers"]:
+        want = {"cublas_fp16", "cublas_bf16", "slim_auto", "slim_gemm", "slim_dense", "slim+int4_adapters",
+                "slim+16bit_adapters", "slim_gemm[select]"} | ({"slim_gemv"} if r["tokens"] <= 16 else set())
+        assert set(r["us"]) == want and all(v > 0 for v in r["us"].values())
+        assert r["auto_path"] == ("gemv" if r["tokens"] == 1 else "gemm")
+        assert r["unavailable"] == {"torch_int4": "needs CUDA", "cusparselt_fp16": "needs CUDA"}
+    assert "| 96x256 | 1 |" in md and "(gemv)" in md and "Forced paths" in md
+
+
+@pytest.mark.slow
+def test_gpu_runtime_e2e_smoke(bench, tmp_path):
+    """The end-to-end half: dense, slim and slim + adapters decode, eager and compiled, on a tiny Llama."""
+    res, md = _gpu_runtime_smoke(bench, tmp_path, "--shapes", "smoke")
+    rows = {(r["model"], r["compiled"]): r for r in res["decode"]}
+    assert len(rows) == 6 and all(r.get("decode_tokens_per_s") for r in rows.values()), rows
+    assert "compiled (static cache)" in md

@@ -66,6 +66,20 @@ def test_matches_reference(name, path):
 
 
 @needs_interpreter
+@pytest.mark.parametrize("expand", ["group", "select"])
+@pytest.mark.parametrize("name", ["2:4 per-tensor", "2:4 zero points g32", "2:4 groups 96 + adapter group 64"])
+def test_both_tile_expansions(name, expand, monkeypatch):
+    """The two ways a 2:4 tile is expanded for `tl.dot` (and for the prefill's dequantization) agree."""
+    monkeypatch.setattr(tk, "EXPAND", expand)
+    layer = _layer(name, seed=11)
+    fast = cuda_int4.convert(layer)
+    x = torch.randn(7, layer.in_features, device=DEVICE)
+    for path in ("gemm", "dense"):
+        fast.path = path
+        assert _rel_err(fast(x), layer(x)) < 1e-5, (name, expand, path)
+
+
+@needs_interpreter
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("path,split", [("gemv", 1), ("gemv", 3), ("gemm", 1), ("gemm", 2), ("dense", 0)])
 def test_16bit_activations_and_split_k(dtype, path, split):

@@ -30,6 +30,8 @@ PATHS = {"auto": 0, "gemv": 1, "gemm": 2, "dense": 3}
 # the crossovers between the paths, in tokens (rows of x); benchmarks/gpu_runtime.py measures them
 GEMV_MAX_TOKENS = 1
 GEMM_MAX_TOKENS = 64
+# how a 2:4 tile is expanded for `tl.dot`: "group" (per input group of 4, then flattened) or "select" (per weight)
+EXPAND = "group"
 
 
 @triton.jit
@@ -63,6 +65,38 @@ def _expand_tile(qv_ptr, qp_ptr, s_ptr, z_ptr, k, n, N, KW, SPARSE: tl.constexpr
     if SPARSE:
         v = tl.where(kept, v, 0.0)
     return v
+
+
+@triton.jit
+def _expand_tile_grouped(qv_ptr, qp_ptr, s_ptr, z_ptr, k0, n, N, KW, GROUP: tl.constexpr, HAS_Z: tl.constexpr,
+                         BK: tl.constexpr):
+    """`_expand_tile` for a 2:4 tile starting at input k0, one input group of 4 at a time: the two kept codes are
+    extracted, scaled and placed once per group (not once per dense weight), then the (BK/4, 4, BN) tile is
+    flattened to (BK, BN). Fewer integer operations a weight; whether the flattening costs more on a GPU is
+    what benchmarks/gpu_runtime.py's variant rows measure."""
+    nm = n < N
+    gi = k0 // 4 + tl.arange(0, BK // 4)  # input groups of this tile
+    w = gi // 4
+    m2 = (w < KW)[:, None] & nm[None, :]
+    words = tl.load(qv_ptr + w[:, None] * N + n[None, :], mask=m2, other=0)
+    pw = tl.load(qp_ptr + w[:, None] * N + n[None, :], mask=m2, other=0).to(tl.int32)
+    sh = (gi & 3)[:, None]
+    c0 = ((words >> (sh * 8)) & 15).to(tl.float32) - 8.0
+    c1 = ((words >> (sh * 8 + 4)) & 15).to(tl.float32) - 8.0
+    p0 = (pw >> (sh * 4)) & 3
+    p1 = (pw >> (sh * 4 + 2)) & 3
+    if GROUP > 0:  # a scale group holds whole input groups
+        g = (gi * 4) // GROUP
+        if HAS_Z:
+            z = tl.load(z_ptr + g[:, None] * N + n[None, :], mask=m2, other=0.0)
+            c0 = c0 - z
+            c1 = c1 - z
+        sc = tl.load(s_ptr + g[:, None] * N + n[None, :], mask=m2, other=0.0)
+        c0 = c0 * sc
+        c1 = c1 * sc
+    j = tl.arange(0, 4)[None, :, None]
+    v = tl.where(j == p0[:, None, :], c0[:, None, :], tl.where(j == p1[:, None, :], c1[:, None, :], 0.0))
+    return tl.reshape(v, (BK, v.shape[2]))
 
 
 @triton.jit
@@ -100,8 +134,8 @@ def _gemv_kernel(x_ptr, qv_ptr, qp_ptr, s_ptr, z_ptr, ts_ptr, b_ptr, acc_ptr, y_
     xrow = x_ptr + pid_m * K
     acc = tl.zeros([BN], dtype=tl.float32)
     w_start = pid_k * WORDS_PER_SPLIT
-    for w0 in range(w_start, w_start + WORDS_PER_SPLIT, BW):
-        w = w0 + tl.arange(0, BW)
+    for i in range(0, WORDS_PER_SPLIT, BW):  # from 0, not w_start: older interpreters take no tensor bound
+        w = w_start + i + tl.arange(0, BW)
         m2 = (w < KW)[:, None] & nm[None, :]
         words = tl.load(qv_ptr + w[:, None] * N + n[None, :], mask=m2, other=0)
         v = ((words[:, None, :] >> (i8 * 4)[None, :, None]) & 15).to(tl.float32) - 8.0  # (BW, 8, BN)
@@ -128,8 +162,8 @@ def _gemv_kernel(x_ptr, qv_ptr, qp_ptr, s_ptr, z_ptr, ts_ptr, b_ptr, acc_ptr, y_
 @triton.jit
 def _gemm_kernel(x_ptr, qv_ptr, qp_ptr, s_ptr, z_ptr, ts_ptr, b_ptr, acc_ptr, y_ptr, M, N, K, KW, K_PER_SPLIT,
                  SPARSE: tl.constexpr, GROUP: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
-                 HAS_ACC: tl.constexpr, ATOMIC: tl.constexpr, DOT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-                 BK: tl.constexpr):
+                 HAS_ACC: tl.constexpr, ATOMIC: tl.constexpr, DOT: tl.constexpr, GROUPED: tl.constexpr,
+                 BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
     """y = x @ W^T for a few rows of x: each (BK, BN) weight tile is expanded to dense in registers for `tl.dot`."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -138,10 +172,14 @@ def _gemm_kernel(x_ptr, qv_ptr, qp_ptr, s_ptr, z_ptr, ts_ptr, b_ptr, acc_ptr, y_
     n = pid_n * BN + tl.arange(0, BN)
     acc = tl.zeros([BM, BN], dtype=tl.float32)
     k_start = pid_k * K_PER_SPLIT
-    for k0 in range(k_start, k_start + K_PER_SPLIT, BK):
+    for i in range(0, K_PER_SPLIT, BK):
+        k0 = k_start + i
         k = k0 + tl.arange(0, BK)
         x = tl.load(x_ptr + m[:, None] * K + k[None, :], mask=(m[:, None] < M) & (k[None, :] < K), other=0.0)
-        w = _expand_tile(qv_ptr, qp_ptr, s_ptr, z_ptr, k, n, N, KW, SPARSE, GROUP, HAS_Z)
+        if SPARSE and GROUPED:
+            w = _expand_tile_grouped(qv_ptr, qp_ptr, s_ptr, z_ptr, k0, n, N, KW, GROUP, HAS_Z, BK)
+        else:
+            w = _expand_tile(qv_ptr, qp_ptr, s_ptr, z_ptr, k, n, N, KW, SPARSE, GROUP, HAS_Z)
         acc = tl.dot(x.to(DOT), w.to(DOT), acc)
     offs = m[:, None] * N + n[None, :]
     mask = (m[:, None] < M) & (n[None, :] < N)
@@ -151,11 +189,16 @@ def _gemm_kernel(x_ptr, qv_ptr, qp_ptr, s_ptr, z_ptr, ts_ptr, b_ptr, acc_ptr, y_
 
 @triton.jit
 def _dequant_kernel(qv_ptr, qp_ptr, s_ptr, z_ptr, ts_ptr, out_ptr, N, K, KW, SPARSE: tl.constexpr,
-                    GROUP: tl.constexpr, HAS_Z: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+                    GROUP: tl.constexpr, HAS_Z: tl.constexpr, GROUPED: tl.constexpr, BN: tl.constexpr,
+                    BK: tl.constexpr):
     """W^T (K, N) in the activations' dtype, for a cuBLAS GEMM over many tokens (prefill)."""
-    k = tl.program_id(0) * BK + tl.arange(0, BK)
+    k0 = tl.program_id(0) * BK
+    k = k0 + tl.arange(0, BK)
     n = tl.program_id(1) * BN + tl.arange(0, BN)
-    w = _expand_tile(qv_ptr, qp_ptr, s_ptr, z_ptr, k, n, N, KW, SPARSE, GROUP, HAS_Z)
+    if SPARSE and GROUPED:
+        w = _expand_tile_grouped(qv_ptr, qp_ptr, s_ptr, z_ptr, k0, n, N, KW, GROUP, HAS_Z, BK)
+    else:
+        w = _expand_tile(qv_ptr, qp_ptr, s_ptr, z_ptr, k, n, N, KW, SPARSE, GROUP, HAS_Z)
     if GROUP == 0:
         w = w * tl.load(ts_ptr)
     mask = (k[:, None] < K) & (n[None, :] < N)
@@ -215,7 +258,8 @@ def int4_mm_impl(x: torch.Tensor, qv: torch.Tensor, qp: torch.Tensor | None, gsc
     if name == "dense":
         bn, bk = 64, 64
         wt = torch.empty(k, n, dtype=x.dtype, device=x.device)
-        _dequant_kernel[(triton.cdiv(k, bk), triton.cdiv(n, bn))](*ptrs[:5], wt, n, k, kw, BN=bn, BK=bk, **flags)
+        _dequant_kernel[(triton.cdiv(k, bk), triton.cdiv(n, bn))](*ptrs[:5], wt, n, k, kw, GROUPED=EXPAND == "group",
+                                                                 BN=bn, BK=bk, **flags)
         y = x @ wt
         if bias is not None:
             y += bias.to(y.dtype)
@@ -237,7 +281,7 @@ def int4_mm_impl(x: torch.Tensor, qv: torch.Tensor, qp: torch.Tensor | None, gsc
         per = triton.cdiv(triton.cdiv(k, splits), bk) * bk
         splits = triton.cdiv(k, per)
         grid = (triton.cdiv(m, bm), triton.cdiv(n, bn), splits)
-        extra = dict(DOT=_dot_dtype(x.dtype), BM=bm, BN=bn, BK=bk)
+        extra = dict(DOT=_dot_dtype(x.dtype), GROUPED=EXPAND == "group", BM=bm, BN=bn, BK=bk)
         sizes = (m, n, k, kw, per)
     atomic = splits > 1
     y = torch.zeros(m, n, dtype=torch.float32, device=x.device) if atomic else torch.empty(m, n, dtype=x.dtype,
@@ -256,7 +300,8 @@ def dequantize_t(qv: torch.Tensor, qp: torch.Tensor | None, gscale: torch.Tensor
     ptrs = _args(qv, qp, gscale, gzero, tscale, None, None, qv)
     _dequant_kernel[(triton.cdiv(k, 64), triton.cdiv(n, 64))](*ptrs[:5], wt, n, k, qv.shape[0], SPARSE=qp is not None,
                                                               GROUP=group if gscale is not None else 0,
-                                                              HAS_Z=gzero is not None, BN=64, BK=64)
+                                                              HAS_Z=gzero is not None, GROUPED=EXPAND == "group",
+                                                              BN=64, BK=64)
     return wt
 
 
