@@ -29,7 +29,7 @@ from torch import nn
 
 from ..packed import SlimLinear, unpack_bits, unpack_codes
 from ..quant import expand_groups, fp8_fake_quant, n_groups
-from . import native
+from . import native, ops
 
 log = logging.getLogger(__name__)
 
@@ -160,6 +160,7 @@ class Int4Matrix(nn.Module):
         self.register_buffer("scale_zeros", sz)
         self.dense_ok = _dense_path_ok(self.packed, nibbles)
         if self.dense_ok:
+            self.block_rows = _layout(n)[0]  # kept: a compiled graph cannot trace the probes behind `_layout`
             cols, rows = _storage_order(n)
             self.register_buffer("storage_cols", cols.to(torch.int32), persistent=False)
             self.register_buffer("storage_rows", rows.to(torch.int32), persistent=False)
@@ -171,7 +172,7 @@ class Int4Matrix(nn.Module):
     def dequantize_t(self, dtype: torch.dtype) -> torch.Tensor:
         """W^T as a (k, n) transient buffer with its columns in the kernel's storage order (no row gather): one
         permuted byte copy and one 256-entry table look-up per weight, then group scales if there are any."""
-        bn, _, _ = _layout(self.n)
+        bn = self.block_rows
         nfull = self.n // bn
         flat = self.packed.reshape(-1)
         parts = []
@@ -182,7 +183,8 @@ class Int4Matrix(nn.Module):
         if rest:
             parts.append(flat[nfull * bn * self.k // 2:].view(self.k, rest // 2))
         b = (torch.cat(parts, 1) if len(parts) > 1 else parts[0]).reshape(-1).to(torch.int32)
-        wt = _nibble_table(dtype).index_select(0, b).view(self.k, self.n)
+        table = _nibbles(dtype) if torch.compiler.is_compiling() else _nibble_table(dtype)  # no cache in a graph
+        wt = table.index_select(0, b).view(self.k, self.n)
         if not self.unit_scale:
             g = self.k // self.group
             sz = self.scale_zeros.index_select(1, self.storage_rows).to(dtype)  # (g, n, 2), storage order
@@ -200,11 +202,13 @@ def _unit_scale_zeros(groups: int, n: int) -> torch.Tensor:
     return torch.stack([torch.ones(groups, n), torch.zeros(groups, n)], -1).to(torch.bfloat16)
 
 
-@functools.lru_cache(maxsize=4)
-def _nibble_table(dtype: torch.dtype) -> torch.Tensor:
+def _nibbles(dtype: torch.dtype) -> torch.Tensor:
     """byte -> (low nibble - 8, high nibble - 8), the kernel's zero-centred codes."""
     b = torch.arange(256)
     return torch.stack([(b & 15) - 8, (b >> 4) - 8], -1).to(dtype)
+
+
+_nibble_table = functools.lru_cache(maxsize=4)(_nibbles)
 
 
 def _storage_order(n: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -257,9 +261,13 @@ class NativeInt4Matrix(nn.Module):
 
     def mm(self, x: torch.Tensor) -> torch.Tensor:
         """x: (m, k) -> (m, n) fp32; activations are quantized to int8 per 16 inputs inside the kernel."""
+        if torch.compiler.is_compiling():  # the op, not the pybind function: traceable
+            return ops.cpu_int4_gemv(x.float().contiguous(), self.packed, self.scale, self.zero, self.group)
         return self._kernel.int4_gemv(x.float().contiguous(), self.packed, self.scale, self.zero, self.group)
 
     def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
+        if torch.compiler.is_compiling():
+            return ops.cpu_int4_dequant(self.packed, self.scale, self.zero, self.group).to(dtype)
         return self._kernel.int4_dequant(self.packed, self.scale, self.zero, self.group).to(dtype)
 
     def mm_dense(self, x: torch.Tensor) -> torch.Tensor:
@@ -287,9 +295,14 @@ class NativeSparse24Matrix(nn.Module):
         self._kernel = native.load()
 
     def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
+        if torch.compiler.is_compiling():
+            return ops.cpu_sparse24_dequant(self.values, self.positions, self.scale, self.group).to(dtype)
         return self._kernel.sparse24_dequant(self.values, self.positions, self.scale, self.group).to(dtype)
 
     def mm(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling():
+            return ops.cpu_linear(x.float(), self.values, self.positions, self.scale, torch.empty(0), self.group,
+                                  *_NO_ADAPTERS)
         lin = self._kernel.Linears(self.k)
         lin.add(self.values, self.positions, self.scale, torch.empty(0), self.group, *_NO_ADAPTERS)
         return lin.forward1(x.float())
@@ -407,8 +420,9 @@ class Int4Linear(nn.Module):
         if self.__dict__["_plain"]:  # no input scale, fp8 or bias: the whole layer is one kernel call
             x2 = x.reshape(-1, self.in_features)
             if x2.shape[0] < self.gemm_min_tokens:
-                group = self.__dict__.get("_group")
-                if group is not None:  # siblings reading the same input (q/k/v, gate/up): one call for all
+                if torch.compiler.is_compiling():  # the layer's own op: a traced graph has no tensor identities
+                    y = ops.cpu_linear(x2, *self.native_args())
+                elif (group := self.__dict__.get("_group")) is not None:  # siblings on one input: one call
                     y = group.run(self, x, x2)
                 else:
                     y = (self.__dict__.get("_fused_call") or self._make_fused_call())(x2)
@@ -420,8 +434,11 @@ class Int4Linear(nn.Module):
         if self.fp8_inputs:
             x2 = fp8_fake_quant(x2)
         if self.fused and x2.shape[0] < self.gemm_min_tokens:  # the whole layer in one call of slim's kernel
-            call = self.__dict__.get("_fused_call") or self._make_fused_call()
-            y = call(x2.float())
+            if torch.compiler.is_compiling():
+                y = ops.cpu_linear(x2.float(), *self.native_args())
+            else:
+                call = self.__dict__.get("_fused_call") or self._make_fused_call()
+                y = call(x2.float())
             if self.bias is not None:
                 y.add_(self.bias)
             return y.to(x.dtype).view(*shape[:-1], self.out_features)
@@ -453,7 +470,9 @@ class Int4Linear(nn.Module):
 
     def _make_fused_call(self):  # noqa: ANN202 - a bound C++ method: module attribute look-ups cost more than the op
         lin = self.base._kernel.Linears(self.in_features)
-        lin.add(*self.native_args())
+        args = self.native_args()
+        lin.add(*args)
+        ops.remember(self.in_features, *ops.split_args(args), lin)  # a compiled graph's op call finds it
         self.__dict__["_fused_call"] = lin.forward1
         return lin.forward1
 
@@ -502,7 +521,10 @@ class HalfWeightLinear(nn.Module):
         x2 = x.reshape(-1, self.in_features).float()
         w = self.weight
         if x2.shape[0] <= HALF_KERNEL_MAX_TOKENS and self._kernel is not None and self.in_features % 16 == 0:
-            y = self._kernel.half_linear(x2, w.contiguous())
+            if torch.compiler.is_compiling():
+                y = ops.cpu_half_linear(x2, w.contiguous())
+            else:
+                y = self._kernel.half_linear(x2, w.contiguous())
         else:
             y = x2.new_empty(x2.shape[0], self.out_features)
             for i in range(0, self.out_features, HALF_GEMM_ROWS):
@@ -533,9 +555,14 @@ class SharedInput:
 
     def build(self):  # noqa: ANN201 - the kernel's Linears object for all members
         self.kernel = self.members[0].base._kernel.Linears(self.members[0].in_features)
+        tensors, ints = [], []
         for m in self.members:
-            self.kernel.add(*m.native_args())
-        return self.kernel
+            args = m.native_args()
+            self.kernel.add(*args)
+            t, i = ops.split_args(args)
+            tensors += t
+            ints += i
+        return ops.remember(self.members[0].in_features, tensors, ints, self.kernel)  # for `ops.cpu_linears`
 
     def run(self, layer: Int4Linear, x: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
         i = self.members.index(layer)
