@@ -72,6 +72,34 @@ def test_compiled_reference_backend_matches_eager():
     assert not counters["graph_break"]
 
 
+def test_compiled_cpu_int4_backend_traces_whole():
+    from slim.runtime import cpu_int4
+
+    if cpu_int4.available("cpu") is not None:
+        pytest.skip(f"cpu-int4: {cpu_int4.available('cpu')}")
+    model = _compress(tiny_model("llama"), "cpu-int4", rank=32)  # widths 64 / 128: multiples of the kernel's 32
+    assert model.slim_backend["counts"] == {"cpu-int4": 14}
+    ids = _ids(seed=5)
+    eager = generate(model, None, ids, max_new_tokens=10)
+    counters.clear()
+    comp = generate(model, None, ids, max_new_tokens=10, compile=True, _compile_backend="aot_eager")
+    assert comp["tokens"] == eager["tokens"]
+    assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"]  # the kernels are traced ops
+
+
+@pytest.mark.gpu
+def test_compiled_cuda_graphs_match_eager():
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    model = tiny_model("llama").cuda()
+    ids = _ids(seed=6)
+    eager = generate(model, None, ids, max_new_tokens=16)
+    comp = generate(model, None, ids, max_new_tokens=16, compile=True)  # inductor, mode="reduce-overhead"
+    again = generate(model, None, ids, max_new_tokens=16, compile=True)
+    assert comp["tokens"] == eager["tokens"] == again["tokens"]
+    assert comp["compile_seconds"] > 0 and again["compile_seconds"] == 0.0
+
+
 def test_model_without_static_cache_is_refused():
     class NoConfig(nn.Module):
         def __init__(self) -> None:

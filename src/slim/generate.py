@@ -77,7 +77,8 @@ def generate(
 
     `compile=True` decodes through a static KV cache and a `torch.compile`d one-token step (see the module
     docstring); the first call for a model and total length compiles, which is timed apart as `compile_seconds`
-    and left out of the decode tokens/s. `_compile_backend` picks another `torch.compile` backend (tests use the
+    and left out of the decode tokens/s; the model keeps its compiled step and last static cache for the next
+    call (a new length compiles again). `_compile_backend` picks another `torch.compile` backend (tests use the
     fast-compiling "eager" / "aot_eager"). Returns the tokens, the text, prefill and decode seconds and tokens/s,
     `compile_seconds` (None without `compile`) and peak resident memory."""
     if max_new_tokens < 1:
