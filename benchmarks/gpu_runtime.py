@@ -142,9 +142,9 @@ def layer_rows(d_out: int, d_in: int, tokens: list[int], dev: torch.device, time
                 continue
             base.path = path
             row["us"][f"slim_{path}"] = 1e6 * timer(lambda x=x: base(x))
-        if t <= VARIANT_TOKENS:  # the other way to expand a 2:4 tile for tl.dot (triton_kernels.EXPAND)
+        if t <= VARIANT_TOKENS:  # the other way to build a 2:4 tile for tl.dot (triton_kernels.EXPAND)
             kern = cuda_int4.kernels()
-            default, other = kern.EXPAND, "select" if kern.EXPAND == "group" else "group"
+            default, other = kern.EXPAND, "split4" if kern.EXPAND == "group" else "group"
             base.path = "gemm"
             kern.EXPAND = other
             try:
@@ -162,6 +162,42 @@ def layer_rows(d_out: int, d_in: int, tokens: list[int], dev: torch.device, time
         if "torch_int4" in row["us"]:
             row["speedup_vs_torch_int4"] = row["us"]["torch_int4"] / row["us"]["slim_auto"]
         rows.append(row)
+    return rows
+
+
+SWEEP_SHAPES = [(11008, 4096), (28672, 8192)]
+GEMV_SWEEP = [{"BN": bn, "BW": bw, "num_warps": w} for bn, bw, w in ((64, 8, 4), (128, 8, 4), (64, 16, 4),
+                                                                     (128, 8, 8), (256, 8, 8))]
+GEMM_SWEEP = [{"BN": bn, "BK": bk, "num_warps": w} for bn, bk, w in ((64, 64, 4), (128, 64, 4), (256, 64, 8),
+                                                                     (128, 128, 8))]
+
+
+def sweep_rows(dev: torch.device, timer: Timer, smoke: bool) -> list[dict]:
+    """The 2:4 layer's GEMV (1 token) and GEMM (16 tokens) under each block configuration that the SASS count
+    (benchmarks/triton_sass.py) left in the running: which one the defaults should be."""
+    kern = cuda_int4.kernels()
+    rows = []
+    for d_out, d_in in (SMOKE_SHAPES["smoke"] if smoke else SWEEP_SHAPES):
+        mod = cuda_int4.convert(random_slim_linear(d_out, d_in, seed=2).to(dev))
+        act = torch.float32 if smoke else torch.float16
+        for path, tokens, configs in (("gemv", 1, GEMV_SWEEP), ("gemm", 16, GEMM_SWEEP)):
+            mod.path = path
+            x = torch.randn(tokens, d_in, device=dev, dtype=act)
+            for cfg in configs:
+                saved = copy.deepcopy((kern.GEMV_CONFIG, kern.GEMM_CONFIG))
+                if path == "gemv":
+                    kern.GEMV_CONFIG["2:4"] = cfg
+                else:
+                    kern.GEMM_CONFIG = cfg
+                try:
+                    us = 1e6 * timer(lambda x=x, mod=mod: mod(x))
+                    rows.append({"d_out": d_out, "d_in": d_in, "path": path, "tokens": tokens, "config": cfg,
+                                 "us": us})
+                except Exception as e:  # a configuration that does not fit (registers, shared memory) is a finding
+                    rows.append({"d_out": d_out, "d_in": d_in, "path": path, "tokens": tokens, "config": cfg,
+                                 "error": f"{type(e).__name__}: {str(e)[:200]}"})
+                finally:
+                    kern.GEMV_CONFIG, kern.GEMM_CONFIG = saved
     return rows
 
 
@@ -268,6 +304,13 @@ def markdown(res: dict) -> str:
         other = next((v for k, v in us.items() if k.startswith("slim_gemm[")), None)
         lines.append(f"| {r['d_out']}x{r['d_in']} | {r['tokens']} | {f(us.get('slim_gemv'))} | "
                      f"{f(us.get('slim_gemm'))} | {f(other)} | {f(us.get('slim_dense'))} |")
+    if res.get("sweep"):
+        lines += ["\nBlock configurations (2:4 layer, microseconds): GEMV at 1 token, GEMM at 16.\n",
+                  "| shape | path | config | us |", "|---|---|---|---|"]
+        for r in res["sweep"]:
+            cfg = ", ".join(f"{k}={v}" for k, v in r["config"].items())
+            us = f(r["us"]) if "us" in r else r["error"]
+            lines.append(f"| {r['d_out']}x{r['d_in']} | {r['path']} | {cfg} | {us} |")
     if res.get("decode"):
         lines += ["\nEnd to end: greedy decode of a random Llama with Llama-2-7B blocks.\n",
                   "| model | loop | decode tok/s | x dense (same loop) |", "|---|---|---|---|"]
@@ -315,7 +358,7 @@ def main() -> None:
 
     res: dict[str, Any] = {"machine": machine(), "commit": source_commit(), "triton": triton.__version__,
                            "command": "python benchmarks/gpu_runtime.py " + " ".join(sys.argv[1:]),
-                           "kernel": cuda_int4.describe(), "copy_gbps": None, "layers": [], "decode": [],
+                           "kernel": cuda_int4.describe(), "copy_gbps": None, "layers": [], "sweep": [], "decode": [],
                            "skipped": []}
 
     def save() -> None:
@@ -344,6 +387,10 @@ def main() -> None:
                                                       for r in rows))
                 if dev.type == "cuda":
                     torch.cuda.empty_cache()
+        if budget_left() > e2e_reserve + (5 if args.smoke else 60):
+            res["sweep"] = sweep_rows(dev, timer, args.smoke)
+            save()
+            log("block-configuration sweep done")
         if not args.no_e2e:
             res["decode"] = decode_rows(dev, 2 if args.smoke else args.blocks, 8 if args.smoke else args.prompt,
                                         6 if args.smoke else args.new, args.smoke, budget_left, log)

@@ -236,4 +236,5 @@ def prepare_model(model: nn.Module) -> str | None:
 def describe() -> dict[str, Any]:
     """The crossovers in force (saved with benchmark results)."""
     k = kernels()
-    return {"gemv_max_tokens": k.GEMV_MAX_TOKENS, "gemm_max_tokens": k.GEMM_MAX_TOKENS, "expand": k.EXPAND}
+    return {"gemv_max_tokens": k.GEMV_MAX_TOKENS, "gemm_max_tokens": k.GEMM_MAX_TOKENS, "expand": k.EXPAND,
+            "gemv_config": k.GEMV_CONFIG, "gemm_config": k.GEMM_CONFIG, "dequant_config": k.DEQUANT_CONFIG}
