@@ -241,3 +241,22 @@ def test_gpu_cuda_2of4_keeps_bf16():
     y = mod(x)
     assert y.dtype == torch.bfloat16 and torch.isfinite(y).all()
     assert _rel_err(y, x.float() @ layer.dequantized_weight().t()) < 2e-2
+
+
+@needs_interpreter
+def test_compiled_decode_loop_through_the_backend():
+    """The loop the GPU benchmark times: a static KV cache and a compiled one-token step (inductor here, CUDA graphs
+    on a GPU) over `cuda-int4` layers gives the eager loop's greedy tokens, in one graph."""
+    from torch._dynamo.utils import counters
+
+    from slim.generate import generate
+
+    model = _compressed_tiny(seed=8)
+    apply_backend(model, "cuda-int4", DEVICE)
+    ids = torch.randint(0, 256, (1, 6), generator=torch.Generator().manual_seed(3)).to(DEVICE)
+    eager = generate(model, None, ids, max_new_tokens=4, stop_at_eos=False)
+    torch._dynamo.reset()
+    counters.clear()
+    comp = generate(model, None, ids, max_new_tokens=4, stop_at_eos=False, compile=True)
+    assert comp["tokens"] == eager["tokens"]
+    assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"]
