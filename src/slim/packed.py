@@ -32,6 +32,11 @@ from .quant import expand_groups, fp8_fake_quant, n_groups, qrange
 
 FORMAT_VERSION = 1
 
+# The limits of the stored layout, shared with the configuration (slim.config), which refuses anything outside
+# them before any work, so that `slim compress` never writes a checkpoint `slim.load` refuses.
+CODE_BITS = (2, 4, 8)  # quantized weights' and adapters' code widths: whole codes per byte
+MAX_NM_M = 64  # largest M of an N:M pattern
+
 
 # ---------------------------------------------------------------- bit packing
 
@@ -134,11 +139,15 @@ class Layout:
         need(self.sparsity in ("dense", "nm", "unstructured"), "sparsity is dense, nm or unstructured")
         need(0 < self.keep <= self.d_in, "0 < keep <= d_in")
         if self.sparsity == "nm":
-            need(0 < self.n <= self.m <= 64 and self.d_in % self.m == 0 and self.keep == self.d_in // self.m * self.n,
-                 "N:M with 0 < N <= M <= 64, M dividing d_in and keep = d_in / M * N")
+            need(0 < self.n <= self.m <= MAX_NM_M and self.d_in % self.m == 0
+                 and self.keep == self.d_in // self.m * self.n,
+                 f"N:M with 0 < N <= M <= {MAX_NM_M}, M dividing d_in and keep = d_in / M * N")
         elif self.sparsity == "dense":
             need(self.keep == self.d_in, "a dense layer keeps d_in weights a row")
-        need(self.bits in (0, 2, 3, 4, 8) and self.adapter_bits in (0, 2, 3, 4, 8), "bits in 0, 2, 3, 4, 8")
+        allowed = (0, *CODE_BITS)
+        need(self.bits in allowed and self.adapter_bits in allowed,
+             f"bits and adapter_bits in {', '.join(map(str, allowed))} (0: fp16), "
+             f"got {self.bits} and {self.adapter_bits}")
         need(0 <= self.group_size <= 1 << 20 and 0 < self.adapter_group <= 1 << 20, "group sizes in range")
         need(not self.zero_point or (self.group_size > 0 and self.bits > 0), "zero points need quantized groups")
         need(0 <= self.rank <= min(self.d_in, self.d_out), "0 <= rank <= min(d_in, d_out)")
@@ -255,6 +264,7 @@ class SlimLinear(nn.Module):
             adapter_group=cw.adapter_group, input_scale=cw.input_scale is not None, fp8_inputs=fp8_inputs,
             bias=bias is not None,
         )
+        layout.check()  # what the loader would refuse, refused here with its reason (not deep inside packing)
         mod = cls(layout, dtype=bias.dtype if bias is not None else torch.float32)
         # positions of kept weights, ascending within each row
         if sparsity == "dense":
@@ -363,10 +373,7 @@ class SlimLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         L = self.layout
-        if L.input_scale:
-            x = x / self.input_scale.to(x.dtype)
-        if L.fp8_inputs:
-            x = fp8_fake_quant(x)
+        x = layer_inputs(x, self.input_scale if L.input_scale else None, L.fp8_inputs)
         cached = self._cached
         if cached is None or cached[0].dtype != x.dtype:
             ad = self.adapters()
@@ -392,6 +399,16 @@ class SlimLinear(nn.Module):
             f"in={L.d_in}, out={L.d_out}, sparsity={sp}, bits={L.bits or 16}, "
             f"rank={L.rank}, adapter_bits={L.adapter_bits or 16}"
         )
+
+
+def layer_inputs(x: torch.Tensor, input_scale: torch.Tensor | None, fp8: bool) -> torch.Tensor:
+    """What a compressed layer multiplies: x / input_scale (SLiM-Quant^O's scaled space) and, where the layout says
+    so, rounded to FP8; every backend applies it the same way."""
+    if input_scale is not None:
+        x = x / input_scale.to(x.dtype)
+    if fp8:
+        x = fp8_fake_quant(x)
+    return x
 
 
 def set_dense_cache(model: nn.Module, on: bool) -> None:

@@ -27,9 +27,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..packed import SlimLinear, unpack_bits, unpack_codes
-from ..quant import expand_groups, fp8_fake_quant, n_groups
-from . import native, ops
+import slim.runtime.native as native  # the submodules, not the package: imports point one way
+import slim.runtime.ops as ops
+
+from ..packed import SlimLinear, layer_inputs, unpack_bits, unpack_codes
+from ..quant import expand_groups, n_groups
 
 log = logging.getLogger(__name__)
 
@@ -428,11 +430,7 @@ class Int4Linear(nn.Module):
                     y = (self.__dict__.get("_fused_call") or self._make_fused_call())(x2)
                 return y.view(*x.shape[:-1], self.out_features)
         shape = x.shape
-        x2 = x.reshape(-1, self.in_features)
-        if self.input_scale is not None:
-            x2 = x2 / self.input_scale.to(x2.dtype)
-        if self.fp8_inputs:
-            x2 = fp8_fake_quant(x2)
+        x2 = layer_inputs(x.reshape(-1, self.in_features), self.input_scale, self.fp8_inputs)
         if self.fused and x2.shape[0] < self.gemm_min_tokens:  # the whole layer in one call of slim's kernel
             if torch.compiler.is_compiling():
                 y = ops.cpu_linear(x2.float(), *self.native_args())

@@ -16,8 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..packed import SlimLinear
-from ..quant import fp8_fake_quant
+from ..packed import SlimLinear, layer_inputs
 
 NAME = "cuda-2of4"
 
@@ -68,11 +67,7 @@ class Sparse24Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
-        x2 = x.reshape(-1, self.in_features)
-        if self.input_scale is not None:
-            x2 = x2 / self.input_scale.to(x2.dtype)
-        if self.layout.fp8_inputs:
-            x2 = fp8_fake_quant(x2)
+        x2 = layer_inputs(x.reshape(-1, self.in_features), self.input_scale, self.layout.fp8_inputs)
         if x2.dtype != self.dtype:
             raise TypeError(f"cuda-2of4 layer holds {self.dtype} weights but got {x2.dtype} activations; load the "
                             f"model in {self.dtype} or use --backend cuda-int4")

@@ -23,8 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..packed import SlimLinear, pack_bits, unpack_codes
-from ..quant import fp8_fake_quant, n_groups
+from ..packed import SlimLinear, layer_inputs, pack_bits, unpack_codes
+from ..quant import n_groups
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +46,7 @@ def _triton_missing() -> str | None:
 
 
 def kernels():  # noqa: ANN201 - the module, imported only here so that slim imports without Triton
-    from . import triton_kernels
+    import slim.runtime.triton_kernels as triton_kernels  # the submodule, not the package (no import cycle)
 
     return triton_kernels
 
@@ -182,11 +182,7 @@ class Int4CudaLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
-        x2 = x.reshape(-1, self.in_features)
-        if self.input_scale is not None:
-            x2 = x2 / self.input_scale.to(x2.dtype)
-        if self.fp8_inputs:
-            x2 = fp8_fake_quant(x2)
+        x2 = layer_inputs(x.reshape(-1, self.in_features), self.input_scale, self.fp8_inputs)
         path = self._path_id
         if self.adapter_kind == "int4":
             t = self.ad_A.mm(x2, path=path)

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from . import native
+import slim.runtime.native as native  # the submodule, not the package: imports point one way
 
 # the Linears objects alive elsewhere (a layer's fused call holds its own), found again by key; held weakly so a
 # dropped model frees its tensors

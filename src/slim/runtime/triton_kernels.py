@@ -144,6 +144,19 @@ def _expand_tile_grouped(qv_ptr, qp_ptr, s_ptr, z_ptr, k0, n, N, KW, GROUP: tl.c
 
 
 @triton.jit
+def _tile(qv_ptr, qp_ptr, s_ptr, z_ptr, k0, n, N, KW, SPARSE: tl.constexpr, GROUP: tl.constexpr, HAS_Z: tl.constexpr,
+          EXPAND: tl.constexpr, BK: tl.constexpr):
+    """The (BK, BN) fp32 weight tile from input k0: dense int4, or 2:4 built per group (EXPAND 1) or per weight."""
+    if not SPARSE:
+        w = _dense_tile(qv_ptr, s_ptr, z_ptr, k0, n, N, KW, GROUP, HAS_Z, BK)
+    elif EXPAND == 1:
+        w = _expand_tile_grouped(qv_ptr, qp_ptr, s_ptr, z_ptr, k0, n, N, KW, GROUP, HAS_Z, BK)
+    else:
+        w = _expand_tile(qv_ptr, qp_ptr, s_ptr, z_ptr, k0 + tl.arange(0, BK), n, N, KW, GROUP, HAS_Z)
+    return w
+
+
+@triton.jit
 def _epilogue(acc, y_ptr, acc_ptr, b_ptr, ts_ptr, offs, mask, n, nm, first, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr,
               HAS_ACC: tl.constexpr, ATOMIC: tl.constexpr):
     """Per-tensor scale, bias and an added tensor (the adapters' accumulation), then store or atomically add."""
@@ -240,12 +253,7 @@ def _gemm_kernel(x_ptr, qv_ptr, qp_ptr, s_ptr, z_ptr, ts_ptr, b_ptr, acc_ptr, y_
         else:
             k = k0 + tl.arange(0, BK)
             x = tl.load(x_ptr + m[:, None] * K + k[None, :], mask=(m[:, None] < M) & (k[None, :] < K), other=0.0)
-            if not SPARSE:
-                w = _dense_tile(qv_ptr, s_ptr, z_ptr, k0, n, N, KW, GROUP, HAS_Z, BK)
-            elif EXPAND == 1:
-                w = _expand_tile_grouped(qv_ptr, qp_ptr, s_ptr, z_ptr, k0, n, N, KW, GROUP, HAS_Z, BK)
-            else:
-                w = _expand_tile(qv_ptr, qp_ptr, s_ptr, z_ptr, k, n, N, KW, GROUP, HAS_Z)
+            w = _tile(qv_ptr, qp_ptr, s_ptr, z_ptr, k0, n, N, KW, SPARSE, GROUP, HAS_Z, EXPAND, BK)
             acc = tl.dot(x.to(DOT), w.to(DOT), acc)
     offs = m[:, None] * N + n[None, :]
     mask = (m[:, None] < M) & (n[None, :] < N)
@@ -271,12 +279,7 @@ def _dequant_kernel(qv_ptr, qp_ptr, s_ptr, z_ptr, ts_ptr, out_ptr, N, K, KW, SPA
             tl.store(out_ptr + kj[:, None] * N + n[None, :], v.to(out_ptr.dtype.element_ty), mask=mask)
     else:
         k = k0 + tl.arange(0, BK)
-        if not SPARSE:
-            w = _dense_tile(qv_ptr, s_ptr, z_ptr, k0, n, N, KW, GROUP, HAS_Z, BK)
-        elif EXPAND == 1:
-            w = _expand_tile_grouped(qv_ptr, qp_ptr, s_ptr, z_ptr, k0, n, N, KW, GROUP, HAS_Z, BK)
-        else:
-            w = _expand_tile(qv_ptr, qp_ptr, s_ptr, z_ptr, k, n, N, KW, GROUP, HAS_Z)
+        w = _tile(qv_ptr, qp_ptr, s_ptr, z_ptr, k0, n, N, KW, SPARSE, GROUP, HAS_Z, EXPAND, BK)
         mask = (k[:, None] < K) & (n[None, :] < N)
         tl.store(out_ptr + k[:, None] * N + n[None, :], (w * scale).to(out_ptr.dtype.element_ty), mask=mask)
 
