@@ -11,10 +11,13 @@ output dimension are coalesced:
   tscale fp32 (1,)      the per-tensor scale (when there are no group scales), applied to the output
 Three paths, chosen by the token count: a GEMV on CUDA cores over the kept values only (each kept code times the
 activation at its position; a pruned weight costs nothing), a `tl.dot` GEMM that expands each group of 4 into a
-dense tile in registers (a select on the position, no gather; half the MMA work is wasted, which a memory-bound
-layer affords), and for prefill a dequantization into a transient buffer plus cuBLAS. Split-K adds fp32 partial
-sums with atomics. Arithmetic is fp32 throughout; only `tl.dot` takes 16-bit operands (fp32 under the interpreter,
-which computes bf16 products wrongly).
+dense tile in registers (the two kept codes placed by selects on their positions, no gather; half the MMA work is
+wasted, which a memory-bound layer affords), and for prefill a dequantization into a transient buffer plus cuBLAS.
+Split-K adds fp32 partial sums with atomics. Arithmetic is fp32 throughout; only `tl.dot` takes 16-bit operands
+(fp32 under the interpreter, which computes bf16 products wrongly). At decode sizes the kernels are bound by their
+instruction count, not by memory: benchmarks/triton_sass.py counts it per weight from the sm_90 machine code, and
+the shapes of the code below (tiles built as words x nibbles so that every shift is by a constant, the 2^23
+dequantization trick) come from that count.
 """
 
 from __future__ import annotations
