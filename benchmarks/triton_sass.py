@@ -23,22 +23,23 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-os.environ.pop("TRITON_INTERPRET", None)  # compile for real, even from the test suite's environment
+import triton
+import triton.language as tl
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
 
-import triton  # noqa: E402
-import triton.language as tl  # noqa: E402
-from triton.backends.compiler import GPUTarget  # noqa: E402
-from triton.compiler import ASTSource  # noqa: E402
-
-from slim.checkpoint import write_json  # noqa: E402
+from slim.checkpoint import write_json
 
 TYPES = {"x_ptr": "*bf16", "qv_ptr": "*i32", "qp_ptr": "*i16", "s_ptr": "*fp32", "z_ptr": "*fp32", "ts_ptr": "*fp32",
          "b_ptr": "*bf16", "acc_ptr": "*bf16", "y_ptr": "*bf16", "out_ptr": "*bf16"}
 
 
-def _kernels():  # noqa: ANN202 - imported here, after TRITON_INTERPRET is cleared, so the kernels compile
+def _kernels():  # noqa: ANN202 - imported here, after `main` clears TRITON_INTERPRET, so the kernels compile
     from slim.runtime import triton_kernels
 
+    if not isinstance(triton_kernels._gemv_kernel, triton.runtime.JITFunction):
+        raise SystemExit("triton_sass: the kernels were imported under TRITON_INTERPRET=1; run this script in a "
+                         "process of its own")
     return triton_kernels
 
 
@@ -160,6 +161,7 @@ def main() -> None:
     ap.add_argument("--arch", type=int, default=90, help="compute capability x 10 to compile for (90: H100/H200)")
     ap.add_argument("--defaults-only", action="store_true", help="only the configurations in use (a quick check)")
     args = ap.parse_args()
+    os.environ.pop("TRITON_INTERPRET", None)  # compile for real, even from the test suite's environment
     rows = run(args.arch, args.defaults_only)
     meta = {"arch": args.arch, "triton": triton.__version__,
             "command": "python benchmarks/triton_sass.py " + " ".join(sys.argv[1:])}
