@@ -11,7 +11,7 @@ from torch import nn
 
 from .config import CompressConfig
 from .data import calibration_ids, read_texts
-from .models import check_compressible, family_of, find_linears, get_layers, layers_prefix, load_model
+from .models import check_compressible, check_context, family_of, find_linears, get_layers, layers_prefix, load_model
 from .pipeline import compress_model
 
 log = logging.getLogger(__name__)
@@ -21,7 +21,7 @@ def compress(
     model: nn.Module | str | None, config: CompressConfig | None = None, tokenizer=None,
     data_dir: str | os.PathLike | None = None, progress: bool = True,
     masks: dict[str, torch.Tensor] | None = None, run: Any = None, max_memory: int | None = None,
-    ranks: Any = None,
+    ranks: Any = None, checked: bool = False,
 ) -> tuple[nn.Module, Any, dict[str, Any]]:
     """Compress a model (object, local path, hub id, or None for the bundled SmolLM2) in place.
 
@@ -29,7 +29,8 @@ def compress(
     and the compression report; pass it to `slim.save` to record it next to the checkpoint. `run` (a
     `slim.stream.BlockRun`) commits each block to disk as it is done; `slim compress` uses it. `max_memory` (bytes)
     moves the calibration activations to disk when they would take more than a quarter of it. `ranks`
-    (`slim.dist.from_env()`) shares the work among the processes torchrun started.
+    (`slim.dist.from_env()`) shares the work among the processes torchrun started. `checked`: the caller already ran
+    `slim.models.check_compressible` on this model and config (it scans every weight: once is enough).
     """
     cfg = config or CompressConfig()
     source: dict[str, Any] = {}
@@ -38,14 +39,16 @@ def compress(
     if tokenizer is None:
         raise ValueError("pass the tokenizer along with a model object")
     family_of(model)
-    check_compressible(model, cfg)
+    check_context(model, cfg)
+    if not checked:
+        check_compressible(model, cfg)
     if masks is not None:
         check_masks(model, masks, cfg)
     torch.manual_seed(cfg.calib.seed)
     texts, prov = read_texts(cfg.calib.data, data_dir)
     ids = calibration_ids(tokenizer, texts, cfg.calib.n_samples, cfg.calib.seqlen, cfg.calib.seed)
     report = compress_model(model, ids, cfg, progress=progress, masks=masks, run=run, max_memory=max_memory,
-                            ranks=ranks)
+                            ranks=ranks, checked=True)
     meta = {"source": source, "config": cfg.to_dict(), "calibration_data": prov, "report": report}
     return model, tokenizer, meta
 

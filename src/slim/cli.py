@@ -334,7 +334,8 @@ def _compress(args: argparse.Namespace, cfg: Any, ranks: Any) -> int:
     dtype = checkpoint.resolve_dtype(args.dtype, model.get_input_embeddings().weight.dtype,
                                      bool(source.get("gguf_file")))
     models.family_of(model)
-    models.check_compressible(model, cfg)
+    models.check_context(model, cfg)
+    models.check_compressible(model, cfg)  # the one scan of the weights: `compress` below is told it ran
     if masks is not None:
         check_masks(model, masks, cfg)
     stream.check_budget(model, max_memory, cfg.needs_gram)
@@ -356,7 +357,7 @@ def _compress(args: argparse.Namespace, cfg: Any, ranks: Any) -> int:
                           ranks=ranks)
     t0 = time.perf_counter()
     model, tok, meta = compress(model, cfg, tok, data_dir=args.data_dir, progress=not args.quiet and ranks.main,
-                                masks=masks, run=run, max_memory=max_memory, ranks=ranks)
+                                masks=masks, run=run, max_memory=max_memory, ranks=ranks, checked=True)
     if mask_hash:
         meta["mask_file"] = mask_hash
     meta["source"] = source

@@ -11,12 +11,13 @@ from typing import Any
 import yaml
 
 from .methods import ADAPTERS, MASKS, QUANTIZERS
+from .packed import CODE_BITS, MAX_NM_M
 
 # the built-in methods' names (slim.methods: a method registered there later is accepted as well)
 MASK_METHODS = tuple(MASKS)
 QUANT_METHODS = tuple(QUANTIZERS)
 ADAPTER_METHODS = tuple(ADAPTERS)
-SUPPORTED_BITS = (2, 4, 8)
+SUPPORTED_BITS = CODE_BITS  # what the stored layout packs (slim.packed): the loader's limits are the config's
 
 
 class ConfigError(ValueError):
@@ -66,8 +67,9 @@ def parse_pattern(pattern: str) -> tuple[str, int, int, float]:
                 f"sparsity pattern {pattern!r}: N:M keeps N of every M weights and needs 1 <= N < M "
                 "(e.g. '2:4')"
             )
-        if mm > 256:
-            raise ConfigError(f"sparsity pattern {pattern!r}: M must be at most 256")
+        if mm > MAX_NM_M:
+            raise ConfigError(f"sparsity pattern {pattern!r}: M must be at most {MAX_NM_M} (the largest group the "
+                              "stored layout holds)")
         return "nm", n, mm, 1.0 - n / mm
     try:
         r = float(p.rstrip("%")) / (100.0 if p.endswith("%") else 1.0)

@@ -10,9 +10,12 @@ input-side weighting S:
 
 from __future__ import annotations
 
+import logging
 from typing import NamedTuple
 
 import torch
+
+log = logging.getLogger(__name__)
 
 
 def _truncated(m: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -55,6 +58,7 @@ class GramFactor(NamedTuple):
 
     low: torch.Tensor
     shift: float
+    damping: float | None = None  # the relative damping reached (above the requested one if it had to be raised)
 
     def energy(self, err: torch.Tensor, product: torch.Tensor) -> float:
         """tr(E H E^T) from `product` = E L (computed anyway for the adapter fit): ||E L||^2 - shift ||E||^2,
@@ -67,7 +71,8 @@ def gram_factor(h: torch.Tensor, damping: float) -> GramFactor:
 
     Any S with S S^T = H weights the error the same way (||E S||_F^2 = tr(E H E^T)), so the optimal
     adapter is the same for L as for the symmetric root H^(1/2); a Cholesky factorization costs a small
-    fraction of the eigendecomposition the root needs. More damping is added only if it still fails.
+    fraction of the eigendecomposition the root needs. More damping is added only if it still fails (logged, and
+    kept in the factor's `damping`).
     """
     h = h.double()
     h = (h + h.T) / 2
@@ -77,7 +82,10 @@ def gram_factor(h: torch.Tensor, damping: float) -> GramFactor:
         shift = (damping + extra) * mean_diag
         low, info = torch.linalg.cholesky_ex(h + shift * eye)
         if int(info) == 0:
-            return GramFactor(low, shift)
+            if extra:  # a raised damping weakens the adapter's weighting: say so
+                log.warning("adapter: the %d x %d Gram matrix's Cholesky failed at damping %g; raised to %g",
+                            h.shape[0], h.shape[1], damping, damping + extra)
+            return GramFactor(low, shift, damping + extra)
     raise torch.linalg.LinAlgError("Gram matrix is not positive definite even after heavy damping")
 
 

@@ -109,6 +109,25 @@ def check_compressible(model: nn.Module, cfg: CompressConfig) -> None:
     check_finite(model.named_parameters())
 
 
+def context_length(model: nn.Module) -> int | None:
+    """Positions the model was built for (its config's max_position_embeddings or a family's equivalent), if known."""
+    cfg = getattr(model, "config", None)
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        n = getattr(cfg, key, None)
+        if isinstance(n, int) and n > 0:
+            return n
+    return None
+
+
+def check_context(model: nn.Module, cfg: CompressConfig) -> None:
+    """Refuse calibration windows longer than the model's context before any calibration work: positions it never
+    saw give activations unlike those in use, and a huge window would run for hours (or exhaust memory) first."""
+    ctx = context_length(model)
+    if ctx is not None and cfg.calib.seqlen > ctx:
+        raise ConfigError(f"calib.seqlen {cfg.calib.seqlen} is longer than the model's context of {ctx} positions "
+                          f"(max_position_embeddings); use calib.seqlen (--calib-seqlen) {ctx} or less")
+
+
 def check_finite(tensors, prefix: str = "") -> None:  # noqa: ANN001 - (name, tensor) pairs
     """Refuse NaN or Inf weights (a corrupt or overflowed checkpoint) before compressing them; meta tensors (not read
     yet) are checked when they are read."""

@@ -10,11 +10,14 @@ within each column block for a ratio, so every row keeps the same count).
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from types import ModuleType
 
 import torch
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -42,6 +45,12 @@ def native_available() -> bool:
 
 def inverse_hessian_cholesky(h: torch.Tensor, damping: float = 0.01) -> torch.Tensor:
     """Upper Cholesky factor of H^-1 after relative damping (dead inputs get a unit diagonal)."""
+    return damped_inverse_cholesky(h, damping)[0]
+
+
+def damped_inverse_cholesky(h: torch.Tensor, damping: float = 0.01) -> tuple[torch.Tensor, float]:
+    """`inverse_hessian_cholesky` and the relative damping it reached: raised (0.1, 1, 10 more) while the
+    factorization fails, with a warning, since a raised damping weakens the error feedback and should be seen."""
     h = h.double().clone()
     dead = torch.diagonal(h) == 0
     h[dead, dead] = 1.0
@@ -52,9 +61,13 @@ def inverse_hessian_cholesky(h: torch.Tensor, damping: float = 0.01) -> torch.Te
             hh = h.clone()
             hh[diag, diag] += extra * float(torch.diagonal(h).mean())
             inv = torch.cholesky_inverse(torch.linalg.cholesky(hh))
-            return torch.linalg.cholesky(inv, upper=True)
+            chol = torch.linalg.cholesky(inv, upper=True)
         except torch.linalg.LinAlgError:
             continue
+        if extra:
+            log.warning("error feedback: the %d x %d Hessian's Cholesky failed at damping %g; raised to %g",
+                        h.shape[0], h.shape[1], damping, damping + extra)
+        return chol, damping + extra
     raise torch.linalg.LinAlgError("Hessian is not positive definite even after heavy damping")
 
 
@@ -65,13 +78,13 @@ class Feedback:
 
     chol: torch.Tensor
     perm: torch.Tensor | None = None
+    damping: float | None = None  # the relative damping the factorization reached (above the configured one if raised)
 
     @classmethod
     def build(cls, gram: torch.Tensor, damping: float, act_order: bool) -> Feedback:
-        if not act_order:
-            return cls(inverse_hessian_cholesky(gram, damping))
-        perm = torch.argsort(torch.diagonal(gram), descending=True)
-        return cls(inverse_hessian_cholesky(gram[perm][:, perm], damping), perm)
+        perm = torch.argsort(torch.diagonal(gram), descending=True) if act_order else None
+        chol, reached = damped_inverse_cholesky(gram if perm is None else gram[perm][:, perm], damping)
+        return cls(chol, perm, reached)
 
 
 def _keep_top(scores: torch.Tensor, k: int) -> torch.Tensor:

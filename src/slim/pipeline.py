@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 def compress_model(
     model: nn.Module, calib_ids: torch.Tensor, cfg: CompressConfig, progress: bool = True,
     masks: dict[str, torch.Tensor] | None = None, run: BlockRun | None = None, max_memory: int | None = None,
-    ranks: Ranks | None = None,
+    ranks: Ranks | None = None, checked: bool = False,
 ) -> dict[str, Any]:
     """Compress every linear inside the decoder blocks, block by block, in place.
 
@@ -48,9 +48,11 @@ def compress_model(
     block's outputs (`slim.tune`).
     With `ranks` (`slim.dist`, several processes under torchrun), each rank runs its share of the calibration
     batches, statistics are summed across ranks and each block's linears are solved on different ranks.
+    `checked`: the caller already ran `check_compressible` (a scan of every weight) on this model and config.
     Returns a report with per-layer errors and timings.
     """
-    check_compressible(model, cfg)
+    if not checked:
+        check_compressible(model, cfg)
     device = check_device(cfg.device)
     ranks = ranks or Ranks()
     if ranks.active:

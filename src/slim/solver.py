@@ -185,6 +185,7 @@ def prepare_weight(
         choose = (sp.kind, *sp.nm, sp.ratio)  # mask and quantization in one error-feedback pass
     elif mask is None:
         mask = masker.choose(w, stats, sp, q)
+    mask_fb = stats.cache.get(("fb", q.damping, False))  # SparseGPT's mask: its factorization, cached before scaling
     setup = quantizer.setup(w, mask, stats, q, name) if quantizer.setup is not None else Setup()
     input_scale, params, info = setup.input_scale, setup.params, setup.info
     if input_scale is not None:
@@ -199,6 +200,11 @@ def prepare_weight(
         factor = stats.cached(("factor", ad.damping), lambda: gram_factor(gram, ad.damping))
     qr = quantize_masked(w, mask, q, gram, fb, params, choose)
     info.update(qr.info)
+    raised = {what: got.damping for what, got, asked in (("hessian", fb or mask_fb, q.damping),
+                                                          ("adapter", factor, ad.damping))
+              if got is not None and got.damping is not None and got.damping > asked}
+    if raised:  # a failed Cholesky raised the damping (logged where it happened): the layer's report says how far
+        info["damping_raised"] = raised
     return Prepared(w, stats, qr.mask, fb, params, factor, input_scale, qr, info)
 
 
