@@ -42,16 +42,17 @@ def slim_layers(model) -> dict:
     return {n: m for n, m in model.named_modules() if isinstance(m, SlimLinear)}
 
 
-def tiny_model(kind: str = "llama", vocab: int = 256, layers: int = 2):
-    """A small random model built from a config: seconds, no files."""
+def tiny_model(kind: str = "llama", vocab: int = 256, layers: int = 2, context: int = 2048):
+    """A small random model built from a config: seconds, no files. `context` (rotary models) is long enough for
+    the default 512-token calibration windows, which slim refuses beyond a model's context."""
     torch.manual_seed(0)
     if kind == "llama":
         cfg = LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
-                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=context)
         m = LlamaForCausalLM(cfg)
     elif kind == "qwen2":
         cfg = Qwen2Config(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
-                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=context)
         m = Qwen2ForCausalLM(cfg)
     elif kind == "opt":
         cfg = OPTConfig(vocab_size=vocab, hidden_size=64, ffn_dim=128, num_hidden_layers=layers,

@@ -142,7 +142,7 @@ def test_calibration_window_longer_than_context_refused_before_calibration(calib
     monkeypatch.setattr(slim.api, "calibration_ids", no_calibration)
     cfg = CompressConfig.from_dict({"calib": {"n_samples": 2, "seqlen": 300, "data": calib_file}})
     with pytest.raises(ConfigError, match=r"seqlen 300 .*256"):
-        slim.compress(tiny_model("llama", layers=1), cfg, ByteTokenizer(), progress=False)
+        slim.compress(tiny_model("llama", layers=1, context=256), cfg, ByteTokenizer(), progress=False)
 
 
 # ---------------------------------------------------------------- 5: one compressibility check per compress
@@ -184,10 +184,10 @@ def test_cli_refuses_calibration_window_longer_than_context(tiny_llama_dir, shar
     from slim.cli import main
 
     monkeypatch.setattr(slim.api, "calibration_ids", lambda *a, **k: pytest.fail("calibration started"))
-    rc = main(["compress", str(tiny_llama_dir), "--out", str(tmp_path / "o"), "--calib-seqlen", "300",
+    rc = main(["compress", str(tiny_llama_dir), "--out", str(tmp_path / "o"), "--calib-seqlen", "4096",
                "--data-dir", str(shared_data)])
     assert rc == 2
-    assert "calib.seqlen 300 is longer than the model's context of 256 positions" in capsys.readouterr().err
+    assert "calib.seqlen 4096 is longer than the model's context of 2048 positions" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
 
 

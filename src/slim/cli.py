@@ -47,7 +47,8 @@ def _add_load_args(p: argparse.ArgumentParser) -> None:
 
     p.add_argument("--backend", default="auto", choices=CHOICES,
                    help="kernels for a slim checkpoint's compressed layers: auto (default: the fastest available, "
-                        "falling back layer by layer), reference (decompress + matmul), cpu-int4, cuda-2of4")
+                        "falling back layer by layer), reference (decompress + matmul), cpu-int4 (CPU), cuda-int4 "
+                        "(GPU, Triton), cuda-2of4 (GPU, cuSPARSELt; prefill candidate)")
     p.add_argument("--dtype", default=None, choices=["auto", "bf16", "fp16", "fp32"],
                    help="compute dtype of the dense parts (default: as stored; a dense GGUF model loads as fp32)")
 

@@ -383,7 +383,7 @@ def merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
 
 # The defaults are slim's own recipe (full-covariance adapters, OPTQ error feedback, alternating refit):
 # on SmolLM2-135M it cuts the paper recipe's WikiText-2 gap to dense by 69% at the same bits per weight
-# (71.78 vs 184.41, docs/results/ablation). The paper's recipe stays available by name.
+# (71.78 vs 182.98 in one run, docs/results/ablation). The paper's recipe stays available by name.
 PRESETS: dict[str, dict[str, Any]] = {
     # The paper's headline recipe (SLiM-LoRA^Q): Wanda 2:4, SLiM-Quant 4-bit, diagonal-saliency adapters.
     "paper": {
