@@ -60,10 +60,19 @@ def _read_jsonl_texts(path: Path, field: str = "text") -> list[str]:
     return out
 
 
-def read_texts(spec: str, data_root: str | os.PathLike | None = None) -> tuple[list[str], dict]:
+# a hub dataset is streamed until it has given this many characters per calibration token wanted (about 4
+# characters a token in English, times 4: the windows are drawn from a pool several times their size, as they
+# are from the bundled 1000-document C4 sample)
+HUB_CHARS_PER_TOKEN = 16
+
+
+def read_texts(spec: str, data_root: str | os.PathLike | None = None,
+               tokens_needed: int | None = None) -> tuple[list[str], dict]:
     """Texts for calibration: 'c4' (the bundled sample), a .jsonl/.txt file, a folder of them, or a hub id.
 
-    Returns (texts, provenance) where provenance records files and their sha256.
+    A hub dataset is streamed and read only as far as the calibration windows need (`tokens_needed`, e.g.
+    n_samples x seqlen), never downloaded whole. Returns (texts, provenance) where provenance records files and
+    their sha256, or the hub id and how much of it was read.
     """
     if spec == "c4":
         path = data_dir(data_root) / C4_FILE
@@ -81,7 +90,8 @@ def read_texts(spec: str, data_root: str | os.PathLike | None = None) -> tuple[l
         elif spec.startswith((".", "/")) or p.suffix in (".jsonl", ".txt", ".json"):
             raise DataError(f"calibration data {spec} does not exist")
         else:
-            return _hub_texts(spec), {"hub_dataset": spec}
+            texts, docs = _hub_texts(spec, (tokens_needed or DEFAULT_HUB_TOKENS) * HUB_CHARS_PER_TOKEN)
+            return texts, {"hub_dataset": spec, "split": "train", "streamed_documents": docs}
     texts: list[str] = []
     for f in files:
         try:
@@ -95,15 +105,34 @@ def read_texts(spec: str, data_root: str | os.PathLike | None = None) -> tuple[l
     return texts, {"files": {str(f): sha256(f) for f in files}}
 
 
-def _hub_texts(name: str) -> list[str]:
+DEFAULT_HUB_TOKENS = 128 * 2048  # the paper's calibration budget, when the caller does not say
+
+
+def _hub_texts(name: str, max_chars: int) -> tuple[list[str], int]:
+    """The first documents of a hub dataset's train split, streamed until they hold `max_chars` characters
+    (a C4-sized dataset is hundreds of GB: only what the windows need is read). Returns (texts, documents read)."""
     try:
         from datasets import load_dataset
     except ImportError:
         raise DataError(
             f"{name!r} is neither a local file nor folder; hub datasets need `pip install datasets`"
         ) from None
-    ds = load_dataset(name, split="train")
-    return [t for t in ds["text"] if t.strip()]
+    texts: list[str] = []
+    chars = docs = 0
+    for row in load_dataset(name, split="train", streaming=True):
+        docs += 1
+        text = row.get("text") if isinstance(row, dict) else None
+        if text is None:
+            raise DataError(f"hub dataset {name!r} has no 'text' field (fields: {sorted(row)})")
+        if text.strip():
+            texts.append(text)
+            chars += len(text)
+        if chars >= max_chars:
+            break
+    if not texts:
+        raise DataError(f"hub dataset {name!r} gave no text")
+    log.info("calibration: read %d documents (%d characters) of %s, streamed", docs, chars, name)
+    return texts, docs
 
 
 def calibration_ids(tokenizer, texts: list[str], n_samples: int, seqlen: int, seed: int) -> torch.Tensor:

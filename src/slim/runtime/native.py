@@ -21,6 +21,7 @@ import torch
 
 log = logging.getLogger(__name__)
 
+NAME = "slim_int4_gemv_v20"  # the build's name: change it with the sources' interface
 SOURCE = Path(__file__).parent / "csrc" / "int4_gemv.cpp"
 SOURCES = (SOURCE, SOURCE.with_name("optq.cpp"))
 
@@ -39,6 +40,16 @@ def unavailable_reason() -> str | None:
     return None
 
 
+def build_dir() -> Path | None:
+    """Where torch caches the built kernel (TORCH_EXTENSIONS_DIR, else its default), or None if unknown."""
+    try:
+        from torch.utils.cpp_extension import _get_build_directory  # private: guarded
+
+        return Path(_get_build_directory(NAME, verbose=False))
+    except Exception:
+        return None
+
+
 @functools.lru_cache(maxsize=1)
 def load() -> ModuleType | None:
     """The compiled kernel module, or None (logged once) when it cannot be built here."""
@@ -49,11 +60,19 @@ def load() -> ModuleType | None:
     try:
         from torch.utils.cpp_extension import load as build
 
+        from ..phases import phase
+
+        where = build_dir()
+        fresh = where is None or not any(where.glob("*.so"))
+        if fresh:  # a first run on this machine is otherwise silent for a minute or more
+            log.warning("building slim's CPU kernel (once per machine, about a minute on 2 cores; cached in %s)",
+                        where or "torch's extension cache")
         t0 = time.perf_counter()
-        mod = build(name="slim_int4_gemv_v20", sources=[str(p) for p in SOURCES],
-                    extra_cflags=["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"],
-                    extra_ldflags=["-fopenmp"], verbose=False)
-        log.info("slim's CPU kernel ready (%.1f s)", time.perf_counter() - t0)
+        with phase("build-kernel"):
+            mod = build(name=NAME, sources=[str(p) for p in SOURCES],
+                        extra_cflags=["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"],
+                        extra_ldflags=["-fopenmp"], verbose=False)
+        (log.warning if fresh else log.info)("slim's CPU kernel ready (%.1f s)", time.perf_counter() - t0)
         return mod
     except Exception as e:  # no compiler, no ninja, build error: fall back, say why
         log.warning("slim's CPU kernel could not be built (%s); using PyTorch's int4 kernel only, and the "
