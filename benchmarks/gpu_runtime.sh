@@ -4,10 +4,12 @@
 # the package runs from src/ without an install. Results and logs go to $OUT (the device tool's folder) or to
 # docs/results/runtime/gpu. Each stage is bounded, and a failing stage does not stop the next one.
 #     bash benchmarks/gpu_runtime.sh            # then copy $OUT/gpu.json and gpu.md into docs/results/runtime/gpu
+#     DRY_RUN=1 OUT=/tmp/g bash benchmarks/gpu_runtime.sh --smoke --no-e2e   # the same steps on a CPU
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD/src:$PWD/benchmarks${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
-unset TRITON_INTERPRET
+# DRY_RUN=1 (no GPU, tests): the kernels in Triton's interpreter; pass --smoke for tiny shapes
+if [ "${DRY_RUN:-0}" = 1 ]; then export TRITON_INTERPRET=1; else unset TRITON_INTERPRET; fi
 OUT="${OUT:-docs/results/runtime/gpu}"
 TEST_S="${TEST_S:-150}"
 BENCH_S="${BENCH_S:-420}"
@@ -16,7 +18,8 @@ mkdir -p "$OUT"
   python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__,
 'transformers', transformers.__version__)"; } 2>&1 | tee "$OUT/device.txt"
 echo "== gpu tests (${TEST_S} s at most)"
-timeout "$TEST_S" python3 -m pytest -m gpu tests/test_cuda_int4.py -q -p no:cacheprovider 2> -p no:cacheprovider -x 2>&11 \
+timeout "$TEST_S" python3 -m pytest -m gpu tests/test_cuda_int4.py tests/test_runtime.py tests/test_generate_compiled.py \
+  -q -p no:cacheprovider -rs 2>&1 \
   | tee "$OUT/gpu-tests.log" | tail -n 15
 echo "[gpu-tests] rc ${PIPESTATUS[0]}"
 echo "== benchmark (${BENCH_S} s at most)"

@@ -295,3 +295,20 @@ def test_triton_kernels_compile_for_the_gpu(tmp_path, arch):
         assert row["stack_bytes"] == 0, row  # no spills
         # sm_90 figures of this commit: 2:4 GEMV 14.0 / 15.8 per kept weight, GEMM ~12-14 per dense position
         assert row["per_weight"] < 20, row
+
+
+def test_gpu_runtime_script_dry_run_on_cpu(tmp_path):
+    """benchmarks/gpu_runtime.sh, the one call a lent GPU gets, runs its stages on a CPU: the gpu tests (skipped
+    here), then the benchmark in the interpreter; each stage reports its exit code."""
+    import os
+    import subprocess
+
+    pytest.importorskip("triton", reason="Triton is not installed")
+    env = {**os.environ, "DRY_RUN": "1", "OUT": str(tmp_path), "TEST_S": "300", "BENCH_S": "300",
+           "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    r = subprocess.run(["bash", str(BENCH / "gpu_runtime.sh"), "--smoke", "--no-e2e"], env=env, cwd=BENCH.parent,
+                       capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "[gpu-tests] rc 0" in r.stdout and "[benchmark] rc 0" in r.stdout, r.stdout[-3000:]
+    assert json.loads((tmp_path / "gpu.json").read_text())["layers"]
+    assert (tmp_path / "gpu-tests.log").read_text().count("skipped") >= 1
