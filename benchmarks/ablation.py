@@ -65,18 +65,18 @@ ROWS: dict[str, tuple[str, dict]] = {
                         "teacher, held-out check every 64 steps)",
                         merge(BEST, merge(TUNE, {"tune": {"steps": 128, "eval_every": 64, "batch_size": 1}}))),
     "best+tune128x1s-bf16": ("1 + 2 + 3 + block tuning as best+tune128x1s, the frozen base matmuls in bfloat16 "
-                             "(--block-tune-autocast bf16-base)",
+                             "(tune.autocast bf16-base)",
                              merge(BEST, merge(TUNE, {"tune": {"steps": 128, "eval_every": 64, "batch_size": 1,
                                                                "autocast": "bf16-base"}}))),
-    "best-cal": ("1 + 2 + 3 with the calibration forwards in bfloat16 (--calib-autocast bf16)",
+    "best-cal": ("1 + 2 + 3 with the calibration forwards in bfloat16 (calib.autocast bf16)",
                  merge(BEST, {"calib": {"autocast": "bf16"}})),
     "best+tune128x1s-bf16-cal": ("1 + 2 + 3 + block tuning as best+tune128x1s-bf16, and the calibration forwards in "
-                                 "bfloat16 (--calib-autocast bf16)",
+                                 "bfloat16 (calib.autocast bf16)",
                                  merge(BEST, merge(TUNE, {"tune": {"steps": 128, "eval_every": 64, "batch_size": 1,
                                                                    "autocast": "bf16-base"},
                                                           "calib": {"autocast": "bf16"}}))),
     "best+tune128x1s-bf16-cal-norms": ("1 + 2 + 3 + block tuning as best+tune128x1s-bf16-cal, also training the "
-                                       "blocks' norms (--block-tune-norms: full precision, no extra bits)",
+                                       "blocks' norms (tune.norms: full precision, no extra bits)",
                                        merge(BEST, merge(TUNE, {"tune": {"steps": 128, "eval_every": 64,
                                                                          "batch_size": 1, "autocast": "bf16-base",
                                                                          "norms": True},

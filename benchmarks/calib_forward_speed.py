@@ -1,5 +1,5 @@
 """One decoder block's calibration forward (all calibration windows, as the pipeline runs it) in float32 vs under
-bfloat16 autocast (`--calib-autocast bf16`), alternating in one process so both see the same machine load, with the
+bfloat16 autocast (`--set calib.autocast=bf16`), alternating in one process so both see the same machine load, with the
 relative squared error of the bf16 outputs. Writes OUT/results.json and OUT/README.md.
 
     python benchmarks/calib_forward_speed.py --out docs/results/timing/calib-autocast --repeats 3

@@ -80,7 +80,7 @@ def compress(src: Path, out: Path, args: argparse.Namespace, load: str) -> dict:
                "'/proc/self/status').read().split('VmHWM:')[1].split()[0], flush=True)\nsys.exit(rc)")
     cmd = [sys.executable, "-c", wrapper, "compress", str(src), "--out", str(out), "--overwrite", "--load", load,
            "--calib-samples", str(args.calib_samples), "--calib-seqlen", str(args.calib_seqlen),
-           "--calib-batch-size", str(args.calib_samples), "-q", *(["--preset", args.preset] if args.preset else []),
+           "--set", f"calib.batch_size={args.calib_samples}", "-q", *(["--preset", args.preset] if args.preset else []),
            *args.extra.split()]
     if args.data_dir:
         cmd += ["--data-dir", args.data_dir]

@@ -24,8 +24,10 @@ HEADER = """# Command-line reference
      tests/test_docs.py fails when this page and the parser disagree. -->
 
 Every subcommand of `slim`, with each option's help text as the parser states it. An option whose
-default column is empty takes its value from the recipe (the defaults, then `--preset`, then `--config`,
-then the flag itself; see [recipes.md](recipes.md)) or has no value. `slim CMD --help` prints the same.
+default column is empty takes its value from the recipe (the defaults, then `--preset`, `--block-tune`,
+`--config`, the flag itself and `--set`; see [recipes.md](recipes.md)) or has no value. `slim compress` has flags
+for the common choices only: every other recipe key is set in a `--config` file or with `--set SECTION.KEY=VALUE`.
+`slim CMD --help` prints the same.
 """
 
 

@@ -59,3 +59,60 @@ def test_paper_preset_is_explicit():
     assert (p.adapter.method, p.adapter.refit_rounds, p.quant.error_feedback, p.true_sequential) == (
         "slim", 0, False, False)
     assert not p.needs_gram
+
+
+def test_shipped_presets_equal_the_former_in_code_dict():
+    """src/slim/presets/*.yaml hold exactly the recipes PRESETS held in code before (captured by value in
+    tests/data/presets.json): moving them into files changed no recipe, no value and no value's type."""
+    import json
+    from pathlib import Path
+
+    from slim.config import PRESETS
+
+    expected = json.loads((Path(__file__).parent / "data" / "presets.json").read_text())
+    assert json.dumps(PRESETS, sort_keys=True) == json.dumps(expected, sort_keys=True)
+    for recipe in PRESETS.values():
+        CompressConfig.from_dict(recipe)  # each one validates
+
+
+def test_torch_free_names_match_the_registries():
+    """slim.names (read by the parser and the config without torch) lists what the registries hold."""
+    from slim import names
+    from slim.methods import ADAPTERS, MASKS, QUANTIZERS
+    from slim.runtime import CHOICES
+
+    assert names.MASK_METHODS == tuple(MASKS)
+    assert names.QUANT_METHODS == tuple(QUANTIZERS)
+    assert names.ADAPTER_METHODS == tuple(ADAPTERS)
+    assert names.BACKEND_CHOICES == CHOICES
+
+
+@pytest.mark.parametrize("items,expect", [
+    (["tune.steps=128"], {"tune": {"steps": 128}}),
+    (["tune.lr=1e-2", "tune.lr_relative=false"], {"tune": {"lr": 0.01, "lr_relative": False}}),
+    (["sparsity.pattern=2:4", "true_sequential=true"], {"sparsity": {"pattern": "2:4"}, "true_sequential": True}),
+    (["calib.data=data/my set.jsonl", "adapter.rank=0.25"], {"calib": {"data": "data/my set.jsonl"},
+                                                              "adapter": {"rank": 0.25}}),
+])
+def test_set_values_read_as_yaml(items, expect):
+    from slim.config import parse_set
+
+    assert parse_set(items) == expect
+    CompressConfig.from_dict(expect)
+
+
+@pytest.mark.parametrize("items,msg", [
+    (["tune.stpes=3"], "unknown config key(s) tune.stpes; allowed under tune.: autocast, batch_size,"),
+    (["tuning.steps=3"], "unknown config key(s) tuning; allowed under top level: adapter, calib,"),
+    (["fp8=true"], "unknown config key(s) fp8; allowed under top level:"),
+    (["tune.steps"], "expected SECTION.KEY=VALUE"),
+    (["tune..steps=1"], "expected SECTION.KEY=VALUE"),
+    (["tune.autocast=fp8"], "tune.autocast: unknown 'fp8'"),
+    (["tune.steps=[1"], "not valid YAML"),
+])
+def test_set_is_validated_like_a_config_file(items, msg):
+    from slim.config import parse_set
+
+    with pytest.raises(ConfigError) as e:
+        CompressConfig.from_dict(parse_set(items))
+    assert msg in str(e.value)

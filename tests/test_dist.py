@@ -13,7 +13,7 @@ from slim.checkpoint import read_slim_config
 from slim.dist import Ranks
 from slim.pipeline import _share
 
-ARGS = ["--calib-samples", "8", "--calib-seqlen", "64", "--calib-batch-size", "2", "-q"]
+ARGS = ["--calib-samples", "8", "--calib-seqlen", "64", "--set", "calib.batch_size=2", "-q"]
 
 
 def _env() -> dict[str, str]:
@@ -26,8 +26,8 @@ def _run(cmd: list[str]) -> None:
     assert r.returncode == 0, r.stderr[-3000:]
 
 
-@pytest.mark.parametrize("recipe", [[], ["--preset", "paper", "--true-sequential"],
-                                    ["--block-tune-steps", "6", "--block-tune-batch-size", "1"]],
+@pytest.mark.parametrize("recipe", [[], ["--preset", "paper", "--set", "true_sequential=true"],
+                                    ["--set", "tune.steps=6", "--set", "tune.batch_size=1"]],
                          ids=["default", "paper-seq", "block-tune"])
 def test_two_processes_give_the_one_process_checkpoint(tiny_llama_dir, shared_data, tmp_path, recipe):
     """`torchrun --nproc-per-node 2 -m slim compress` (batches split, statistics all-reduced, linears solved on

@@ -17,7 +17,7 @@ from slim.config import ConfigError
 from slim.finetune import FinetuneConfig, batch_order
 from slim.packed import SlimLinear
 
-FAST = ["--calib-samples", "4", "--calib-seqlen", "64", "--calib-batch-size", "2", "-q"]
+FAST = ["--calib-samples", "4", "--calib-seqlen", "64", "--set", "calib.batch_size=2", "-q"]
 
 
 @pytest.fixture(scope="module")
@@ -202,7 +202,7 @@ def test_cuda_paths_of_compress_finetune_and_eval(tiny_llama_dir, text_file, tmp
                      shared, "--device", dev, "--load", "stream"]) == 0
     for preset in ("wanda-omniquant", "wanda-affinequant"):
         assert main(["compress", str(tiny_llama_dir), "--out", str(tmp_path / preset), "--preset", preset,
-                     "--block-tune-epochs", "2", *FAST, "--data-dir", shared, "--device", "cuda"]) == 0
+                     "--set", "tune.epochs=2", *FAST, "--data-dir", shared, "--device", "cuda"]) == 0
     ck = tmp_path / "ck-cuda"
     out = tmp_path / "ft"
     assert main(_ft(ck, out, text_file, "--distill", "--autocast", "bf16", "--device", "cuda", "--eval",

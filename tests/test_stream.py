@@ -17,7 +17,7 @@ from slim.cli import main
 from slim.config import CompressConfig
 from slim.stream import SourceWeights, skeleton
 
-FAST = ["--calib-samples", "4", "--calib-seqlen", "64", "--calib-batch-size", "2", "-q"]
+FAST = ["--calib-samples", "4", "--calib-seqlen", "64", "--set", "calib.batch_size=2", "-q"]
 
 
 def _sharded(tok_dir, d: Path, tied: bool) -> Path:

@@ -21,7 +21,7 @@ from slim.packed import SlimLinear
 from slim.pipeline import compress_model
 from slim.tune import TrainableLinear, _Batches, ste, tune_block
 
-FAST = ["--calib-samples", "8", "--calib-seqlen", "32", "--calib-batch-size", "2", "-q"]
+FAST = ["--calib-samples", "8", "--calib-seqlen", "32", "--set", "calib.batch_size=2", "-q"]
 TUNE = {"steps": 24, "eval_every": 4, "patience": 3, "lr": 3e-2}
 
 
@@ -72,7 +72,7 @@ def test_tuning_changes_only_adapters_and_scales(scales, monkeypatch):
 
 
 def test_norm_tuning_changes_the_norms_and_nothing_packed(monkeypatch):
-    """--block-tune-norms: the block's norm weights move; the packed layers change only in their adapters."""
+    """tune.norms: the block's norm weights move; the packed layers change only in their adapters."""
     import slim.pipeline as pipeline
 
     real, moved = pipeline.tune_block, []
@@ -217,15 +217,15 @@ def test_bad_tuning_options():
     with pytest.raises(ConfigError, match="holdout"):
         CompressConfig.from_dict({"tune": {"holdout": 1.0}})
     with pytest.raises(ConfigError, match="eval_every"):
-        config_from_args(build_parser().parse_args(["compress", "m", "--out", "o", "--block-tune-eval-every", "0"]))
+        config_from_args(build_parser().parse_args(["compress", "m", "--out", "o", "--set", "tune.eval_every=0"]))
     with pytest.raises(ConfigError, match="batch_size"):
-        config_from_args(build_parser().parse_args(["compress", "m", "--out", "o", "--block-tune-batch-size", "-1"]))
+        config_from_args(build_parser().parse_args(["compress", "m", "--out", "o", "--set", "tune.batch_size=-1"]))
 
 
-def test_tuning_flags_reach_the_config():
-    args = build_parser().parse_args(["compress", "m", "--out", "o", "--block-tune-steps", "64",
-                                      "--block-tune-eval-every", "32", "--calib-batch-size", "2",
-                                      "--block-tune-batch-size", "1"])
+def test_tuning_set_keys_reach_the_config():
+    args = build_parser().parse_args(["compress", "m", "--out", "o", "--set", "tune.steps=64",
+                                      "--set", "tune.eval_every=32", "--set", "calib.batch_size=2",
+                                      "--set", "tune.batch_size=1"])
     cfg = config_from_args(args)
     assert (cfg.tune.steps, cfg.tune.eval_every, cfg.calib.batch_size, cfg.tune.batch_size) == (64, 32, 2, 1)
 
@@ -259,7 +259,7 @@ def test_sliced_steps_match_small_calibration_batches():
 def test_tuning_resumes_bit_identical(tiny_llama_dir, shared_data, tmp_path):
     """A SIGKILL after block 0 of a tuned run (the dense teacher's stream committed beside the compressed one), then
     --resume: the same bytes as an uninterrupted run."""
-    args = ["compress", str(tiny_llama_dir), *FAST, "--data-dir", str(shared_data), "--block-tune-steps", "4"]
+    args = ["compress", str(tiny_llama_dir), *FAST, "--data-dir", str(shared_data), "--set", "tune.steps=4"]
     assert main([*args, "--out", str(tmp_path / "clean")]) == 0
     out = tmp_path / "resumed"
     env = {**os.environ, "PYTHONPATH": str(Path(slim.__file__).parents[1])}

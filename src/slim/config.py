@@ -1,23 +1,32 @@
-"""Frozen configuration dataclasses, validated once at the edge (CLI, YAML, Python API)."""
+"""Frozen configuration dataclasses, validated once at the edge (CLI, YAML, Python API).
+
+Importing this module does not import torch (the command line's parser and `--help` depend on it): the method
+registry (slim.methods) is imported when a configuration is first validated.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import re
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import yaml
 
-from .methods import ADAPTERS, MASKS, QUANTIZERS
-from .packed import CODE_BITS, MAX_NM_M
-
 # the built-in methods' names (slim.methods: a method registered there later is accepted as well)
-MASK_METHODS = tuple(MASKS)
-QUANT_METHODS = tuple(QUANTIZERS)
-ADAPTER_METHODS = tuple(ADAPTERS)
+from .names import ADAPTER_METHODS, CODE_BITS, MASK_METHODS, MAX_NM_M, QUANT_METHODS  # noqa: F401
+
 SUPPORTED_BITS = CODE_BITS  # what the stored layout packs (slim.packed): the loader's limits are the config's
+
+
+def _methods() -> ModuleType:
+    """The method registry, imported on first validation: it imports torch, which `slim --help` must not."""
+    from . import methods
+
+    return methods
 
 
 class ConfigError(ValueError):
@@ -35,8 +44,9 @@ class SparsityConfig:
 
     def __post_init__(self) -> None:
         parse_pattern(self.pattern)
-        if self.method not in MASKS:
-            raise ConfigError(f"sparsity.method: unknown mask method {self.method!r}; choose from {tuple(MASKS)}")
+        masks = _methods().MASKS
+        if self.method not in masks:
+            raise ConfigError(f"sparsity.method: unknown mask method {self.method!r}; choose from {tuple(masks)}")
         if self.jsq_mixing < 0 or not (0.0 <= self.jsq_clip < 1.0):
             raise ConfigError("sparsity.jsq_mixing must be >= 0 and sparsity.jsq_clip in [0, 1)")
 
@@ -101,11 +111,12 @@ class QuantConfig:
     lwc_init: float = 4.0
 
     def __post_init__(self) -> None:
-        if self.method not in QUANTIZERS:
-            raise ConfigError(f"quant.method: unknown quantizer {self.method!r}; choose from {tuple(QUANTIZERS)}")
-        if QUANTIZERS[self.method].quantizes and self.bits not in SUPPORTED_BITS:
+        quantizers = _methods().QUANTIZERS
+        if self.method not in quantizers:
+            raise ConfigError(f"quant.method: unknown quantizer {self.method!r}; choose from {tuple(quantizers)}")
+        if quantizers[self.method].quantizes and self.bits not in SUPPORTED_BITS:
             raise ConfigError(f"quant.bits={self.bits} is not supported; choose from {SUPPORTED_BITS}")
-        if self.group_size < 0 or (self.group_size == 0 and QUANTIZERS[self.method].grouped):
+        if self.group_size < 0 or (self.group_size == 0 and quantizers[self.method].grouped):
             raise ConfigError(
                 f"quant.group_size must be >= 1 for {self.method!r} (0 means per tensor, for gptq only), "
                 f"got {self.group_size}"
@@ -139,9 +150,10 @@ class AdapterConfig:
             raise ConfigError(f"adapter.allocation must be 'uniform' or 'greedy', got {self.allocation!r}")
         if self.refit_rounds < 0:
             raise ConfigError(f"adapter.refit_rounds must be >= 0, got {self.refit_rounds}")
-        if self.method not in ADAPTERS:
+        adapters = _methods().ADAPTERS
+        if self.method not in adapters:
             raise ConfigError(
-                f"adapter.method: unknown adapter {self.method!r}; choose from {tuple(ADAPTERS)}"
+                f"adapter.method: unknown adapter {self.method!r}; choose from {tuple(adapters)}"
             )
         if self.rank <= 0:
             raise ConfigError(f"adapter.rank must be > 0 (a ratio < 1 or an integer rank), got {self.rank}")
@@ -257,7 +269,7 @@ class TuneConfig:
             raise ConfigError("tune.clipping recomputes the scales from the trained clipping: drop tune.scales")
         if self.let and not self.clipping:
             raise ConfigError("tune.let trains AffineQuant's transformation together with the learnable clipping "
-                              "that requantizes the transformed weights: add tune.clipping (--block-tune-clipping)")
+                              "that requantizes the transformed weights: add tune.clipping")
         if self.let_lr <= 0 or not (0.0 <= self.let_alpha <= 1.0) or self.let_sf <= 0:
             raise ConfigError("tune.let_lr and tune.let_sf must be > 0 and tune.let_alpha in [0, 1]")
 
@@ -295,17 +307,18 @@ class CompressConfig:
     def __post_init__(self) -> None:
         check_device(self.device, need=False)
         t = self.tune
-        quantizer = QUANTIZERS[self.quant.method]
+        m = _methods()
+        quantizer = m.QUANTIZERS[self.quant.method]
         if t.clipping and not quantizer.learnable_clipping:
-            learnable = [k for k, v in QUANTIZERS.items() if v.learnable_clipping]
+            learnable = [k for k, v in m.QUANTIZERS.items() if v.learnable_clipping]
             raise ConfigError(f"tune.clipping trains a learnable clipping (OmniQuant's): quant.method "
                               f"{self.quant.method!r} has none; use quant.method {' or '.join(learnable)}")
-        if t.enabled and ADAPTERS[self.adapter.method].fit is None and not (
+        if t.enabled and m.ADAPTERS[self.adapter.method].fit is None and not (
                 t.clipping or t.norms or (t.scales and quantizer.quantizes)):
             raise ConfigError("block tuning trains the adapters (with tune.scales also the quantizer scales, with "
                               "tune.clipping OmniQuant's clipping): this recipe has none of them; add adapters "
-                              "(--adapter fullcov) or --block-tune-scales")
-        if t.let and ADAPTERS[self.adapter.method].fit is not None:
+                              "(--adapter fullcov) or tune.scales")
+        if t.let and m.ADAPTERS[self.adapter.method].fit is not None:
             raise ConfigError("tune.let (AffineQuant's transformation) changes each layer's input space, which "
                               "closed-form adapters were fitted in: use --adapter none with it")
         if not quantizer.feedback and self.quant.error_feedback:
@@ -314,18 +327,20 @@ class CompressConfig:
 
     @property
     def needs_gram(self) -> bool:
-        return (self.quant.error_feedback or ADAPTERS[self.adapter.method].needs_gram
-                or MASKS[self.sparsity.method].needs_gram or QUANTIZERS[self.quant.method].needs_gram)
+        m = _methods()
+        return (self.quant.error_feedback or m.ADAPTERS[self.adapter.method].needs_gram
+                or m.MASKS[self.sparsity.method].needs_gram or m.QUANTIZERS[self.quant.method].needs_gram)
 
     @property
     def needs_abs(self) -> bool:
         """Whether mean input magnitudes are needed (AWQ's scales, L2QER's adapters)."""
-        return QUANTIZERS[self.quant.method].needs_abs or ADAPTERS[self.adapter.method].needs_abs
+        m = _methods()
+        return m.QUANTIZERS[self.quant.method].needs_abs or m.ADAPTERS[self.adapter.method].needs_abs
 
     @property
     def needs_jsq(self) -> bool:
         """Whether the mask method reads JSQ's clipped-activation statistics."""
-        return MASKS[self.sparsity.method].needs_jsq
+        return _methods().MASKS[self.sparsity.method].needs_jsq
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -359,15 +374,63 @@ def _build(cls: type, d: dict[str, Any], prefix: str) -> Any:
         raise ConfigError(f"{prefix or 'config'}: {e}") from None
 
 
+class _Loader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):  # libyaml when built with it
+    """PyYAML's safe loader with YAML 1.2's numbers: `1e-2` is a float (YAML 1.1 reads a string) and `2:4` is
+    text (YAML 1.1 reads the base-60 integer 124), so a config file and `--set` mean what they look like."""
+
+
+_Loader.yaml_implicit_resolvers = {
+    k: [(tag, rx) for tag, rx in v if tag not in ("tag:yaml.org,2002:int", "tag:yaml.org,2002:float")]
+    for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:int", re.compile(r"^(?:[-+]?(?:0|[1-9][0-9_]*)|0x[0-9a-fA-F_]+|0o?[0-7_]+)$"),
+    list("-+0123456789"))
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^(?:[-+]?(?:[0-9][0-9_]*)?\.?[0-9_]+(?:[eE][-+]?[0-9]+)?|[-+]?[0-9][0-9_]*\.(?:[eE][-+]?[0-9]+)?"
+               r"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"),
+    list("-+0123456789."))
+
+
+def _yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)  # a safe loader: plain data only
+
+
 def load_yaml_config(path: str | Path) -> dict[str, Any]:
     """Read a YAML config file into a dict (validated when merged into a CompressConfig)."""
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"config file {p} does not exist")
-    data = yaml.safe_load(p.read_text()) or {}
+    data = _yaml(p.read_text()) or {}
     if not isinstance(data, dict):
         raise ConfigError(f"config file {p}: top level must be a mapping of sections")
     return data
+
+
+def parse_set(items: list[str]) -> dict[str, Any]:
+    """`section.key=value` assignments (the command line's `--set`) as a config dict, each value read as YAML.
+
+    Why: the research knobs live in the config, not in flags; `--set` reaches any of them without a file. The
+    keys are checked by the config's own validation (CompressConfig.from_dict), like a YAML file's."""
+    d: dict[str, Any] = {}
+    for item in items:
+        key, eq, raw = item.partition("=")
+        path = key.strip().split(".")
+        if not eq or not all(path):
+            raise ConfigError(f"--set {item!r}: expected SECTION.KEY=VALUE (e.g. tune.steps=128) or KEY=VALUE for "
+                              f"a top-level key; sections: {', '.join(sorted(_SECTIONS))}")
+        try:
+            value = _yaml(raw) if raw.strip() else ""
+        except yaml.YAMLError as e:
+            raise ConfigError(f"--set {item!r}: the value is not valid YAML ({e})") from None
+        node = d
+        for name in path[:-1]:
+            node = node.setdefault(name, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {item!r}: {name} was set to a value above, not a section")
+        node[path[-1]] = value
+    return d
 
 
 def merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
@@ -381,75 +444,22 @@ def merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-# The defaults are slim's own recipe (full-covariance adapters, OPTQ error feedback, alternating refit):
-# on SmolLM2-135M it cuts the paper recipe's WikiText-2 gap to dense by 69% at the same bits per weight
-# (71.78 vs 182.98 in one run, docs/results/ablation). The paper's recipe stays available by name.
-PRESETS: dict[str, dict[str, Any]] = {
-    # The paper's headline recipe (SLiM-LoRA^Q): Wanda 2:4, SLiM-Quant 4-bit, diagonal-saliency adapters.
-    "paper": {
-        "sparsity": {"pattern": "2:4", "method": "wanda"},
-        "quant": {"method": "slim", "bits": 4, "error_feedback": False},
-        "adapter": {"method": "slim", "rank": 0.1, "pad_to": 1, "quantize": True, "bits": 4, "group_size": 128,
-                    "refit_rounds": 0},
-        "tune": {"steps": 0},
-        "true_sequential": False,
-    },
+def _load_presets() -> dict[str, dict[str, Any]]:
+    """The named recipes shipped as src/slim/presets/NAME.yaml: each file says where its recipe comes from."""
+    out: dict[str, dict[str, Any]] = {}
+    for f in sorted(resources.files(__package__).joinpath("presets").iterdir(), key=lambda f: f.name):
+        if f.name.endswith(".yaml"):
+            out[f.name.removesuffix(".yaml")] = _yaml(f.read_text(encoding="utf-8"))
+    return out
+
+
+# --preset NAME: the paper's recipe and the methods it compares against (docs/baselines.md). The defaults (no
+# preset) are slim's own recipe: full-covariance adapters, OPTQ error feedback, alternating refit.
+PRESETS: dict[str, dict[str, Any]] = _load_presets()
+
+# --block-tune: the best block-tuning recipe measured (docs/accuracy-recovery.md; README's "default + block
+# tuning" row): small tuning steps, held-out checks far apart, bfloat16 where it pays on CPUs with AMX
+BLOCK_TUNE: dict[str, Any] = {
+    "tune": {"steps": 128, "batch_size": 1, "eval_every": 64, "autocast": "bf16-base"},
+    "calib": {"autocast": "bf16"},
 }
-
-
-def _baseline(sparsity: str, quant: dict[str, Any], adapter: dict[str, Any] | None = None) -> dict[str, Any]:
-    """A compared method's recipe, spelled out so slim's own defaults (error feedback, refit) never leak in."""
-    return {
-        "sparsity": {"method": sparsity},
-        "quant": {"error_feedback": False, "act_order": False, **quant},
-        "adapter": {"method": "none", "refit_rounds": 0, **(adapter or {})},
-        "tune": {"steps": 0},
-        "true_sequential": False,
-    }
-
-
-_FP16_ADAPTER = {"rank": 0.1, "pad_to": 1, "quantize": False}
-
-# The methods the paper compares against (its Tables 1-2 and 10-14), each to its own recipe; the sparsity
-# pattern is left to --sparsity (2:4 by default). See docs/baselines.md.
-PRESETS.update({
-    "magnitude-absmax": _baseline("magnitude", {"method": "absmax", "bits": 4}),
-    "magnitude-group-absmax": _baseline("magnitude", {"method": "group-absmax", "bits": 4, "group_size": 128}),
-    "wanda-absmax": _baseline("wanda", {"method": "absmax", "bits": 4}),
-    "wanda-group-absmax": _baseline("wanda", {"method": "group-absmax", "bits": 4, "group_size": 128}),
-    "wanda-awq": _baseline("wanda", {"method": "awq", "bits": 4, "group_size": 128, "awq_grid": 20}),
-    "wanda-gptq": _baseline("wanda", {"method": "gptq", "bits": 4, "group_size": 128, "error_feedback": True,
-                                      "damping": 0.01}),
-    "sparsegpt-optq": _baseline("sparsegpt", {"method": "gptq", "bits": 4, "group_size": 128,
-                                              "error_feedback": True, "damping": 0.01}),
-    "sparsegpt-optq-tensor": _baseline("sparsegpt", {"method": "gptq", "bits": 4, "group_size": 0,
-                                                     "error_feedback": True, "damping": 0.01}),
-    "jsq": _baseline("jsq", {"method": "group-absmax", "bits": 4, "group_size": 128}),
-    "l2qer": _baseline("wanda", {"method": "group-absmax", "bits": 4, "group_size": 128},
-                       {"method": "l2qer", **_FP16_ADAPTER}),
-    "naive-lora-group-absmax": _baseline("wanda", {"method": "group-absmax", "bits": 4, "group_size": 128},
-                                         {"method": "naive", **_FP16_ADAPTER}),
-    "naive-lora": _baseline("wanda", {"method": "slim", "bits": 4}, {"method": "naive", **_FP16_ADAPTER}),
-    "slim-lora": _baseline("wanda", {"method": "slim", "bits": 4}, {"method": "slim", **_FP16_ADAPTER}),
-    "wanda-slim-quant": _baseline("wanda", {"method": "slim", "bits": 4}),
-    "slim-quant-o": _baseline("wanda", {"method": "slim-o", "bits": 4}),
-    # OmniQuant's weight-only setting (its W4A16g128 runs: learnable weight clipping only, 20 epochs over the
-    # calibration samples one at a time, AdamW lr 1e-2 without weight decay or schedule, MSE to the dense
-    # model's block outputs), on a Wanda mask as the SLiM paper ran it. Its steps run under mixed precision
-    # (torch.cuda.amp.autocast unless --deactive_amp): bf16 autocast here, which also runs on CPUs (1.5x
-    # faster a step than float32 on a 2-core AMD EPYC: 0.08 vs 0.12 s for a SmolLM2 block and a 512-token window)
-    "wanda-omniquant": merge(_baseline("wanda", {"method": "omniquant", "bits": 4, "group_size": 128}), {
-        "tune": {"steps": 0, "epochs": 20, "lr": 1e-2, "lr_relative": False, "schedule": "constant",
-                 "holdout": 0.0, "teacher": "dense", "clipping": True, "autocast": "bf16"},
-        "calib": {"batch_size": 1},
-    }),
-    # AffineQuant's weight-only setting (its LLaMA-2 W4A16g128 scripts: --lwc --let, 20 epochs, one sample a
-    # step, AdamW without decay, lwc_lr 1e-2, let_lr 5e-3, alpha 0.5, stability factor 1.0, mixed precision as
-    # OmniQuant's), on a Wanda mask
-    "wanda-affinequant": merge(_baseline("wanda", {"method": "omniquant", "bits": 4, "group_size": 128}), {
-        "tune": {"steps": 0, "epochs": 20, "lr": 1e-2, "lr_relative": False, "schedule": "constant",
-                 "holdout": 0.0, "teacher": "dense", "clipping": True, "let": True, "let_lr": 5e-3,
-                 "let_alpha": 0.5, "let_sf": 1.0, "autocast": "bf16"},
-        "calib": {"batch_size": 1},
-    }),
-})

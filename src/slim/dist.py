@@ -43,7 +43,7 @@ class Ranks:
         """The calibration batches (of n) this rank runs: every world-th one, starting at its rank."""
         if n < self.world:
             raise ValueError(f"{self.world} processes but only {n} calibration batches: use fewer processes, more "
-                             "calibration samples or a smaller --calib-batch-size")
+                             "calibration samples or a smaller calib.batch_size")
         return list(range(self.rank, n, self.world))
 
     def owners(self, costs: Sequence[float]) -> list[int]:

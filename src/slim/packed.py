@@ -28,14 +28,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .names import CODE_BITS, MAX_NM_M  # the stored layout's limits, kept torch-free for the configuration
 from .quant import expand_groups, fp8_fake_quant, n_groups, qrange
 
 FORMAT_VERSION = 1
-
-# The limits of the stored layout, shared with the configuration (slim.config), which refuses anything outside
-# them before any work, so that `slim compress` never writes a checkpoint `slim.load` refuses.
-CODE_BITS = (2, 4, 8)  # quantized weights' and adapters' code widths: whole codes per byte
-MAX_NM_M = 64  # largest M of an N:M pattern
 
 
 # ---------------------------------------------------------------- bit packing
