@@ -11,7 +11,7 @@ import re
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from types import ModuleType
+from types import SimpleNamespace
 from typing import Any
 
 import yaml
@@ -22,11 +22,11 @@ from .names import ADAPTER_METHODS, CODE_BITS, MASK_METHODS, MAX_NM_M, QUANT_MET
 SUPPORTED_BITS = CODE_BITS  # what the stored layout packs (slim.packed): the loader's limits are the config's
 
 
-def _methods() -> ModuleType:
+def _methods() -> SimpleNamespace:
     """The method registry, imported on first validation: it imports torch, which `slim --help` must not."""
-    from . import methods
+    from .methods import ADAPTERS, MASKS, QUANTIZERS
 
-    return methods
+    return SimpleNamespace(MASKS=MASKS, QUANTIZERS=QUANTIZERS, ADAPTERS=ADAPTERS)
 
 
 class ConfigError(ValueError):
