@@ -1,10 +1,9 @@
 """slim: one-shot sparsity + quantization + low-rank adapters (SLiM) for Hugging Face causal LMs."""
 
-__version__ = "0.1.0"
-
-from .api import compress  # noqa: E402
-from .checkpoint import load, save  # noqa: E402
-from .config import (  # noqa: E402
+from ._version import __version__
+from .api import compress
+from .checkpoint import load, save
+from .config import (
     AdapterConfig,
     CalibConfig,
     CompressConfig,
@@ -12,7 +11,7 @@ from .config import (  # noqa: E402
     SparsityConfig,
     TuneConfig,
 )
-from .packed import SlimLinear  # noqa: E402
+from .packed import SlimLinear
 
 __all__ = [
     "AdapterConfig", "CalibConfig", "CompressConfig", "QuantConfig", "SlimLinear", "SparsityConfig", "TuneConfig",

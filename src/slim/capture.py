@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from .models import get_layers
-from .stream import fault
+from .testing.faults import fault
 
 
 class Activations:

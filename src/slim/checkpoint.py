@@ -20,14 +20,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import __version__
+from ._version import __version__
+from .card import model_card
 from .models import set_submodule
-from .packed import FORMAT_VERSION, Layout, SlimLinear
+from .packed import CONFIG_NAME, FORMAT_VERSION, WEIGHTS_NAME, Layout, SlimLinear
+from .testing.faults import fault
 
 log = logging.getLogger(__name__)
-
-CONFIG_NAME = "slim_config.json"
-WEIGHTS_NAME = "model.safetensors"
 
 
 class CheckpointError(ValueError):
@@ -184,8 +183,6 @@ def write_checkpoint(tmp: Path, model: nn.Module, tensors: dict[str, Any], token
         "format": "slim", "format_version": FORMAT_VERSION, "dtype": str(_dense_dtype(model)).removeprefix("torch."),
         "versions": versions(), **(meta or {}), "content_sha256": digest, "layers": layers,
     }
-    from .export import model_card
-
     (tmp / "README.md").write_text(model_card(cfg, "slim", out))
     write_json(tmp / CONFIG_NAME, cfg)  # written last: its presence marks a complete checkpoint
     return digest
@@ -208,8 +205,6 @@ def write_safetensors(path: Path, tensors: dict[str, torch.Tensor | FileSlice], 
     """A safetensors file with its tensors in key order (so equal contents give equal bytes), written to a
     temporary name, flushed to disk and renamed; returns the SHA-256 of the file. Tensors given as `FileSlice`s are
     copied from their files in chunks, so assembling a large checkpoint never holds it in memory."""
-    from . import stream
-
     keys = sorted(tensors)
     header: dict[str, Any] = {"__metadata__": metadata}
     off = 0
@@ -234,7 +229,7 @@ def write_safetensors(path: Path, tensors: dict[str, torch.Tensor | FileSlice], 
         put(head)
         for j, k in enumerate(keys):
             if j == len(keys) // 2:
-                stream.fault(fault_point)
+                fault(fault_point)
             t = tensors[k]
             if isinstance(t, FileSlice):
                 with open(t.path, "rb") as src:

@@ -190,7 +190,7 @@ def finetune(
 ) -> dict[str, Any]:
     """Train the model's adapters in place on `blocks` ((n, seqlen) token ids); a state in `state_dir` (from an
     interrupted run with the same fingerprint) is continued. Returns the training summary."""
-    from .stream import fault
+    from .testing.faults import fault
 
     torch.manual_seed(cfg.seed)
     model.train(False)  # no dropout: the LM is tuned as it will run

@@ -32,6 +32,9 @@ from .names import CODE_BITS, MAX_NM_M  # the stored layout's limits, kept torch
 from .quant import expand_groups, fp8_fake_quant, n_groups, qrange
 
 FORMAT_VERSION = 1
+# the files of a format-1 checkpoint (slim.checkpoint writes them; the model card names them)
+CONFIG_NAME = "slim_config.json"
+WEIGHTS_NAME = "model.safetensors"
 
 
 # ---------------------------------------------------------------- bit packing

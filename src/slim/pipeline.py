@@ -15,7 +15,6 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import phases
 from .affine import let_map
 from .capture import Activations, capture_block_inputs, run_block
 from .config import CompressConfig, check_device
@@ -23,9 +22,12 @@ from .dist import Ranks
 from .models import check_compressible, find_linears, get_layers, layers_prefix, set_submodule
 from .packed import SlimLinear, set_dense_cache
 from .phases import phase
+from .phases import reset as reset_phases
+from .phases import seconds as phase_seconds
 from .solver import allocate_ranks, compress_weight, error_spectrum
 from .stats import InputStats
-from .stream import BlockRun, fault
+from .stream import BlockRun
+from .testing.faults import fault
 from .tune import tune_block
 
 log = logging.getLogger(__name__)
@@ -83,7 +85,7 @@ def _compress_blocks(model: nn.Module, calib_ids: torch.Tensor, cfg: CompressCon
     layers = get_layers(model)
     prefix = layers_prefix(model)
     jsq_clip = cfg.sparsity.jsq_clip if cfg.needs_jsq and masks is None else None
-    phases.reset()
+    reset_phases()
     with phase("calibrate"):
         hidden, kwargs = capture_block_inputs(model, calib_ids, cfg.calib.batch_size, device, spill)
     per_layer: dict[str, dict[str, Any]] = {}
@@ -184,7 +186,7 @@ def _compress_blocks(model: nn.Module, calib_ids: torch.Tensor, cfg: CompressCon
              f" (resumed after block {start - 1})" if start else "")
     # a resumed run: also the wall time of every piece (what the compression cost in all)
     resumed = {"resumed_at_block": start, "compress_seconds_all_pieces": run.seconds()} if start else {}
-    return {"compress_seconds": elapsed, "phase_seconds": phases.seconds(), "layers": per_layer,
+    return {"compress_seconds": elapsed, "phase_seconds": phase_seconds(), "layers": per_layer,
             **size_report(model), **resumed}
 
 

@@ -24,7 +24,6 @@ import json
 import logging
 import os
 import shutil
-import signal
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -49,6 +48,7 @@ from .checkpoint import (
 from .dist import Ranks
 from .models import check_finite, get_layers, layers_prefix, set_submodule
 from .packed import Layout, SlimLinear
+from .testing.faults import fault
 
 if TYPE_CHECKING:
     from .capture import Activations
@@ -57,26 +57,10 @@ log = logging.getLogger(__name__)
 
 PROGRESS = "progress.json"
 INDEX = "model.safetensors.index.json"
-_FAULTS: dict[str, int] = {}
 
 
 class ResumeError(CheckpointError):
     """An interrupted run cannot be continued (or would be lost); the message says what to do."""
-
-
-def fault(point: str) -> None:
-    """Fault injection for the resume tests: SLIM_FAULT=POINT[@N] kills this process with SIGKILL the N-th time
-    (default: the first) it reaches POINT: capture (before each calibration batch), block (after each compressed
-    linear), commit (inside and between the writes that commit a block), save (inside the checkpoint's tensor
-    file), rename (before the finished checkpoint is renamed into place)."""
-    spec = os.environ.get("SLIM_FAULT")
-    if not spec:
-        return
-    name, _, nth = spec.partition("@")
-    if name == point:
-        _FAULTS[point] = _FAULTS.get(point, 0) + 1
-        if _FAULTS[point] == int(nth or 1):
-            os.kill(os.getpid(), signal.SIGKILL)
 
 
 # ------------------------------------------------------------------ reading a model one block at a time

@@ -1,0 +1,3 @@
+"""slim's version: a leaf module, so that modules the package root imports can read it without importing the root."""
+
+__version__ = "0.1.0"
