@@ -86,7 +86,8 @@ def test_kernel_build_is_announced_and_timed_as_its_own_phase(monkeypatch, tmp_p
     assert mod is not None and built == [native.NAME]
     first = [r for r in caplog.records if r.levelno == logging.WARNING]
     assert "building slim's CPU kernel" in first[0].getMessage() and str(tmp_path) in first[0].getMessage()
-    assert "build-kernel" in phases.seconds()
+    phases.reset()  # a compression starting after the build still reports it, once
+    assert "build-kernel" in phases.seconds() and "build-kernel" not in phases.seconds()
     (tmp_path / "x.so").write_bytes(b"")  # cached now: no warning the second time
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="slim.runtime.native"):

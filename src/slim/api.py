@@ -45,7 +45,7 @@ def compress(
     if masks is not None:
         check_masks(model, masks, cfg)
     torch.manual_seed(cfg.calib.seed)
-    texts, prov = read_texts(cfg.calib.data, data_dir)
+    texts, prov = read_texts(cfg.calib.data, data_dir, tokens_needed=cfg.calib.n_samples * cfg.calib.seqlen)
     ids = calibration_ids(tokenizer, texts, cfg.calib.n_samples, cfg.calib.seqlen, cfg.calib.seed)
     report = compress_model(model, ids, cfg, progress=progress, masks=masks, run=run, max_memory=max_memory,
                             ranks=ranks, checked=True)

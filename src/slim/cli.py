@@ -286,7 +286,7 @@ def _compress(args: argparse.Namespace, cfg: Any, ranks: Any) -> int:
     masks = load_masks(args.mask_file) if args.mask_file else None  # a bad file fails now, not after evaluation
     if args.eval or args.eval_dense:
         data.wikitext2_rows(args.data_dir)  # fail now, not after compressing
-    _, calib_prov = data.read_texts(cfg.calib.data, args.data_dir)
+    _, calib_prov = data.read_texts(cfg.calib.data, args.data_dir, tokens_needed=cfg.calib.n_samples * cfg.calib.seqlen)
     print(f"slim: recipe sparsity={cfg.sparsity.pattern}/{cfg.sparsity.method} quant={cfg.quant.method}"
           f"/{cfg.quant.bits}b{' +error-feedback' if cfg.quant.error_feedback else ''} adapter={cfg.adapter.method}"
           f"/rank {cfg.adapter.rank}{'/q' + str(cfg.adapter.bits) if cfg.adapter.quantize else ''}"
@@ -538,7 +538,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
                          seed=args.seed, save_every=args.save_every, autocast=args.autocast)
     src, out = Path(args.path), Path(args.out)
     check_paths(src, out, args.resume, args.overwrite)
-    texts, prov = data.read_texts(cfg.data, args.data_dir)  # a missing data file fails before any loading
+    # a missing data file fails before any loading; a hub dataset is streamed as far as the training tokens go
+    texts, prov = data.read_texts(cfg.data, args.data_dir, tokens_needed=cfg.max_tokens)
     src_cfg = checkpoint.read_slim_config(src)
     teacher = None
     if cfg.distill:

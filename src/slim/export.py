@@ -70,7 +70,7 @@ def check_exportable(layouts: dict[str, dict], fmt: str) -> None:
     for name, d in layouts.items():
         if d.get("fp8_inputs"):
             raise ExportError(f"layer {name} computes on fp8-rounded inputs, which no export format can express; "
-                              "re-compress without --fp8-inputs")
+                              "re-compress without fp8_inputs (--set fp8_inputs=false)")
         if fmt == "merged":
             continue
         if d.get("bits") != 4:
@@ -309,8 +309,8 @@ def export(src: str | os.PathLike, out: str | os.PathLike, fmt: str, dtype: str 
     if foreign:
         raise ExportError(f"layer {foreign[0]} (and {len(foreign) - 1} more) has a bias that the "
                           f"{model.config.model_type} architecture has no place for (AffineQuant's shifts, "
-                          "--block-tune-let, put it there): transformers and vLLM would drop it. Run this checkpoint "
-                          "with slim.load, or re-compress without --block-tune-let")
+                          "tune.let, put it there): transformers and vLLM would drop it. Run this checkpoint "
+                          "with slim.load, or re-compress without tune.let (--set tune.let=false)")
     info: dict[str, Any] = {"format": fmt, "source": str(src), "dtype": dtype, "layers": len(layers)}
 
     n_weights = sum(m.layout.d_in * m.layout.d_out for m in layers.values())

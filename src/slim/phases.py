@@ -15,6 +15,7 @@ from contextlib import contextmanager
 import torch
 
 _seconds: dict[str, float] = defaultdict(float)
+_once: set[str] = set()  # one-time phases (the kernel build): kept through `reset` until one report shows them
 
 
 def _sync() -> None:
@@ -23,8 +24,12 @@ def _sync() -> None:
 
 
 @contextmanager
-def phase(name: str) -> Iterator[None]:
-    """Add the wall time of the `with` body to phase `name` (a dotted name is a part of its parent's time)."""
+def phase(name: str, once: bool = False) -> Iterator[None]:
+    """Add the wall time of the `with` body to phase `name` (a dotted name is a part of its parent's time). A
+    `once` phase happens before a compression starts counting (the one-time kernel build) and survives its
+    `reset`, to be reported by the next `seconds`."""
+    if once:
+        _once.add(name)
     _sync()
     t = time.perf_counter()
     try:
@@ -35,9 +40,13 @@ def phase(name: str) -> Iterator[None]:
 
 
 def reset() -> None:
-    _seconds.clear()
+    for k in [k for k in _seconds if k not in _once]:
+        del _seconds[k]
 
 
 def seconds() -> dict[str, float]:
-    """Seconds by phase since the last reset, longest first."""
-    return {k: round(v, 3) for k, v in sorted(_seconds.items(), key=lambda kv: -kv[1])}
+    """Seconds by phase since the last reset, longest first (one-time phases once, then forgotten)."""
+    out = {k: round(v, 3) for k, v in sorted(_seconds.items(), key=lambda kv: -kv[1])}
+    for k in _once & set(_seconds):
+        del _seconds[k]
+    return out

@@ -106,7 +106,7 @@ def _compress_blocks(model: nn.Module, calib_ids: torch.Tensor, cfg: CompressCon
             block = (layers[i] if run is None else run.load(model, i)).to(device)
         linears = find_linears(block)
         # block tuning's targets: the dense block's outputs, before its linears are replaced; on the compressed
-        # stream (block 0, or --block-tune-teacher compressed) they are the statistics pass's own outputs
+        # stream (block 0, or tune.teacher compressed) they are the statistics pass's own outputs
         own_stream = teacher is None or cfg.tune.teacher == "compressed"
         targets = None
         with phase("calibrate"):

@@ -68,7 +68,7 @@ def load() -> ModuleType | None:
             log.warning("building slim's CPU kernel (once per machine, about a minute on 2 cores; cached in %s)",
                         where or "torch's extension cache")
         t0 = time.perf_counter()
-        with phase("build-kernel"):
+        with phase("build-kernel", once=True):
             mod = build(name=NAME, sources=[str(p) for p in SOURCES],
                         extra_cflags=["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"],
                         extra_ldflags=["-fopenmp"], verbose=False)
