@@ -188,7 +188,9 @@ def test_plus_ft_table_scores_each_checkpoint_once(bench, tiny_llama_dir, shared
     assert list(json.loads((out / "results.json").read_text())["runs"]) == ["again"]
 
 
-def test_finetune_lr_probe_reuses_runs_and_refuses_other_options(bench, tiny_llama_dir, shared_data, tmp_path):
+@pytest.mark.slow  # a one-off probe, archived (benchmarks/archive/): out of the default suite
+def test_finetune_lr_probe_reuses_runs_and_refuses_other_options(bench, tiny_llama_dir, shared_data, tmp_path,
+                                                                  monkeypatch):
     from slim.cli import main
 
     ck = tmp_path / "ck"
@@ -198,6 +200,7 @@ def test_finetune_lr_probe_reuses_runs_and_refuses_other_options(bench, tiny_lla
     argv = [str(ck), "--out", str(out), "--work", str(work), "--lrs", "1e-3,1e-1", "--max-tokens", "256",
             "--batch", "4", "--micro-batch", "4", "--seqlen", "32", "--autocast", "none", "--eval-limit", "1",
             "--data-dir", str(shared_data)]
+    monkeypatch.syspath_prepend(str(BENCH / "archive"))
     assert bench("finetune_lr_probe", *argv) == 0
     runs = json.loads((out / "results.json").read_text())["runs"]
     assert [r["lr"] for r in runs] == [1e-3, 1e-1] and runs[0]["before"] == runs[1]["before"]

@@ -5,7 +5,7 @@ dozen optimizer steps, the paper's lr (1e-4, set for ~470 steps) barely moves th
 Each run goes to WORK/lr<value>/ (`slim finetune ... --eval --eval-limit N`); a run whose results.json is there
 already is reused, so the probe can be extended with more values. Writes OUT/results.json and OUT/README.md.
 
-    python benchmarks/finetune_lr_probe.py CKPT --out docs/results/finetune/lr-probe --lrs 1e-4,1e-3,1e-2 \
+    python benchmarks/archive/finetune_lr_probe.py CKPT --out docs/results/finetune/lr-probe --lrs 1e-4,1e-3,1e-2 \
         --work /tmp/slim-lr-probe
 """
 
@@ -16,7 +16,8 @@ import json
 import sys
 from pathlib import Path
 
-from grid import describe_machine, machine, source_commit, write_result
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: the shared grid helpers
+from grid import describe_machine, machine, source_commit, write_result  # noqa: E402
 
 from slim.cli import main as slim_main
 

@@ -5,7 +5,7 @@ output error (input-RMS weighted, summed) of per-tensor SLiM-Quant without and w
 input columns doubled, split into those columns and the rest, and the share of the doubled columns'
 weights that fall outside the 4-bit range (clipped).
 
-    python benchmarks/slim_quant_o_clipping.py [--model PATH] [--blocks 3] [--samples 16] > out.txt
+    python benchmarks/archive/slim_quant_o_clipping.py [--model PATH] [--blocks 3] [--samples 16] > out.txt
 """
 
 from __future__ import annotations

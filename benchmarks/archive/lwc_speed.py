@@ -5,7 +5,7 @@ ops with the extremes recomputed every step by amax/amin (the code before them).
 seed and steps in one process, the two run alternately; also reports how far the stored weights of the two
 runs differ (the gradients agree to float rounding, so a few codes may flip over many steps).
 
-    python benchmarks/lwc_speed.py --out docs/results/timing/lwc-step --steps 256
+    python benchmarks/archive/lwc_speed.py --out docs/results/timing/lwc-step --steps 256
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-HERE = Path(__file__).resolve().parent
+HERE = Path(__file__).resolve().parents[1]  # benchmarks/: the shared grid helpers
 
 
 def autograd_lwc_fake_quant(w: Any, bits: int, group_size: int, up: Any, low: Any, minmax: Any = None) -> Any:

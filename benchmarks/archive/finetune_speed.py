@@ -3,7 +3,8 @@ base matmuls; `--autocast bf16`: the whole forward under autocast), side by side
 steps, the variants alternating in one command so all see the same machine load. Also the LM loss of each step, to
 show the runs train alike. Writes OUT/results.json and OUT/README.md.
 
-    python benchmarks/finetune_speed.py CKPT --out docs/results/finetune/speed --steps 2 --order none,bf16-base,none
+    python benchmarks/archive/finetune_speed.py CKPT --out docs/results/finetune/speed --steps 2 \
+        --order none,bf16-base,none
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from grid import describe_machine, machine, source_commit, write_result
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: the shared grid helpers
+from grid import describe_machine, machine, source_commit, write_result  # noqa: E402
 
 from slim.checkpoint import read_slim_config
 from slim.cli import main as slim_main

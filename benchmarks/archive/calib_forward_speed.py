@@ -2,7 +2,7 @@
 bfloat16 autocast (`--set calib.autocast=bf16`), alternating in one process so both see the same machine load, with the
 relative squared error of the bf16 outputs. Writes OUT/results.json and OUT/README.md.
 
-    python benchmarks/calib_forward_speed.py --out docs/results/timing/calib-autocast --repeats 3
+    python benchmarks/archive/calib_forward_speed.py --out docs/results/timing/calib-autocast --repeats 3
 """
 
 from __future__ import annotations
@@ -14,6 +14,8 @@ import time
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: the shared grid helpers
 from grid import (
     add_common_args,
     calib_label,
@@ -23,7 +25,7 @@ from grid import (
     source_commit,
     with_calib,
     write_result,
-)
+)  # noqa: E402
 
 from slim.capture import capture_block_inputs, run_block
 from slim.config import CompressConfig

@@ -3,10 +3,10 @@ K's output against the dense model's on held-out WikiText-2 text (8 x 512 tokens
 plus compression time. A cheap probe (minutes per variant instead of the ~30 of a perplexity row) to choose the
 teacher, learning rate, steps and whether scales train, before the full rows in benchmarks/ablation.py.
 
-    python benchmarks/block_tune_probe.py --out docs/results/ablation/block-tune --blocks 4 \\
+    python benchmarks/archive/block_tune_probe.py --out docs/results/ablation/block-tune --blocks 4 \\
         --variants '{"closed form": {}, "32 steps": {"tune": {"steps": 32}}}'
-    python benchmarks/block_tune_probe.py --out DIR --blocks 6 --ppl-windows 16 --variants '{...}'
-    python benchmarks/block_tune_probe.py --out docs/results/ablation/block-tune --render A.json B.json
+    python benchmarks/archive/block_tune_probe.py --out DIR --blocks 6 --ppl-windows 16 --variants '{...}'
+    python benchmarks/archive/block_tune_probe.py --out docs/results/ablation/block-tune --render A.json B.json
 
 `--ppl-windows N` adds a perplexity proxy: WikiText-2 on its first N windows of 2048 tokens with the probed blocks
 compressed and the others dense (the block error weighs the few massive-activation tokens most; perplexity does
@@ -21,7 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
+HERE = Path(__file__).resolve().parents[1]  # benchmarks/: the shared grid helpers
 
 
 def probe(blocks: int, variants: dict[str, dict], data_dir: str | None, ppl_windows: int = 0) -> dict[str, dict]:
