@@ -15,7 +15,6 @@ how the default test suite checks it without a GPU.
 from __future__ import annotations
 
 import functools
-import logging
 import os
 from typing import Any
 
@@ -25,8 +24,6 @@ from torch import nn
 
 from ..packed import SlimLinear, layer_inputs, pack_bits, unpack_codes
 from ..quant import n_groups
-
-log = logging.getLogger(__name__)
 
 NAME = "cuda-int4"
 ADAPTER_MODES = ("int4", "16bit")
