@@ -21,8 +21,8 @@ from grid import (  # benchmarks/ is on sys.path when run as a script
     with_calib,
 )
 
-from slim.checkpoint import write_json
 from slim.config import PRESETS, CompressConfig, merge
+from slim.format.checkpoint import write_json
 
 FULLCOV = {"adapter": {"method": "fullcov"}}
 EF = {"quant": {"error_feedback": True}}

@@ -73,10 +73,10 @@ def write_model(d: Path, hidden: int, mlp: int, blocks: int, heads: int, kv_head
 
 
 def compress(src: Path, out: Path, args: argparse.Namespace, load: str) -> dict:
-    from slim.checkpoint import dir_bytes
+    from slim.format.checkpoint import dir_bytes
 
     # the child reports its own peak (VmHWM, since exec): a fork's rusage starts from this process's size
-    wrapper = ("import sys\nfrom slim.cli import main\nrc = main(sys.argv[1:])\nprint('VmHWM', open("
+    wrapper = ("import sys\nfrom slim.cli.commands import main\nrc = main(sys.argv[1:])\nprint('VmHWM', open("
                "'/proc/self/status').read().split('VmHWM:')[1].split()[0], flush=True)\nsys.exit(rc)")
     cmd = [sys.executable, "-c", wrapper, "compress", str(src), "--out", str(out), "--overwrite", "--load", load,
            "--calib-samples", str(args.calib_samples), "--calib-seqlen", str(args.calib_seqlen),
@@ -151,7 +151,7 @@ def write_outputs(out: Path, runs: list[dict], args: argparse.Namespace, label7:
     sys.path.insert(0, str(HERE))
     from grid import describe_machine, machine, source_commit
 
-    from slim.checkpoint import write_json
+    from slim.format.checkpoint import write_json
 
     stream7 = sorted((r for r in runs if r["shape"] == label7 and r["load"] == "stream"), key=lambda r: r["blocks"])
     lo, hi = stream7[0], stream7[-1]

@@ -27,10 +27,10 @@ from grid import (
     write_result,
 )
 
-from slim.checkpoint import save, versions
 from slim.config import PRESETS, CompressConfig
+from slim.format.checkpoint import save, versions
 from slim.models import load_model
-from slim.pipeline import compress_model
+from slim.pipeline.loop import compress_model
 
 RECIPES = {"paper": PRESETS["paper"], "default": {}}
 

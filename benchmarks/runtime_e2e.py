@@ -53,7 +53,7 @@ def _load(model: str, backend: str):  # noqa: ANN202
     from transformers import AutoModelForCausalLM
 
     import slim
-    from slim.checkpoint import is_checkpoint
+    from slim.format.checkpoint import is_checkpoint
 
     if is_checkpoint(model):
         return slim.load(model, backend=backend), f"slim ({backend})"
@@ -65,9 +65,9 @@ def memory_worker(args: argparse.Namespace) -> None:
     import torch
     import transformers  # noqa: F401 - counted in the baseline, as a user's process has it
 
-    from slim.checkpoint import release_free_memory
-    from slim.generate import generate, peak_rss_bytes, reset_peak_rss, rss_bytes
+    from slim.format.checkpoint import release_free_memory
     from slim.runtime import model_bytes
+    from slim.runtime.generate import generate, peak_rss_bytes, reset_peak_rss, rss_bytes
 
     torch.manual_seed(0)
     from transformers import AutoModelForCausalLM
@@ -99,7 +99,7 @@ def speed_worker(args: argparse.Namespace) -> None:
     """Both models in this process, alternated round by round: prefill and decode tokens/s of each."""
     import torch
 
-    from slim.generate import generate
+    from slim.runtime.generate import generate
 
     torch.manual_seed(0)
     _, ids = _prompt(args, args.model)
@@ -131,7 +131,7 @@ def speed_worker(args: argparse.Namespace) -> None:
 
 
 def dir_bytes(p: Path) -> int:
-    from slim.checkpoint import dir_bytes as nbytes
+    from slim.format.checkpoint import dir_bytes as nbytes
 
     return nbytes(p)
 
@@ -166,7 +166,7 @@ def random_llama_dirs(work: Path, blocks: int) -> tuple[Path, Path]:
 
     import slim
     from slim.models import set_submodule
-    from slim.runtime.random import random_slim_linear
+    from slim.testing.random_layers import random_slim_linear
 
     cfg = LlamaConfig(vocab_size=4096, hidden_size=4096, intermediate_size=11008, num_hidden_layers=blocks,
                       num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=2048)
@@ -297,7 +297,7 @@ def main() -> None:
     res = {"machine": machine(), "commit": source_commit(), "backend": args.backend, "rows": rows}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    from slim.checkpoint import write_json
+    from slim.format.checkpoint import write_json
 
     write_json(out / "e2e.json", res)
     (out / "e2e.md").write_text(table(res))

@@ -19,9 +19,9 @@ import torch
 import torch.nn.functional as F
 from grid import describe_machine, machine, source_commit
 
-from slim.checkpoint import write_json
+from slim.format.checkpoint import write_json
 from slim.runtime import cpu_int4
-from slim.runtime.random import random_slim_linear
+from slim.testing.random_layers import random_slim_linear
 
 SHAPES = {  # (d_out, d_in)
     "llama2-7b": [(4096, 4096), (11008, 4096), (4096, 11008)],

@@ -28,14 +28,14 @@ import triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from slim.checkpoint import write_json
+from slim.format.checkpoint import write_json
 
 TYPES = {"x_ptr": "*bf16", "qv_ptr": "*i32", "qp_ptr": "*i16", "s_ptr": "*fp32", "z_ptr": "*fp32", "ts_ptr": "*fp32",
          "b_ptr": "*bf16", "acc_ptr": "*bf16", "y_ptr": "*bf16", "out_ptr": "*bf16"}
 
 
 def _kernels():  # noqa: ANN202 - imported here, after `main` clears TRITON_INTERPRET, so the kernels compile
-    from slim.runtime import triton_kernels
+    from slim.kernels import triton as triton_kernels
 
     if not isinstance(triton_kernels._gemv_kernel, triton.runtime.JITFunction):
         raise SystemExit("triton_sass: the kernels were imported under TRITON_INTERPRET=1; run this script in a "

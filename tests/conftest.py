@@ -19,7 +19,7 @@ def compress_tiny(preset: str, epochs: int, **over):
     from torch import nn
 
     from slim.config import PRESETS, CompressConfig, merge
-    from slim.pipeline import compress_model
+    from slim.pipeline.loop import compress_model
 
     torch.manual_seed(0)
     model = tiny_model("llama", layers=2)
@@ -37,7 +37,7 @@ def compress_tiny(preset: str, epochs: int, **over):
 
 def slim_layers(model) -> dict:
     """The model's SlimLinears by name."""
-    from slim.packed import SlimLinear
+    from slim.format.packed import SlimLinear
 
     return {n: m for n, m in model.named_modules() if isinstance(m, SlimLinear)}
 

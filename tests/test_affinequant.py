@@ -9,13 +9,14 @@ import torch
 from conftest import compress_tiny, slim_layers, tiny_model
 from torch import nn
 
-from slim.affine import AffineTransform, gradual_mask, heads_of, let_map
-from slim.checkpoint import load, save
+from slim.algorithms.affine import AffineTransform, gradual_mask, heads_of, let_map
 from slim.config import PRESETS, CompressConfig, ConfigError, merge
-from slim.export import ExportError, export
-from slim.packed import SlimLinear
+from slim.export.formats import ExportError, export
+from slim.format.checkpoint import save
+from slim.format.packed import SlimLinear
+from slim.pipeline.tune import close_layers, open_layers
 from slim.runtime import cpu_int4
-from slim.tune import close_layers, open_layers
+from slim.runtime.loader import load
 
 
 def _randomize(t: AffineTransform, gen: torch.Generator) -> None:

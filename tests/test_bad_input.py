@@ -7,11 +7,11 @@ import torch
 from conftest import tiny_model
 
 import slim
-from slim.checkpoint import CheckpointError
-from slim.cli import main
+from slim.cli.commands import main
 from slim.config import CompressConfig, ConfigError
 from slim.data import DataError, calibration_ids, read_texts
-from slim.pipeline import compress_model
+from slim.format.checkpoint import CheckpointError
+from slim.pipeline.loop import compress_model
 
 FAST = ["--calib-samples", "4", "--calib-seqlen", "64", "-q"]
 
@@ -28,7 +28,7 @@ def test_rank_larger_than_the_layer(tiny_llama_dir, shared_data, tmp_path, capsy
 def test_budget_below_one_block_is_refused_before_work(tiny_llama_dir, shared_data, tmp_path, capsys):
     """--max-memory below the parts outside the blocks + one block (+ the Gram matrices' float64 copies for the
     recipes that use them) is refused before anything is computed, with the figure to give."""
-    from slim.stream import check_budget
+    from slim.pipeline.stream import check_budget
 
     args = ["compress", str(tiny_llama_dir), "--out", str(tmp_path / "o"), *FAST, "--data-dir", str(shared_data)]
     assert main([*args, "--max-memory", "10K"]) == 2
@@ -105,7 +105,7 @@ def test_tokenizer_without_eos(tiny_llama_dir, shared_data, tmp_path):
     cfg = CompressConfig.from_dict({"calib": {"n_samples": 2, "seqlen": 32}})
     model, tok, _ = slim.compress(tiny_model("llama", vocab=len(tok), layers=1), cfg, tok, data_dir=shared_data,
                                   progress=False)
-    from slim.generate import generate
+    from slim.runtime.generate import generate
 
     out = generate(model, tok, tok("Hello", return_tensors="pt").input_ids, max_new_tokens=4)
     assert out["new_tokens"] == 4
@@ -156,7 +156,7 @@ def _rewrite_header(f, change) -> None:
     (lambda h: h["model.norm.weight"].__setitem__("shape", [3]), "has shape"),
 ])
 def test_missing_extra_and_tampered_tensors(tmp_path, change, msg):
-    from slim.checkpoint import CheckpointError
+    from slim.format.checkpoint import CheckpointError
 
     model = tiny_model("llama", layers=1)
     compress_model(model, torch.randint(0, 256, (2, 16)), CompressConfig(), progress=False)

@@ -5,14 +5,14 @@ import torch
 from conftest import correlated_inputs, tiny_model
 
 import slim
-from slim.baselines import awq_search, jsq_range_sensitivity, jsq_score
+from slim.algorithms.baselines import awq_search, jsq_range_sensitivity, jsq_score
+from slim.algorithms.lowrank import slim_adapter
+from slim.algorithms.quant import expand_groups, grouped, minmax_asym_params
+from slim.algorithms.stats import InputStats, JSQStats
 from slim.config import PRESETS, CompressConfig, ConfigError, merge
-from slim.lowrank import slim_adapter
-from slim.packed import SlimLinear
-from slim.pipeline import compress_model
-from slim.quant import expand_groups, grouped, minmax_asym_params
-from slim.solver import compress_weight
-from slim.stats import InputStats, JSQStats
+from slim.format.packed import SlimLinear
+from slim.pipeline.loop import compress_model
+from slim.pipeline.solver import compress_weight
 
 
 def _layer(seed=0, d_out=64, d_in=256, outliers=True):

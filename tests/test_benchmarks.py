@@ -87,7 +87,7 @@ def test_baselines_table(bench, tiny_llama_dir, shared_data, tmp_path, capsys):
 def test_grid_scores_a_row_from_a_checkpoint(bench, tiny_llama_dir, shared_data, tmp_path, capsys):
     """A row compressed by `slim compress` (resumable, for rows that take hours) is scored like one computed in
     the grid, with the same result; a checkpoint of another recipe or a bad ROW=DIR stops the grid."""
-    from slim.cli import main as slim_main
+    from slim.cli.commands import main as slim_main
 
     ck = tmp_path / "ck"
     assert slim_main(["compress", str(tiny_llama_dir), "--preset", "wanda-absmax", "--calib-samples", "8",
@@ -152,7 +152,7 @@ def test_help_renders(bench, script, capsys):
 
 
 def test_plus_ft_table_scores_each_checkpoint_once(bench, tiny_llama_dir, shared_data, tmp_path, capsys):
-    from slim.cli import main
+    from slim.cli.commands import main
 
     ck, ft = tmp_path / "ck", tmp_path / "ft"
     assert main(["compress", str(tiny_llama_dir), "--out", str(ck), "--calib-samples", "4", "--calib-seqlen", "64",
@@ -191,7 +191,7 @@ def test_plus_ft_table_scores_each_checkpoint_once(bench, tiny_llama_dir, shared
 @pytest.mark.slow  # a one-off probe, archived (benchmarks/archive/): out of the default suite
 def test_finetune_lr_probe_reuses_runs_and_refuses_other_options(bench, tiny_llama_dir, shared_data, tmp_path,
                                                                   monkeypatch):
-    from slim.cli import main
+    from slim.cli.commands import main
 
     ck = tmp_path / "ck"
     assert main(["compress", str(tiny_llama_dir), "--out", str(ck), "--calib-samples", "4", "--calib-seqlen", "64",
@@ -212,6 +212,7 @@ def test_finetune_lr_probe_reuses_runs_and_refuses_other_options(bench, tiny_lla
         bench("finetune_lr_probe", *[a if a != "256" else "512" for a in argv])
 
 
+@pytest.mark.slow  # a shell script's wiring, many subprocesses; plus_ft's table is tested in process above
 def test_gpu_script_dry_run_on_cpu(tiny_llama_dir, shared_data, tmp_path):
     """benchmarks/plus_ft_gpu.sh (what a rented GPU runs, bounded) works end to end with DEVICE=cpu and tiny
     settings: checkpoint, +FT with distillation, the +FT table, the zero-shot of the best run and of its source;
@@ -300,6 +301,7 @@ def test_triton_kernels_compile_for_the_gpu(tmp_path, arch):
         assert row["per_weight"] < 20, row
 
 
+@pytest.mark.slow  # the shell wiring; the benchmark itself runs in process (test_gpu_runtime_layers_smoke)
 def test_gpu_runtime_script_dry_run_on_cpu(tmp_path):
     """benchmarks/gpu_runtime.sh, the one call a lent GPU gets, runs its stages on a CPU: the gpu tests (skipped
     here), then the benchmark in the interpreter; each stage reports its exit code."""

@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from slim.cli import main
+from slim.cli.commands import main
 
 FAST = ["--calib-samples", "4", "--calib-seqlen", "64", "-q"]
 
@@ -126,7 +126,7 @@ def test_report_from_checkpoint_and_eval(tiny_llama_dir, shared_data, tmp_path):
 
 
 def test_errors_by_kind_never_mixes_metrics():
-    from slim.report import errors_by_kind
+    from slim.pipeline.report import errors_by_kind
 
     layers = {
         "wanda": {"b.0.q_proj": {"err_metric": "diag", "rel_err_final": 0.2},
@@ -143,12 +143,12 @@ def test_bad_mask_file_fails_before_dense_eval(tiny_llama_dir, shared_data, tmp_
     """A missing or mismatched --mask-file is refused before the dense model is evaluated."""
     from safetensors.torch import save_file
 
-    import slim.evaluate
+    import slim.eval.perplexity
 
     def no_eval(*a, **k):
         raise AssertionError("perplexity ran before the mask file was checked")
 
-    monkeypatch.setattr(slim.evaluate, "perplexity", no_eval)
+    monkeypatch.setattr(slim.eval.perplexity, "perplexity", no_eval)
     common = ["--out", str(tmp_path / "o"), *FAST, "--data-dir", str(shared_data), "--eval-dense"]
     assert main(["compress", str(tiny_llama_dir), "--mask-file", str(tmp_path / "none.safetensors"), *common]) == 2
     assert "does not exist" in capsys.readouterr().err
@@ -161,7 +161,7 @@ def test_bad_mask_file_fails_before_dense_eval(tiny_llama_dir, shared_data, tmp_
 def _compress_parser():
     import argparse
 
-    from slim.cli import build_parser
+    from slim.cli.commands import build_parser
 
     sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
     return sub.choices["compress"]
@@ -182,7 +182,7 @@ def test_compress_help_is_short_and_grouped():
 
 def test_recipe_layers_block_tune_config_flags_set(tmp_path):
     """defaults < --preset < --block-tune < --config < flags < --set, into the same dict the flags built."""
-    from slim.cli import build_parser, config_from_args
+    from slim.cli.commands import build_parser, config_from_args
     from slim.config import BLOCK_TUNE, CompressConfig
 
     def cfg(*argv):

@@ -78,7 +78,7 @@ def test_shipped_presets_equal_the_former_in_code_dict():
 def test_torch_free_names_match_the_registries():
     """slim.names (read by the parser and the config without torch) lists what the registries hold."""
     from slim import names
-    from slim.methods import ADAPTERS, MASKS, QUANTIZERS
+    from slim.algorithms.methods import ADAPTERS, MASKS, QUANTIZERS
     from slim.runtime import CHOICES
 
     assert names.MASK_METHODS == tuple(MASKS)

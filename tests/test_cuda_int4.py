@@ -8,13 +8,13 @@ import pytest
 import torch
 from conftest import tiny_model
 
+from slim.format.packed import SlimLinear
 from slim.models import set_submodule
-from slim.packed import SlimLinear
 from slim.runtime import apply_backend, cuda_int4, resolve
-from slim.runtime.random import random_slim_linear
+from slim.testing.random_layers import random_slim_linear
 
 pytest.importorskip("triton", reason="Triton is not installed (pip install -e '.[dev]' installs it)")
-tk = pytest.importorskip("slim.runtime.triton_kernels")
+tk = pytest.importorskip("slim.kernels.triton")
 
 on_gpu = torch.cuda.is_available()
 needs_interpreter = pytest.mark.skipif(not tk.INTERPRET and not on_gpu,
@@ -249,7 +249,7 @@ def test_compiled_decode_loop_through_the_backend():
     on a GPU) over `cuda-int4` layers gives the eager loop's greedy tokens, in one graph."""
     from torch._dynamo.utils import counters
 
-    from slim.generate import generate
+    from slim.runtime.generate import generate
 
     model = _compressed_tiny(seed=8)
     apply_backend(model, "cuda-int4", DEVICE)

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 import slim
-from slim.checkpoint import read_slim_config
-from slim.dist import Ranks
-from slim.pipeline import _share
+from slim.format.checkpoint import read_slim_config
+from slim.pipeline.dist import Ranks
+from slim.pipeline.loop import _share
 
 ARGS = ["--calib-samples", "8", "--calib-seqlen", "64", "--set", "calib.batch_size=2", "-q"]
 
@@ -26,9 +26,12 @@ def _run(cmd: list[str]) -> None:
     assert r.returncode == 0, r.stderr[-3000:]
 
 
-@pytest.mark.parametrize("recipe", [[], ["--preset", "paper", "--set", "true_sequential=true"],
-                                    ["--set", "tune.steps=6", "--set", "tune.batch_size=1"]],
-                         ids=["default", "paper-seq", "block-tune"])
+@pytest.mark.parametrize("recipe", [
+    pytest.param([], id="default"),
+    # the same two-process machinery on other paths (4 more processes each): in the slow suite
+    pytest.param(["--preset", "paper", "--set", "true_sequential=true"], id="paper-seq", marks=pytest.mark.slow),
+    pytest.param(["--set", "tune.steps=6", "--set", "tune.batch_size=1"], id="block-tune", marks=pytest.mark.slow),
+])
 def test_two_processes_give_the_one_process_checkpoint(tiny_llama_dir, shared_data, tmp_path, recipe):
     """`torchrun --nproc-per-node 2 -m slim compress` (batches split, statistics all-reduced, linears solved on
     both ranks and broadcast; block tuning's steps on the rank holding their batch, gradients all-reduced) writes

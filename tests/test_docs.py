@@ -26,7 +26,7 @@ def test_cli_reference_is_generated_from_the_parser():
 
 
 def test_cli_reference_names_every_option():
-    from slim.cli import build_parser
+    from slim.cli.commands import build_parser
 
     text = (DOCS / "cli.md").read_text(encoding="utf-8")
     parser = build_parser()

@@ -7,13 +7,13 @@ import torch
 from conftest import tiny_model
 
 import slim
-from slim.checkpoint import OutputExistsError
-from slim.cli import main
+from slim.cli.commands import main
 from slim.config import CompressConfig
-from slim.export import VLLM_RANKS, ExportError, base_only, ct_tensors, export, peft_adapter
-from slim.packed import SlimLinear
-from slim.pipeline import compress_model
-from slim.runtime.random import random_slim_linear
+from slim.export.formats import VLLM_RANKS, ExportError, base_only, ct_tensors, export, peft_adapter
+from slim.format.checkpoint import OutputExistsError
+from slim.format.packed import SlimLinear
+from slim.pipeline.loop import compress_model
+from slim.testing.random_layers import random_slim_linear
 
 pytest.importorskip("compressed_tensors")
 peft = pytest.importorskip("peft")

@@ -11,11 +11,11 @@ import pytest
 import torch
 
 import slim
-from slim.checkpoint import read_slim_config
-from slim.cli import main
+from slim.cli.commands import main
 from slim.config import ConfigError
-from slim.finetune import FinetuneConfig, batch_order
-from slim.packed import SlimLinear
+from slim.format.checkpoint import read_slim_config
+from slim.format.packed import SlimLinear
+from slim.train.finetune import FinetuneConfig, batch_order
 
 FAST = ["--calib-samples", "4", "--calib-seqlen", "64", "--set", "calib.batch_size=2", "-q"]
 
@@ -89,7 +89,7 @@ def test_step_loss_bf16_autocast_reaches_student_and_teacher(tiny_llama_dir):
     other settings leave the LM head in float32."""
     from transformers import AutoModelForCausalLM
 
-    from slim.finetune import step_loss
+    from slim.train.finetune import step_loss
 
     student = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
     teacher = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
@@ -109,7 +109,7 @@ def test_step_loss_matches_the_textbook_formula(tiny_llama_dir, T):
     import torch.nn.functional as F
     from transformers import AutoModelForCausalLM
 
-    from slim.finetune import step_loss
+    from slim.train.finetune import step_loss
 
     torch.manual_seed(0)
     student = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)

@@ -73,7 +73,7 @@ def test_shipped_sample_calibration_windows_unchanged(smollm2_tokenizer_dir, sha
 def test_kernel_build_is_announced_and_timed_as_its_own_phase(monkeypatch, tmp_path, caplog):
     import torch.utils.cpp_extension as cpp
 
-    from slim.runtime import native
+    from slim.kernels import native
 
     if native.unavailable_reason() is not None:
         pytest.skip(native.unavailable_reason())
@@ -81,7 +81,7 @@ def test_kernel_build_is_announced_and_timed_as_its_own_phase(monkeypatch, tmp_p
     monkeypatch.setattr(native, "build_dir", lambda: tmp_path)  # nothing cached there: a first build
     monkeypatch.setattr(cpp, "load", lambda **kw: built.append(kw["name"]) or types.SimpleNamespace())
     phases.reset()
-    with caplog.at_level(logging.INFO, logger="slim.runtime.native"):
+    with caplog.at_level(logging.INFO, logger="slim.kernels.native"):
         mod = native.load.__wrapped__()
     assert mod is not None and built == [native.NAME]
     first = [r for r in caplog.records if r.levelno == logging.WARNING]
@@ -90,6 +90,6 @@ def test_kernel_build_is_announced_and_timed_as_its_own_phase(monkeypatch, tmp_p
     assert "build-kernel" in phases.seconds() and "build-kernel" not in phases.seconds()
     (tmp_path / "x.so").write_bytes(b"")  # cached now: no warning the second time
     caplog.clear()
-    with caplog.at_level(logging.INFO, logger="slim.runtime.native"):
+    with caplog.at_level(logging.INFO, logger="slim.kernels.native"):
         native.load.__wrapped__()
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]

@@ -1,6 +1,7 @@
 """The checkpoint loader under hostile input (hypothesis): whatever slim_config.json or the safetensors header
 holds, only slim's own errors escape, nothing is executed and nothing huge is allocated."""
 
+import dataclasses
 import json
 import shutil
 
@@ -10,8 +11,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import slim
-from slim.checkpoint import CheckpointError
 from slim.config import CompressConfig
+from slim.format.checkpoint import CheckpointError
+from slim.format.packed import Layout, SlimLinear
 from slim.runtime import BackendError
 
 ALLOWED = (CheckpointError, BackendError)
@@ -23,7 +25,7 @@ def checkpoint(tmp_path_factory):
     model = tiny_model("llama", layers=1)
     ids = __import__("torch").randint(0, 256, (2, 32))
     cfg = CompressConfig.from_dict({"calib": {"n_samples": 2, "seqlen": 32}})
-    from slim.pipeline import compress_model
+    from slim.pipeline.loop import compress_model
 
     compress_model(model, ids, cfg, progress=False)
     d = tmp_path_factory.mktemp("fuzz") / "ck"
@@ -108,3 +110,96 @@ def test_a_huge_layout_is_refused_before_allocating(checkpoint, tmp_path):
     (d / "slim_config.json").write_text(json.dumps(cfg))
     with pytest.raises(CheckpointError, match=name):
         slim.load(d, backend="reference")
+
+
+# --- layout fields: every field of every layer is reached; a mutated layout that loads must compute what it says ---
+
+LAYOUT_FIELDS = [f.name for f in dataclasses.fields(Layout)]
+IDS = __import__("torch").arange(48).reshape(2, 24) % 256
+
+
+def _logits(model):
+    import torch
+
+    with torch.no_grad():
+        return model(IDS).logits.float()
+
+
+@pytest.fixture(scope="module")
+def original_logits(checkpoint):
+    return _logits(slim.load(checkpoint, backend="reference"))
+
+
+def near(value):
+    """Values a corrupted or hand-edited file plausibly holds: neighbours, halves and doubles, signs, other types."""
+    if isinstance(value, bool):
+        return st.sampled_from([not value, int(value), str(value).lower(), None])
+    if isinstance(value, int):
+        return st.sampled_from([value - 1, value + 1, 0, 1, 2 * value, value // 2, -value, 4, 8, 16, 32, 64, 128,
+                                float(value), str(value), True])
+    return st.sampled_from(["dense", "nm", "unstructured", "", value.upper(), None, 4])
+
+
+def check_loaded(path, layers, original, original_logits):
+    """A checkpoint that loads runs the layout its file claims: each layer's Layout is the file's, the output is
+    finite, the reference and the cpu-int4 kernel agree on it, and an unchanged layout gives the original logits."""
+    import torch
+
+    try:
+        ref = slim.load(path, backend="reference")
+    except ALLOWED:
+        return False
+    for name, d in layers.items():
+        layer = ref.get_submodule(name)
+        assert isinstance(layer, SlimLinear) and layer.layout == Layout.from_dict(d), name
+    out = _logits(ref)
+    assert torch.isfinite(out).all()
+    if all(Layout.from_dict(d) == Layout.from_dict(original[n]) for n, d in layers.items()):
+        assert torch.equal(out, original_logits)
+    try:
+        fast = slim.load(path, backend="cpu-int4")
+    except ALLOWED:  # a layout the kernel cannot take (it names why); the reference already ran it
+        return True
+    torch.testing.assert_close(_logits(fast), out, atol=0.05, rtol=0.05)
+    return True
+
+
+@FUZZ
+@given(data=st.data())
+def test_fuzzed_layout_field(checkpoint, original_logits, tmp_path_factory, data):
+    d = _copy(checkpoint, tmp_path_factory.mktemp("l"))
+    cfg = json.loads((d / "slim_config.json").read_text())
+    original = json.loads(json.dumps(cfg["layers"]))
+    name = data.draw(st.sampled_from(sorted(cfg["layers"])), label="layer")
+    field = data.draw(st.sampled_from(LAYOUT_FIELDS), label="field")
+    layout = cfg["layers"][name]
+    old = layout.get(field, getattr(Layout(1, 1), field))
+    value = data.draw(near(old) | json_values | st.just("<drop>"), label="value")
+    if value == "<drop>":
+        layout.pop(field, None)
+    else:
+        layout[field] = value
+    (d / "slim_config.json").write_text(json.dumps(cfg))
+    check_loaded(d, cfg["layers"], original, original_logits)
+
+
+@pytest.mark.parametrize("field,value,same", [("fp8_inputs", True, False), ("adapter_group", 100, True),
+                                              ("group_size", 0, True)])
+def test_a_mutated_layout_that_loads_computes_what_it_claims(checkpoint, original_logits, tmp_path, field, value,
+                                                             same):
+    """The fuzz test's loaded branch, reached on purpose: fp8 inputs switched on load and change the output the same
+    way on both backends; an adapter group or scale group that yields the same group count loads and computes the
+    same as before."""
+    import torch
+
+    d = _copy(checkpoint, tmp_path)
+    cfg = json.loads((d / "slim_config.json").read_text())
+    original = json.loads(json.dumps(cfg["layers"]))
+    name = "model.layers.0.mlp.up_proj"
+    if field == "group_size" and cfg["layers"][name]["group_size"] != 0:
+        pytest.skip("the default recipe stores group scales here")
+    cfg["layers"][name][field] = value
+    (d / "slim_config.json").write_text(json.dumps(cfg))
+    assert check_loaded(d, cfg["layers"], original, original_logits)
+    out = _logits(slim.load(d, backend="reference"))
+    assert torch.equal(out, original_logits) == same

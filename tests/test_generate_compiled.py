@@ -12,11 +12,11 @@ from conftest import tiny_model
 from torch import nn
 from torch._dynamo.utils import counters
 
-from slim.cli import build_parser, main
-from slim.generate import StaticCacheError, generate
+from slim.cli.commands import build_parser, main
 from slim.models import set_submodule
 from slim.runtime import apply_backend
-from slim.runtime.random import random_slim_linear
+from slim.runtime.generate import StaticCacheError, generate
+from slim.testing.random_layers import random_slim_linear
 
 
 def _ids(n: int = 10, seed: int = 0) -> torch.Tensor:

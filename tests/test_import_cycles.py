@@ -118,9 +118,9 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
 
 def test_the_package_has_no_import_cycle():
     graph = import_graph(_package_dir())
-    assert {"slim", "slim.api", "slim.checkpoint", "slim.stream"} <= graph.keys()
+    assert {"slim", "slim.api", "slim.format.checkpoint", "slim.pipeline.stream"} <= graph.keys()
     # the reader sees the package's imports at all (the root's public names load lazily, by name)
-    assert "slim._version" in graph["slim"] and "slim.packed" in graph["slim.checkpoint"]
+    assert "slim._version" in graph["slim"] and "slim.format.packed" in graph["slim.format.checkpoint"]
     found = cycles(graph)
     assert not found, "import cycles (each: modules that import one another, lazily or not):\n" + "\n".join(
         " <-> ".join(c) for c in found)
@@ -147,3 +147,76 @@ def test_the_reader_counts_lazy_and_package_imports_and_skips_type_checking(tmp_
     assert cycles(import_graph(pkg)) == [["p.c", "p.sub.d"]]
     (pkg / "sub" / "d.py").write_text("")
     assert cycles(import_graph(pkg)) == []
+
+
+# --- layers: each sub-package (and top-level module) declares in its docstring what it may import ------------------
+
+LEAVES = ("slim._version", "slim._compat", "slim.names", "slim.phases", "slim.testing.faults")
+
+
+def group_of(module: str, files: dict[str, Path]) -> str:
+    """The unit that declares its imports: a sub-package (`slim.format`), a top-level module, or a leaf module."""
+    if module in LEAVES:
+        return module
+    parts = module.split(".")
+    if len(parts) >= 2 and files.get(".".join(parts[:2]), Path()).name == "__init__.py":
+        return ".".join(parts[:2])
+    return module
+
+
+def declared(group: str, files: dict[str, Path]) -> set[str] | None:
+    """The groups a unit's docstring allows after 'May import:' (None: anything in slim)."""
+    doc = ast.get_docstring(ast.parse(files[group].read_text())) or ""
+    assert "May import:" in doc, f"{group}'s docstring does not say what it may import ('May import: ...')"
+    line = " ".join(doc.split("May import:", 1)[1].split("\n\n")[0].split())
+    if line.startswith("anything in slim"):
+        return None
+    if line.startswith("nothing from slim"):
+        return set()
+    allowed = set(LEAVES) if "leaves" in line else set()
+    for word in line.replace(",", " ").replace("(", " ").replace(")", " ").split():
+        word = word.rstrip(".")
+        if word.startswith("slim.") and word in files:
+            allowed.add(group_of(word, files))
+    return allowed
+
+
+def layer_violations(pkg_dir: Path) -> list[str]:
+    files = module_files(pkg_dir)
+    graph = import_graph(pkg_dir)
+    bad = []
+    for mod, deps in sorted(graph.items()):
+        g = group_of(mod, files)
+        allowed = declared(g, files)
+        for dep in sorted(deps):
+            h = group_of(dep, files)
+            if h != g and allowed is not None and h not in allowed:
+                bad.append(f"{mod} imports {dep}, but {g} may import only {sorted(allowed)}")
+    return bad
+
+
+def test_each_sub_package_imports_only_what_its_docstring_allows():
+    pkg = _package_dir()
+    files = module_files(pkg)
+    groups = {group_of(m, files) for m in files}
+    assert {"slim.algorithms", "slim.format", "slim.runtime", "slim.pipeline", "slim.kernels", "slim.cli"} <= groups
+    assert not layer_violations(pkg), "\n".join(layer_violations(pkg))
+    # the declared layers point one way: no two units may import each other, even through others
+    decl = {g: (declared(g, files) or set()) - {g} for g in groups if declared(g, files) is not None}
+    decl = {g: {h for h in d if h in decl} for g, d in decl.items()}
+    assert not cycles(decl), cycles(decl)
+
+
+def test_the_layer_check_fails_on_an_undeclared_import(tmp_path):
+    pkg = tmp_path / "slim"
+    (pkg / "low").mkdir(parents=True)
+    (pkg / "high").mkdir()
+    (pkg / "__init__.py").write_text('"""Root.\n\nMay import: anything in slim.\n"""\n')
+    (pkg / "low" / "__init__.py").write_text('"""Low.\n\nMay import: nothing from slim.\n"""\n')
+    (pkg / "high" / "__init__.py").write_text('"""High.\n\nMay import: slim.low.\n"""\n')
+    (pkg / "high" / "a.py").write_text("from ..low import b\n")
+    (pkg / "low" / "b.py").write_text("def f():\n    from ..high import a\n")
+    assert layer_violations(pkg) == ["slim.low.b imports slim.high, but slim.low may import only []",
+                                     "slim.low.b imports slim.high.a, but slim.low may import only []"]
+    (pkg / "low" / "b.py").write_text("")
+    assert layer_violations(pkg) == []

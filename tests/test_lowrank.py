@@ -1,8 +1,8 @@
 import torch
 from conftest import correlated_inputs
 
-from slim.lowrank import fullcov_adapter, naive_adapter, output_error, slim_adapter
-from slim.stats import InputStats
+from slim.algorithms.lowrank import fullcov_adapter, naive_adapter, output_error, slim_adapter
+from slim.algorithms.stats import InputStats
 
 
 def _setup(d_out=48, d_in=64, n=2000, seed=0):
@@ -52,7 +52,7 @@ def test_output_error_matches_direct():
 
 
 def test_truncated_matches_full_svd():
-    from slim.lowrank import _truncated
+    from slim.algorithms.lowrank import _truncated
 
     for shape in ((300, 120), (120, 300)):
         m = torch.randn(*shape, dtype=torch.float64) @ torch.diag(torch.logspace(0, -2, shape[1], dtype=torch.float64))
@@ -66,7 +66,7 @@ def test_truncated_matches_full_svd():
 def test_fit_product_gives_the_output_error_without_another_product():
     """tr(E H E^T) = ||E L||^2 - shift ||E||^2 for the damped factor L L^T = H + shift I, and the chunked
     triangular product equals the full one."""
-    from slim.lowrank import gram_factor, times_lower
+    from slim.algorithms.lowrank import gram_factor, times_lower
 
     x = correlated_inputs(3000, 300).double()
     h = x.T @ x / 3000

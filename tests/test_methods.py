@@ -5,11 +5,11 @@ import pytest
 import torch
 from conftest import correlated_inputs
 
+from slim.algorithms.methods import ADAPTERS, MASKS, QUANTIZERS, Quantizer
+from slim.algorithms.quant import absmax_scale
+from slim.algorithms.stats import InputStats
 from slim.config import CompressConfig, ConfigError, QuantConfig
-from slim.methods import ADAPTERS, MASKS, QUANTIZERS, Quantizer
-from slim.quant import absmax_scale
-from slim.solver import compress_weight
-from slim.stats import InputStats
+from slim.pipeline.solver import compress_weight
 
 
 def test_every_registered_method_validates_and_unknown_names_list_the_registry():

@@ -5,8 +5,7 @@ import pytest
 import torch
 from conftest import compress_tiny, slim_layers
 
-from slim.config import PRESETS, CompressConfig, ConfigError, merge
-from slim.quant import (
+from slim.algorithms.quant import (
     expand_groups,
     group_minmax,
     grouped,
@@ -15,7 +14,8 @@ from slim.quant import (
     lwc_params,
     qrange,
 )
-from slim.tune import TrainableLinear
+from slim.config import PRESETS, CompressConfig, ConfigError, merge
+from slim.pipeline.tune import TrainableLinear
 
 
 def test_lwc_quantizer_codes_and_gradients():

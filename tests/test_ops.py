@@ -1,4 +1,4 @@
-"""slim's CPU kernels as torch.library ops (runtime/ops.py): each op passes opcheck and matches the bound kernel
+"""slim's CPU kernels as torch.library ops (slim/kernels/ops.py): each op passes opcheck and matches the bound kernel
 call it wraps, and a compiled decode step through a converted tiny Llama traces whole (fullgraph) and matches eager."""
 
 import copy
@@ -10,8 +10,9 @@ import torch
 from conftest import tiny_model
 from torch import nn
 
-from slim.runtime import apply_backend, cpu_int4, native, ops
-from slim.runtime.random import random_slim_linear
+from slim.kernels import native, ops
+from slim.runtime import apply_backend, cpu_int4
+from slim.testing.random_layers import random_slim_linear
 
 needs_native = pytest.mark.skipif(native.load() is None,
                                   reason=f"slim's native CPU kernel cannot be built here "

@@ -2,10 +2,10 @@ import pytest
 import torch
 from conftest import correlated_inputs
 
+from slim.algorithms.stats import InputStats
 from slim.config import CompressConfig
-from slim.packed import SlimLinear, index_bits, pack_bits, pack_codes, unpack_bits, unpack_codes
-from slim.solver import compress_weight
-from slim.stats import InputStats
+from slim.format.packed import SlimLinear, index_bits, pack_bits, pack_codes, unpack_bits, unpack_codes
+from slim.pipeline.solver import compress_weight
 
 
 @pytest.mark.parametrize("bits", [1, 2, 4, 8])

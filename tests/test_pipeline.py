@@ -8,11 +8,11 @@ from conftest import tiny_model
 from transformers import GPT2Config, GPT2LMHeadModel
 
 import slim
-from slim.checkpoint import CheckpointError, OutputExistsError, check_output_dir
 from slim.config import CompressConfig, ConfigError
+from slim.format.checkpoint import CheckpointError, OutputExistsError, check_output_dir
+from slim.format.packed import SlimLinear
 from slim.models import UnsupportedModelError
-from slim.packed import SlimLinear
-from slim.pipeline import compress_model
+from slim.pipeline.loop import compress_model
 
 CAL = {"calib": {"n_samples": 8, "seqlen": 32, "batch_size": 4}}
 
@@ -70,7 +70,7 @@ def test_report_splits_compression_time_by_phase():
 
 def test_later_blocks_see_compressed_outputs(monkeypatch):
     """Block i+1's statistics come from the already compressed block i."""
-    import slim.pipeline as c
+    import slim.pipeline.loop as c
 
     seen = []
     orig = c.run_block
@@ -107,7 +107,7 @@ def test_output_dir_rules(tmp_path):
 def test_interrupted_save_leaves_nothing(tmp_path, monkeypatch):
     model = tiny_model("llama")
     compress_model(model, _ids(), CompressConfig.from_dict(CAL), progress=False)
-    import slim.checkpoint as ck
+    import slim.format.checkpoint as ck
 
     def boom(*a, **k):
         raise KeyboardInterrupt
@@ -183,9 +183,9 @@ def test_mask_file(tmp_path, tiny_llama_dir, shared_data):
     """Precomputed (MaskLLM-style) masks are used as given, and bad ones are rejected before work."""
     from safetensors.torch import save_file
 
+    from slim.algorithms.prune import nm_mask
     from slim.api import check_masks, load_masks
     from slim.models import find_linears, get_layers
-    from slim.prune import nm_mask
 
     model = tiny_model("llama")
     masks = {}
@@ -211,9 +211,9 @@ def test_mask_file(tmp_path, tiny_llama_dir, shared_data):
 
 def test_groups_and_true_sequential():
     """q/k/v and gate/up share inputs; true-sequential sees o_proj's inputs behind compressed q/k/v."""
-    from slim.capture import capture_block_inputs
     from slim.models import find_linears, get_layers
-    from slim.pipeline import _collect_stats
+    from slim.pipeline.capture import capture_block_inputs
+    from slim.pipeline.loop import _collect_stats
 
     model = tiny_model("llama")
     hidden, kwargs = capture_block_inputs(model, _ids(), 4)
@@ -271,7 +271,7 @@ def test_gram_errors_only_measure(preset):
 def test_calib_autocast_bf16_statistics_stay_float():
     """calib.autocast bf16: the calibration forwards run in bfloat16 but statistics accumulate exactly as in float32
     from the inputs they are given, and the compressed model lands close to the float32 pass's."""
-    from slim.stats import InputStats
+    from slim.algorithms.stats import InputStats
 
     x = torch.randn(64, 48)
     exact, under = InputStats.empty(48, True), InputStats.empty(48, True)

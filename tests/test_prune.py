@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from slim.prune import make_mask, nm_mask, saliency, unstructured_mask
+from slim.algorithms.prune import make_mask, nm_mask, saliency, unstructured_mask
 
 
 @pytest.mark.parametrize("n,m", [(2, 4), (1, 4), (4, 8), (3, 4), (1, 2)])

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from slim.quant import (
+from slim.algorithms.quant import (
     absmax_scale,
     expand_groups,
     fake_quant,
@@ -57,7 +57,7 @@ def test_slim_quant_zero_tensor():
 def test_fake_quant_grouped_is_what_quantize_grouped_stores(shape, group):
     """The tuning's straight-through forward sees exactly the adapter that is stored (remainder groups and an
     all-zero row included)."""
-    from slim.solver import quantize_grouped
+    from slim.pipeline.solver import quantize_grouped
 
     w = torch.randn(*shape, generator=torch.Generator().manual_seed(0)) * 0.05
     w[1] = 0
@@ -82,16 +82,29 @@ def test_group_beats_tensor_absmax():
     assert ((g - w) ** 2).sum() < ((t - w) ** 2).sum()
 
 
-def test_fp8_formats():
-    small = torch.randn(100) * 10
-    y = fp8_fake_quant(small)
-    assert torch.allclose(y, small.to(torch.float8_e4m3fn).float())
-    big = torch.randn(100) * 1000  # beyond E4M3's 448: E5M2
-    assert torch.allclose(fp8_fake_quant(big), big.to(torch.float8_e5m2).float())
+@pytest.mark.parametrize("spread", [1e-3, 10.0, 1000.0, 1e6])
+def test_fp8_inputs_are_vllm_dynamic_per_tensor_e4m3(spread):
+    """vLLM's dynamic FP8: scale = max|x| / 448, x / scale rounded to E4M3 (saturating), times the scale; every
+    magnitude uses E4M3's full range (no E5M2 switch), so the error is relative to the tensor's max."""
+    x = torch.randn(4, 100, generator=torch.Generator().manual_seed(0)) * spread
+    scale = x.abs().max() / 448.0
+    want = (x / scale).clamp(-448, 448).to(torch.float8_e4m3fn).float() * scale
+    y = fp8_fake_quant(x)
+    assert torch.equal(y, want)
+    assert (y - x).abs().max() <= x.abs().max() * 2**-4  # 3 mantissa bits
+    assert torch.equal(fp8_fake_quant(torch.zeros(3)), torch.zeros(3))  # the floored scale keeps zeros finite
+    assert fp8_fake_quant(x.bfloat16()).dtype == torch.bfloat16
+
+
+def test_fp8_inputs_do_not_synchronize_with_the_host():
+    """The scale stays on the device: the quantizer traces as one graph (a float() of the max would break it)."""
+    x = torch.randn(8, 64)
+    compiled = torch.compile(fp8_fake_quant, fullgraph=True, backend="eager")
+    assert torch.equal(compiled(x), fp8_fake_quant(x))
 
 
 def test_group_slim_beats_group_absmax_and_tensor_slim():
-    from slim.quant import group_slim_scale
+    from slim.algorithms.quant import group_slim_scale
 
     g = torch.Generator().manual_seed(0)
     w = torch.randn(64, 576, generator=g) * torch.exp(torch.randn(1, 576, generator=g))

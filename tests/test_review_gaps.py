@@ -10,8 +10,8 @@ from conftest import tiny_model
 
 import slim
 from slim.config import CompressConfig, ConfigError, SparsityConfig
-from slim.packed import Layout
-from slim.runtime.random import random_slim_linear
+from slim.format.packed import Layout
+from slim.testing.random_layers import random_slim_linear
 
 SMALL = {"calib": {"n_samples": 2, "seqlen": 16, "batch_size": 2}}
 
@@ -52,7 +52,7 @@ def test_nm_limits_of_config_and_loader_agree():
 
 def test_nm_2_64_round_trip(tmp_path):
     """A 2:64 checkpoint compressed, saved and loaded back (the tiny model's widths 64 and 128 divide by 64)."""
-    from slim.pipeline import compress_model
+    from slim.pipeline.loop import compress_model
 
     model = tiny_model("llama", layers=1)
     cfg = CompressConfig.from_dict({**SMALL, "sparsity": {"pattern": "2:64"}})
@@ -96,9 +96,9 @@ def _indefinite(d: int) -> torch.Tensor:
 
 
 def test_feedback_damping_raise_is_logged_and_kept(caplog):
-    from slim.optq import Feedback
+    from slim.algorithms.optq import Feedback
 
-    with caplog.at_level(logging.WARNING, logger="slim.optq"):
+    with caplog.at_level(logging.WARNING, logger="slim.algorithms.optq"):
         fb = Feedback.build(_indefinite(8), 0.01, False)
     assert fb.damping == pytest.approx(1.01)
     assert any("damping" in r.getMessage() and "1.01" in r.getMessage() for r in caplog.records)
@@ -106,9 +106,9 @@ def test_feedback_damping_raise_is_logged_and_kept(caplog):
 
 
 def test_gram_factor_damping_raise_is_logged_and_kept(caplog):
-    from slim.lowrank import gram_factor
+    from slim.algorithms.lowrank import gram_factor
 
-    with caplog.at_level(logging.WARNING, logger="slim.lowrank"):
+    with caplog.at_level(logging.WARNING, logger="slim.algorithms.lowrank"):
         f = gram_factor(_indefinite(8), 0.01)
     assert f.damping == pytest.approx(1.01)
     assert any("damping" in r.getMessage() and "1.01" in r.getMessage() for r in caplog.records)
@@ -117,8 +117,8 @@ def test_gram_factor_damping_raise_is_logged_and_kept(caplog):
 
 def test_raised_damping_recorded_per_layer():
     """The layer's report record says how far each factorization's damping had to be raised."""
-    from slim.solver import compress_weight
-    from slim.stats import InputStats
+    from slim.algorithms.stats import InputStats
+    from slim.pipeline.solver import compress_weight
 
     d_in = 16
     h = _indefinite(d_in)
@@ -151,7 +151,7 @@ def test_calibration_window_longer_than_context_refused_before_calibration(calib
 def test_check_compressible_runs_once_per_compress(calib_file, monkeypatch):
     import slim.api
     import slim.models
-    import slim.pipeline
+    import slim.pipeline.loop
 
     calls = []
     real = slim.models.check_compressible
@@ -160,7 +160,7 @@ def test_check_compressible_runs_once_per_compress(calib_file, monkeypatch):
         calls.append(1)
         return real(*a, **k)
 
-    for mod in (slim.models, slim.api, slim.pipeline):
+    for mod in (slim.models, slim.api, slim.pipeline.loop):
         if hasattr(mod, "check_compressible"):
             monkeypatch.setattr(mod, "check_compressible", counting)
     cfg = CompressConfig.from_dict({"calib": {**SMALL["calib"], "data": calib_file}})
@@ -170,7 +170,7 @@ def test_check_compressible_runs_once_per_compress(calib_file, monkeypatch):
 
 def test_compress_model_alone_still_checks():
     """Called directly (no `slim.compress` in front), the pipeline still refuses what it cannot compress."""
-    from slim.pipeline import compress_model
+    from slim.pipeline.loop import compress_model
 
     cfg = CompressConfig.from_dict({**SMALL, "sparsity": {"pattern": "2:3"}})
     with pytest.raises(ConfigError, match="divisible"):
@@ -181,7 +181,7 @@ def test_compress_model_alone_still_checks():
 def test_cli_refuses_calibration_window_longer_than_context(tiny_llama_dir, shared_data, tmp_path, capsys,
                                                               monkeypatch):
     import slim.api
-    from slim.cli import main
+    from slim.cli.commands import main
 
     monkeypatch.setattr(slim.api, "calibration_ids", lambda *a, **k: pytest.fail("calibration started"))
     rc = main(["compress", str(tiny_llama_dir), "--out", str(tmp_path / "o"), "--calib-seqlen", "4096",
@@ -194,8 +194,8 @@ def test_cli_refuses_calibration_window_longer_than_context(tiny_llama_dir, shar
 def test_cli_checks_compressible_once(tiny_llama_dir, shared_data, tmp_path, monkeypatch):
     import slim.api
     import slim.models
-    import slim.pipeline
-    from slim.cli import main
+    import slim.pipeline.loop
+    from slim.cli.commands import main
 
     calls = []
     real = slim.models.check_compressible
@@ -204,8 +204,50 @@ def test_cli_checks_compressible_once(tiny_llama_dir, shared_data, tmp_path, mon
         calls.append(1)
         return real(*a, **k)
 
-    for mod in (slim.models, slim.api, slim.pipeline):
+    for mod in (slim.models, slim.api, slim.pipeline.loop):
         monkeypatch.setattr(mod, "check_compressible", counting)
     rc = main(["compress", str(tiny_llama_dir), "--out", str(tmp_path / "o"), "--calib-samples", "2",
                "--calib-seqlen", "16", "--data-dir", str(shared_data), "--quiet"])
     assert rc == 0 and len(calls) == 1
+
+
+# --- environment variables that change numerics are recorded with every checkpoint and result -------------------
+
+
+def test_numerics_env_is_recorded_with_checkpoints(tmp_path, monkeypatch):
+    import json
+
+    from slim.format.checkpoint import versions
+    from slim.names import NUMERICS_ENV
+    from slim.pipeline.loop import compress_model
+
+    for k in NUMERICS_ENV:
+        monkeypatch.delenv(k, raising=False)
+    assert "environment" not in versions()  # the defaults: nothing recorded, nothing changes
+    monkeypatch.setenv("SLIM_CPU_FP32_ACTIVATIONS", "1")
+    monkeypatch.setenv("SLIM_NATIVE", "0")
+    assert versions()["environment"] == {"SLIM_NATIVE": "0", "SLIM_CPU_FP32_ACTIVATIONS": "1"}
+    model = tiny_model("llama", layers=1)
+    compress_model(model, torch.randint(0, 256, (2, 32)),
+                   CompressConfig.from_dict({"calib": {"n_samples": 2, "seqlen": 32}}), progress=False)
+    slim.save(model, tmp_path / "ck")
+    saved = json.loads((tmp_path / "ck" / "slim_config.json").read_text())
+    assert saved["versions"]["environment"] == {"SLIM_NATIVE": "0", "SLIM_CPU_FP32_ACTIVATIONS": "1"}
+
+
+def test_every_environment_variable_slim_reads_is_classified():
+    """A new SLIM_* switch must be added to NUMERICS_ENV (recorded) or named here as not changing numerics."""
+    import re
+    from pathlib import Path
+
+    from slim.names import NUMERICS_ENV
+
+    not_numerics = {"SLIM_FAULT", "SLIM_DATA_DIR", "SLIM_MALLOC_TUNING"}  # test hook, data location, allocator
+    src = Path(slim.__file__).parent
+    read = set()
+    for f in src.rglob("*.py"):
+        read |= set(re.findall(r"environ(?:\.get)?\(\s*\"(SLIM_\w+|TRITON_INTERPRET)\"", f.read_text()))
+        read |= set(re.findall(r"environ\[\"(SLIM_\w+)\"\]", f.read_text()))
+    read.add("SLIM_DATA_DIR")  # read through data.ENV_VAR
+    assert read, "the scan found no environment reads at all"
+    assert read - not_numerics == set(NUMERICS_ENV), (read - not_numerics) ^ set(NUMERICS_ENV)

@@ -10,12 +10,13 @@ import torch.nn.functional as F
 from conftest import tiny_model
 
 import slim
-from slim.cli import main
+from slim.cli.commands import main
 from slim.config import CompressConfig
-from slim.packed import SlimLinear
-from slim.pipeline import compress_model
-from slim.runtime import BackendError, apply_backend, cpu_int4, model_bytes, native, resolve
-from slim.runtime.random import random_slim_linear
+from slim.format.packed import SlimLinear
+from slim.kernels import native
+from slim.pipeline.loop import compress_model
+from slim.runtime import BackendError, apply_backend, cpu_int4, model_bytes, resolve
+from slim.testing.random_layers import random_slim_linear
 
 needs_int4 = pytest.mark.skipif(cpu_int4.available("cpu") is not None, reason="no CPU int4 kernel in this torch")
 needs_native = pytest.mark.skipif(native.load() is None, reason="slim's CPU kernel cannot be built here")
@@ -65,7 +66,7 @@ def test_cpu_int4_matches_reference(name, tokens):
 @pytest.mark.parametrize("name", ["2:4 + int4 adapters", "AWQ zero points g32", "dense groups 128 (last group short)"])
 def test_torch_kernel_path_without_slims_kernel(name, monkeypatch):
     """Where slim's own kernel cannot be built, PyTorch's int4 kernel runs every layout."""
-    from slim.runtime import native
+    from slim.kernels import native
 
     monkeypatch.setattr(native, "load", lambda: None)
     layer = random_slim_linear(96, 576, seed=4, **LAYOUTS[name])
@@ -291,7 +292,7 @@ def test_save_dtype_casts_only_dense_parts(tmp_path):
 
 
 def test_generate_matches_transformers_greedy():
-    from slim.generate import generate
+    from slim.runtime.generate import generate
 
     model = tiny_model("llama")
     ids = torch.randint(0, 256, (1, 12), generator=torch.Generator().manual_seed(2))

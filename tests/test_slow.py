@@ -5,7 +5,7 @@ import pytest
 import slim
 from slim.config import CompressConfig
 from slim.data import wikitext2_ids
-from slim.evaluate import perplexity
+from slim.eval.perplexity import perplexity
 from slim.models import bundled_gguf, load_model
 
 

@@ -6,7 +6,7 @@ from safetensors import safe_open
 
 import slim
 from slim.config import CompressConfig
-from slim.evaluate import perplexity
+from slim.eval.perplexity import perplexity
 from slim.models import bundled_gguf, load_model
 
 

@@ -4,11 +4,11 @@ import pytest
 import torch
 from conftest import correlated_inputs
 
+from slim.algorithms.optq import optq
+from slim.algorithms.quant import absmax_scale, fake_quant
+from slim.algorithms.stats import InputStats
 from slim.config import PRESETS, CompressConfig, merge
-from slim.optq import optq
-from slim.quant import absmax_scale, fake_quant
-from slim.solver import compress_weight
-from slim.stats import InputStats
+from slim.pipeline.solver import compress_weight
 
 
 def _layer(seed=0, d_out=96, d_in=128):
@@ -80,7 +80,7 @@ def test_info_error_is_the_real_output_error():
 
 
 def test_sparsegpt_mask_patterns_and_quality():
-    from slim.prune import make_mask, sparsegpt_mask
+    from slim.algorithms.prune import make_mask, sparsegpt_mask
 
     w, x, st = _layer(4)
     m24 = sparsegpt_mask(w, st.mean_gram, "nm", 2, 4)
@@ -96,7 +96,7 @@ def test_sparsegpt_mask_patterns_and_quality():
 
 
 def test_greedy_rank_allocation_spends_the_uniform_budget_where_it_removes_most_error():
-    from slim.solver import allocate_ranks, error_spectrum
+    from slim.pipeline.solver import allocate_ranks, error_spectrum
 
     torch.manual_seed(0)
     cfg = CompressConfig.from_dict({"sparsity": {"pattern": "0.5"},
@@ -116,7 +116,7 @@ def test_greedy_rank_allocation_spends_the_uniform_budget_where_it_removes_most_
     assert set(ranks.values()) != {8}  # the spectra differ, so should the ranks
 
     def total(rank_of):  # relative error left once a rank-r plain-SVD adapter absorbs each layer's error
-        from slim.lowrank import naive_adapter
+        from slim.algorithms.lowrank import naive_adapter
 
         out = 0.0
         for k, (w, st) in layers.items():
@@ -132,8 +132,8 @@ def test_greedy_rank_allocation_spends_the_uniform_budget_where_it_removes_most_
 def test_greedy_allocation_in_the_pipeline_keeps_the_adapter_budget():
     from conftest import tiny_model
 
-    from slim.packed import SlimLinear
-    from slim.pipeline import compress_model
+    from slim.format.packed import SlimLinear
+    from slim.pipeline.loop import compress_model
 
     ids = torch.randint(0, 256, (8, 32), generator=torch.Generator().manual_seed(1))
     params = {}
@@ -237,9 +237,9 @@ def test_native_error_feedback_loop_matches_python(quant, monkeypatch):
     """The compiled column loop is the Python loop's arithmetic with fused multiply-adds: the same codes, and
     float values equal to rounding (it may differ from the Python loop in a last bit, never in a decision
     on these inputs)."""
-    from slim import optq as optq_module
-    from slim.prune import make_mask
-    from slim.solver import quantize_masked
+    from slim.algorithms import optq as optq_module
+    from slim.algorithms.prune import make_mask
+    from slim.pipeline.solver import quantize_masked
 
     if not optq_module.native_available():
         pytest.skip("slim's CPU kernel cannot be built here")

@@ -12,10 +12,10 @@ import torch
 from conftest import tiny_model
 
 import slim
-from slim.checkpoint import CheckpointError, file_sha256, read_slim_config, verify
-from slim.cli import main
+from slim.cli.commands import main
 from slim.config import CompressConfig
-from slim.stream import SourceWeights, skeleton
+from slim.format.checkpoint import CheckpointError, file_sha256, read_slim_config, verify
+from slim.pipeline.stream import SourceWeights, skeleton
 
 FAST = ["--calib-samples", "4", "--calib-seqlen", "64", "--set", "calib.batch_size=2", "-q"]
 
@@ -64,7 +64,7 @@ def test_capture_on_another_device_leaves_meta_blocks_alone(sharded_any):
     """Capturing block 0's inputs on a device other than "cpu" moves only the parts outside the blocks that hold
     data: a streamed skeleton's meta blocks made `model.to(device)` fail on CUDA (seen on an H200). "cpu:0" takes
     the same path on a machine without a GPU; the captured inputs equal those of the plain CPU path."""
-    from slim.capture import capture_block_inputs
+    from slim.pipeline.capture import capture_block_inputs
 
     model = skeleton(sharded_any, SourceWeights(sharded_any))
     ids = torch.randint(0, 200, (4, 16), generator=torch.Generator().manual_seed(0))
@@ -111,6 +111,33 @@ def test_verify_catches_a_changed_byte(tiny_llama_dir, shared_data, tmp_path, ca
         verify(ck)
 
 
+KILLS = ["capture@2", "block@3", "commit@2", "block@12", "commit@3", "save", "rename"]
+
+
+def test_resume_after_a_fault_at_each_point_is_bit_identical(sharded_llama, shared_data, tmp_path, monkeypatch):
+    """In process, the SIGKILL matrix's seven points (below, slow): the run stops at each (`Killed` raised where the
+    kill would land), `--resume` continues it, and the finished checkpoint is byte-identical to an uninterrupted
+    run's. The subprocess matrix adds what only a real kill shows (no `finally`, no flushed buffers)."""
+    from slim.testing import faults
+
+    args = ["compress", str(sharded_llama), *FAST, "--data-dir", str(shared_data)]
+    assert main([*args, "--out", str(tmp_path / "clean")]) == 0
+    out, partial = tmp_path / "resumed", tmp_path / ".resumed.partial"
+    for i, point in enumerate(KILLS):
+        monkeypatch.setenv("SLIM_FAULT", f"{point}:raise")
+        faults.reset()
+        with pytest.raises(faults.Killed):
+            main([*args, "--out", str(out)] + (["--resume"] if i else []))
+        assert not out.exists() and partial.is_dir(), point
+    monkeypatch.delenv("SLIM_FAULT")
+    assert main([*args, "--out", str(out)]) == 2  # a partial run is never overwritten silently
+    assert main([*args, "--out", str(out), "--resume"]) == 0
+    assert _weights(out) == _weights(tmp_path / "clean")
+    assert read_slim_config(out)["content_sha256"] == read_slim_config(tmp_path / "clean")["content_sha256"]
+    assert not partial.exists()
+
+
+@pytest.mark.slow  # seven real kills of seven processes (~1 min); the in-process test above covers the default suite
 def test_resume_after_sigkill_is_bit_identical(sharded_llama, shared_data, tmp_path):
     """A real SIGKILL at seven points of one run (during calibration capture, inside a block, between and inside the
     writes that commit a block, inside the checkpoint's tensor file, before the final rename), each followed by
@@ -121,8 +148,7 @@ def test_resume_after_sigkill_is_bit_identical(sharded_llama, shared_data, tmp_p
     partial = tmp_path / ".resumed.partial"
     env = {**os.environ, "PYTHONPATH": str(Path(slim.__file__).parents[1])}
     # 3 blocks of 7 linears; commit faults count 3 per block (block file, between, hidden states)
-    kills = ["capture@2", "block@3", "commit@2", "block@12", "commit@3", "save", "rename"]
-    for i, point in enumerate(kills):
+    for i, point in enumerate(KILLS):
         cmd = [sys.executable, "-m", "slim", *args, "--out", str(out)] + (["--resume"] if i else [])
         r = subprocess.run(cmd, env={**env, "SLIM_FAULT": point}, capture_output=True, text=True, timeout=300)
         assert r.returncode == -9, (point, r.returncode, r.stderr[-2000:])
@@ -172,7 +198,7 @@ def test_disk_full_is_a_clear_error_and_nothing_loads(tiny_llama_dir, shared_dat
     finishes the run once there is space again."""
     import errno
 
-    import slim.checkpoint as ck
+    import slim.format.checkpoint as ck
 
     real = ck.write_safetensors
     calls = {"n": 0}
@@ -183,21 +209,21 @@ def test_disk_full_is_a_clear_error_and_nothing_loads(tiny_llama_dir, shared_dat
             raise OSError(errno.ENOSPC, "No space left on device")
         return real(path, *a, **k)
 
-    monkeypatch.setattr("slim.stream.write_safetensors", full)
+    monkeypatch.setattr("slim.pipeline.stream.write_safetensors", full)
     args = ["compress", str(tiny_llama_dir), "--out", str(tmp_path / "o"), *FAST, "--data-dir", str(shared_data)]
     assert main(args) == 2
     err = capsys.readouterr().err
     assert "the disk is full" in err and "--resume" in err
     assert not (tmp_path / "o").exists()
     assert json.loads((tmp_path / ".o.partial" / "progress.json").read_text())["done"] == 0
-    monkeypatch.setattr("slim.stream.write_safetensors", real)
+    monkeypatch.setattr("slim.pipeline.stream.write_safetensors", real)
     assert main([*args, "--resume"]) == 0
     slim.load(tmp_path / "o", backend="reference")
 
 
 def test_spilled_activations_change_nothing(tmp_path):
     """Activations kept in files (a tiny memory budget) give exactly the layers they give in memory."""
-    from slim.pipeline import compress_model
+    from slim.pipeline.loop import compress_model
 
     ids = torch.randint(0, 256, (4, 32))
     cfg = CompressConfig.from_dict({"calib": {"n_samples": 4, "seqlen": 32, "batch_size": 2}})
@@ -235,14 +261,14 @@ def test_a_model_larger_than_its_budget(smollm2_tokenizer_dir, shared_data, tmp_
         assert r.returncode == 0, r.stderr[-2000:]
         return int(r.stderr.rsplit("VmHWM", 1)[1].split()[0]) * 1024
 
-    base = peak("import torch, transformers, slim.cli, slim.stream, slim.pipeline\n"
+    base = peak("import torch, transformers, slim.cli.commands, slim.pipeline.stream, slim.pipeline.loop\n"
                 f"transformers.AutoTokenizer.from_pretrained({str(src)!r})")
     # 40 C4 documents: tokenizing the whole shipped sample at once alone peaks at ~450 MB (HF tokenizers' encodings)
     from slim.data import C4_FILE
 
     calib = tmp_path / "calib.jsonl"
     calib.write_text("".join((shared_data / C4_FILE).read_text().splitlines(keepends=True)[:40]))
-    used = peak("from slim.cli import main\nassert main(sys.argv[1:]) == 0", "compress", str(src), "--out",
+    used = peak("from slim.cli.commands import main\nassert main(sys.argv[1:]) == 0", "compress", str(src), "--out",
                 str(tmp_path / "o"), "--max-memory", "400M", "--calib-data", str(calib), "--calib-samples", "16",
                 "--calib-seqlen", "128", "--preset", "paper", "-q") - base
     print(f"model {model_bytes / 2**20:.0f} MiB, budget {budget / 2**20:.0f} MiB, used {used / 2**20:.0f} MiB")

@@ -12,14 +12,14 @@ import torch
 from conftest import tiny_model
 
 import slim
-from slim.capture import capture_block_inputs, run_block
-from slim.checkpoint import read_safetensors_header
-from slim.cli import build_parser, config_from_args, main
+from slim.cli.commands import build_parser, config_from_args, main
 from slim.config import CompressConfig, ConfigError, TuneConfig
-from slim.dist import Ranks
-from slim.packed import SlimLinear
-from slim.pipeline import compress_model
-from slim.tune import TrainableLinear, _Batches, ste, tune_block
+from slim.format.checkpoint import read_safetensors_header
+from slim.format.packed import SlimLinear
+from slim.pipeline.capture import capture_block_inputs, run_block
+from slim.pipeline.dist import Ranks
+from slim.pipeline.loop import compress_model
+from slim.pipeline.tune import TrainableLinear, _Batches, ste, tune_block
 
 FAST = ["--calib-samples", "8", "--calib-seqlen", "32", "--set", "calib.batch_size=2", "-q"]
 TUNE = {"steps": 24, "eval_every": 4, "patience": 3, "lr": 3e-2}
@@ -43,7 +43,7 @@ def _slims(model) -> dict[str, SlimLinear]:
 def test_tuning_changes_only_adapters_and_scales(scales, monkeypatch):
     """Every block's packed layers before and after its tuning: the mask and the codes stay, adapters (and, when
     asked, scales) change, and no pruned slot holds a base weight."""
-    import slim.pipeline as pipeline
+    import slim.pipeline.loop as pipeline
 
     real, changed = pipeline.tune_block, {}
 
@@ -73,7 +73,7 @@ def test_tuning_changes_only_adapters_and_scales(scales, monkeypatch):
 
 def test_norm_tuning_changes_the_norms_and_nothing_packed(monkeypatch):
     """tune.norms: the block's norm weights move; the packed layers change only in their adapters."""
-    import slim.pipeline as pipeline
+    import slim.pipeline.loop as pipeline
 
     real, moved = pipeline.tune_block, []
 

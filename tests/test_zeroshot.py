@@ -12,7 +12,7 @@ from lm_eval.tasks import TaskManager  # noqa: E402
 from transformers import AutoTokenizer  # noqa: E402
 
 from slim.data import DataError  # noqa: E402
-from slim.zeroshot import TASKS, evaluate_tasks, resolve_tasks, sample_loglikelihoods  # noqa: E402
+from slim.eval.zeroshot import TASKS, evaluate_tasks, resolve_tasks, sample_loglikelihoods  # noqa: E402
 
 HUB_IDS = {"baber/piqa": "piqa", "allenai/ai2_arc": None, "allenai/winogrande": "winogrande",
            "allenai/openbookqa": "openbookqa"}

@@ -28,12 +28,12 @@ def probe(blocks: int, variants: dict[str, dict], data_dir: str | None, ppl_wind
     import torch
     from torch import nn
 
-    from slim.capture import capture_block_inputs, run_block
     from slim.config import CompressConfig, merge
     from slim.data import calibration_ids, read_texts, wikitext2_ids
-    from slim.evaluate import perplexity
+    from slim.eval.perplexity import perplexity
     from slim.models import load_model
-    from slim.pipeline import compress_model
+    from slim.pipeline.capture import capture_block_inputs, run_block
+    from slim.pipeline.loop import compress_model
 
     def truncated():
         m, tok, _ = load_model(None)
@@ -128,7 +128,7 @@ def main() -> None:
     sys.path.insert(0, str(HERE))
     from grid import machine, source_commit
 
-    from slim.checkpoint import write_json
+    from slim.format.checkpoint import write_json
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

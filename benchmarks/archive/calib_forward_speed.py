@@ -27,9 +27,9 @@ from grid import (
     write_result,
 )  # noqa: E402
 
-from slim.capture import capture_block_inputs, run_block
 from slim.config import CompressConfig
 from slim.models import get_layers
+from slim.pipeline.capture import capture_block_inputs, run_block
 
 
 def table(res: dict) -> str:

@@ -19,7 +19,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: the shared grid helpers
 from grid import describe_machine, machine, source_commit, write_result  # noqa: E402
 
-from slim.cli import main as slim_main
+from slim.cli.commands import main as slim_main
 
 
 def table(res: dict) -> str:

@@ -18,8 +18,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: the shared grid helpers
 from grid import describe_machine, machine, source_commit, write_result  # noqa: E402
 
-from slim.checkpoint import read_slim_config
-from slim.cli import main as slim_main
+from slim.cli.commands import main as slim_main
+from slim.format.checkpoint import read_slim_config
 
 
 def table(res: dict) -> str:

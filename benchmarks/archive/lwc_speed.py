@@ -1,6 +1,7 @@
 """Time of an OmniQuant / AffineQuant tuning step on SmolLM2's first block: the fused straight-through rounding
-(`slim.quant._AsymRoundSTE`, with the fixed weight's group extremes computed once, and AffineQuant's changing
-extremes differentiated by `slim.quant._GroupMinMax`'s scatter) against writing the same quantizer as autograd
+(`slim.algorithms.quant._AsymRoundSTE`, with the fixed weight's group extremes computed once, and AffineQuant's changing
+extremes differentiated by `slim.algorithms.quant._GroupMinMax`'s scatter) against writing the same quantizer as
+autograd
 ops with the extremes recomputed every step by amax/amin (the code before them). Same block, calibration,
 seed and steps in one process, the two run alternately; also reports how far the stored weights of the two
 runs differ (the gradients agree to float rounding, so a few codes may flip over many steps).
@@ -23,7 +24,7 @@ HERE = Path(__file__).resolve().parents[1]  # benchmarks/: the shared grid helpe
 def autograd_lwc_fake_quant(w: Any, bits: int, group_size: int, up: Any, low: Any, minmax: Any = None) -> Any:
     """The 'before' side: the quantizer as autograd ops, the group extremes recomputed by amax/amin every step
     (`minmax` ignored, so gradients through the extremes take amax/amin's own backward)."""
-    from slim.quant import lwc_fake_quant_reference
+    from slim.algorithms.quant import lwc_fake_quant_reference
 
     return lwc_fake_quant_reference(w, bits, group_size, up, low)
 
@@ -31,17 +32,17 @@ def autograd_lwc_fake_quant(w: Any, bits: int, group_size: int, up: Any, low: An
 def measure(presets: list[str], steps: int, repeats: int, data_dir: str | None) -> list[dict[str, Any]]:
     import torch
 
-    import slim.tune
+    import slim.pipeline.tune
     from slim.config import PRESETS, CompressConfig, merge
     from slim.data import calibration_ids, read_texts
+    from slim.format.packed import SlimLinear
     from slim.models import load_model
-    from slim.packed import SlimLinear
-    from slim.pipeline import compress_model
+    from slim.pipeline.loop import compress_model
 
     dense, tok, _ = load_model(None)
     dense.model.layers = dense.model.layers[:1]
     dense.config.num_hidden_layers = 1
-    fused = slim.tune.lwc_fake_quant
+    fused = slim.pipeline.tune.lwc_fake_quant
     rows = []
     for preset in presets:
         cfg = CompressConfig.from_dict(merge(PRESETS[preset], {"tune": {"epochs": 0, "steps": steps}}))
@@ -51,14 +52,14 @@ def measure(presets: list[str], steps: int, repeats: int, data_dir: str | None) 
         for rep_i in range(repeats):
             order = ["autograd", "fused"] if rep_i % 2 == 0 else ["fused", "autograd"]
             for impl in order:
-                slim.tune.lwc_fake_quant = autograd_lwc_fake_quant if impl == "autograd" else fused
+                slim.pipeline.tune.lwc_fake_quant = autograd_lwc_fake_quant if impl == "autograd" else fused
                 try:
                     m = copy.deepcopy(dense)
                     t0 = time.perf_counter()
                     rep = compress_model(m, calib, cfg, progress=False)
                     total = time.perf_counter() - t0
                 finally:
-                    slim.tune.lwc_fake_quant = fused
+                    slim.pipeline.tune.lwc_fake_quant = fused
                 tune = next(v["block_tune"] for v in rep["layers"].values() if v.get("block_tune"))
                 weights[impl] = {n: mod.dequantized_weight() for n, mod in m.named_modules()
                                  if isinstance(mod, SlimLinear)}
@@ -109,7 +110,7 @@ def main() -> None:
     sys.path.insert(0, str(HERE))
     from grid import machine, source_commit
 
-    from slim.checkpoint import write_json
+    from slim.format.checkpoint import write_json
 
     rows = measure(args.presets.split(","), args.steps, args.repeats, args.data_dir)
     res = {"machine": machine(), "commit": source_commit(), "command": " ".join(["python", *sys.argv]),

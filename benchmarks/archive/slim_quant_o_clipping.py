@@ -14,12 +14,12 @@ import argparse
 
 import torch
 
+from slim.algorithms.methods import outlier_scale
+from slim.algorithms.prune import make_mask
+from slim.algorithms.quant import fake_quant, qrange, slim_quant_scale
+from slim.algorithms.stats import InputStats
 from slim.data import calibration_ids, read_texts
-from slim.methods import outlier_scale
 from slim.models import find_linears, get_layers, load_model
-from slim.prune import make_mask
-from slim.quant import fake_quant, qrange, slim_quant_scale
-from slim.stats import InputStats
 
 
 def split_error(

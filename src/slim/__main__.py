@@ -1,7 +1,10 @@
-"""`python -m slim …`, the same as the `slim` command."""
+"""`python -m slim …`, the same as the `slim` command.
+
+May import: slim.cli.
+"""
 
 import sys
 
-from .cli import main
+from .cli.commands import main
 
 sys.exit(main())

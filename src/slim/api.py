@@ -1,4 +1,7 @@
-"""The Python entry point: `slim.compress(model, config)`."""
+"""The Python entry point: `slim.compress(model, config)`.
+
+May import: slim.pipeline, slim.format, slim.config, slim.data, slim.models, leaves.
+"""
 
 from __future__ import annotations
 
@@ -12,7 +15,7 @@ from torch import nn
 from .config import CompressConfig
 from .data import calibration_ids, read_texts
 from .models import check_compressible, check_context, family_of, find_linears, get_layers, layers_prefix, load_model
-from .pipeline import compress_model
+from .pipeline.loop import compress_model
 
 log = logging.getLogger(__name__)
 
@@ -27,10 +30,11 @@ def compress(
 
     Returns (model, tokenizer, metadata) where metadata holds the resolved config, data hashes
     and the compression report; pass it to `slim.save` to record it next to the checkpoint. `run` (a
-    `slim.stream.BlockRun`) commits each block to disk as it is done; `slim compress` uses it. `max_memory` (bytes)
-    moves the calibration activations to disk when they would take more than a quarter of it. `ranks`
-    (`slim.dist.from_env()`) shares the work among the processes torchrun started. `checked`: the caller already ran
-    `slim.models.check_compressible` on this model and config (it scans every weight: once is enough).
+    `slim.pipeline.stream.BlockRun`) commits each block to disk as it is done; `slim compress` uses it.
+    `max_memory` (bytes) moves the calibration activations to disk when they would take more than a quarter of it.
+    `ranks` (`slim.pipeline.dist.from_env()`) shares the work among the processes torchrun started. `checked`: the
+    caller already ran `slim.models.check_compressible` on this model and config (it scans every weight: once is
+    enough).
     """
     cfg = config or CompressConfig()
     source: dict[str, Any] = {}

@@ -1,7 +1,8 @@
 """Frozen configuration dataclasses, validated once at the edge (CLI, YAML, Python API).
 
 Importing this module does not import torch (the command line's parser and `--help` depend on it): the method
-registry (slim.methods) is imported when a configuration is first validated.
+registry (slim.algorithms.methods) is imported when a configuration is first validated.
+May import: slim.algorithms (the method registry, lazily), leaves.
 """
 
 from __future__ import annotations
@@ -16,15 +17,15 @@ from typing import Any
 
 import yaml
 
-# the built-in methods' names (slim.methods: a method registered there later is accepted as well)
+# the built-in methods' names (slim.algorithms.methods: a method registered there later is accepted as well)
 from .names import ADAPTER_METHODS, CODE_BITS, MASK_METHODS, MAX_NM_M, QUANT_METHODS  # noqa: F401
 
-SUPPORTED_BITS = CODE_BITS  # what the stored layout packs (slim.packed): the loader's limits are the config's
+SUPPORTED_BITS = CODE_BITS  # what the stored layout packs (slim.format.packed): the loader's limits are the config's
 
 
 def _methods() -> SimpleNamespace:
     """The method registry, imported on first validation: it imports torch, which `slim --help` must not."""
-    from .methods import ADAPTERS, MASKS, QUANTIZERS
+    from .algorithms.methods import ADAPTERS, MASKS, QUANTIZERS
 
     return SimpleNamespace(MASKS=MASKS, QUANTIZERS=QUANTIZERS, ADAPTERS=ADAPTERS)
 

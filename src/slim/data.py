@@ -1,4 +1,7 @@
-"""Calibration and evaluation data: one place that knows where data lives and how it is cut."""
+"""Calibration and evaluation data: one place that knows where data lives and how it is cut.
+
+May import: leaves.
+"""
 
 from __future__ import annotations
 

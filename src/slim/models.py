@@ -1,4 +1,7 @@
-"""Model families (one small registry), loading, and checks that run before any long work."""
+"""Model families (one small registry), loading, and checks that run before any long work.
+
+May import: slim.config, slim.algorithms (AffineQuant's block map, lazily), leaves.
+"""
 
 from __future__ import annotations
 
@@ -100,7 +103,7 @@ def check_compressible(model: nn.Module, cfg: CompressConfig) -> None:
             raise ConfigError(f"adapter rank {int(ad.rank)} is larger than min(d_out, d_in) = {cap} of {name} "
                               f"({lin.out_features} x {lin.in_features}); use a rank <= {cap} or a ratio < 1")
     if cfg.tune.let:  # AffineQuant's transformation must know where the block's norms and heads are
-        from .affine import let_map
+        from .algorithms.affine import let_map
 
         try:
             let_map(layers[0])

@@ -2,18 +2,20 @@
 
 Why: `slim --help` and the configuration's import must not pay for importing torch (seconds on a cold start),
 yet the parser's choices and the config's limits come from torch-heavy modules (the method registry in
-slim.methods, the backends in slim.runtime, the stored layout in slim.packed). Those modules read the layout's
-limits from here; tests/test_config.py checks that the name lists equal the registries, so they cannot drift.
+slim.algorithms.methods, the backends in slim.runtime, the stored layout in slim.format.packed). Those modules read
+the layout's limits from here; tests/test_config.py checks that the name lists equal the registries, so they cannot
+drift.
+May import: nothing from slim.
 """
 
 from __future__ import annotations
 
-# The limits of the stored layout (slim.packed), shared with the configuration (slim.config), which refuses
+# The limits of the stored layout (slim.format.packed), shared with the configuration (slim.config), which refuses
 # anything outside them before any work, so that `slim compress` never writes a checkpoint `slim.load` refuses.
 CODE_BITS = (2, 4, 8)  # quantized weights' and adapters' code widths: whole codes per byte
 MAX_NM_M = 64  # largest M of an N:M pattern
 
-# the built-in methods of slim.methods, in its registries' order (a method registered there later is accepted
+# the built-in methods of slim.algorithms.methods, in its registries' order (a method registered there later is accepted
 # by the configuration as well: it validates against the registries)
 MASK_METHODS = ("wanda", "magnitude", "sparsegpt", "jsq")
 QUANT_METHODS = ("slim", "slim-o", "slim-group", "absmax", "group-absmax", "gptq", "awq", "omniquant", "none")
@@ -21,3 +23,23 @@ ADAPTER_METHODS = ("slim", "naive", "fullcov", "l2qer", "none")
 
 # slim.runtime's backends for a checkpoint's compressed layers, as `--backend` offers them
 BACKEND_CHOICES = ("auto", "reference", "cpu-int4", "cuda-int4", "cuda-2of4")
+
+# Environment variables that change which kernels run, and so the last bits of what slim computes (docs/runtime.md).
+# Each is recorded, when set, with every checkpoint and result (slim.format.checkpoint.versions): two runs that
+# differ only in them are told apart.
+NUMERICS_ENV = (
+    "SLIM_NATIVE",  # 0: no C++ kernels (the CPU backend's own GEMV, the compressor's error-feedback loop)
+    "SLIM_CPU_FP32_ACTIVATIONS",  # cpu-int4: auto | 1 | 0, fp32 activations around the int4 kernels
+    "SLIM_CPU_INT4_GEMM_TOKENS",  # cpu-int4: token count from which torch's int4 GEMM replaces slim's GEMV
+    "SLIM_CPU_SPARSE24",  # cpu-int4: 0 runs 2:4 layers as dense int4
+    "SLIM_CPU_FUSE",  # cpu-int4: 0 keeps q/k/v and gate/up as separate calls
+    "TRITON_INTERPRET",  # 1: the Triton kernels run in the interpreter (CPU)
+)
+
+
+def numerics_env(environ: dict[str, str] | None = None) -> dict[str, str]:
+    """The NUMERICS_ENV variables that are set, by name (empty when none is: the defaults)."""
+    import os
+
+    env = os.environ if environ is None else environ
+    return {k: env[k] for k in NUMERICS_ENV if k in env}

@@ -3,6 +3,7 @@
 The report keeps it so that a slow run shows where its time goes: the mix differs by machine (on a GPU the
 many small linear-algebra steps of the solver can outweigh the forwards that dominate on a CPU). On CUDA each
 phase boundary synchronizes the device, so the times are the device's, not the launch queue's.
+May import: nothing from slim.
 """
 
 from __future__ import annotations

@@ -3,7 +3,9 @@
 One file a backend. Each exposes `NAME`, `available(device) -> reason | None`, `supports(layer) -> reason | None`
 and `convert(layer) -> nn.Module`; none keeps a dense copy of a base weight. `auto` tries the backends meant for the
 device in order of speed and falls back layer by layer, logging why; `reference` (the decompress-and-matmul oracle)
-runs every layer.
+runs every layer. `loader.load` (slim.load) reads a checkpoint straight into a backend's layout; `generate` is the
+decode loop (eager or compiled) that `slim generate` runs.
+May import: slim.kernels, slim.format, slim.algorithms, slim.config, slim.models, leaves.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..packed import SlimLinear
+from ..format.packed import SlimLinear
 from . import cpu_int4, cuda_2of4, cuda_int4, reference
 
 log = logging.getLogger(__name__)

@@ -1,7 +1,7 @@
 """`cpu-int4`: int4 kernels on the CPU, converted from the stored layout (format 1) at load time.
 
 Two kernels, chosen per layer:
-- slim's own (runtime/csrc, built on first use; see `native`): activations are quantized to int8 with one scale
+- slim's own (kernels/csrc, built on first use; see `kernels.native`): activations are quantized to int8 with one scale
   per 16 inputs inside the call (llama.cpp's Q8_0 scheme at half its block; below bf16 rounding) so a block of 32
   weights costs one `maddubs`. A 2:4 layer is read in its stored form, 3 bits a weight (kept codes + 2-bit
   positions, the kept activations gathered with a byte shuffle); other layouts as dense int4 with pruned slots at
@@ -27,11 +27,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import slim.runtime.native as native  # the submodules, not the package: imports point one way
-import slim.runtime.ops as ops
+import slim.kernels.native as native  # the submodules, not the package: imports point one way
+import slim.kernels.ops as ops
 
-from ..packed import SlimLinear, layer_inputs, unpack_bits, unpack_codes
-from ..quant import expand_groups, n_groups
+from ..algorithms.quant import expand_groups, n_groups
+from ..format.packed import SlimLinear, layer_inputs, unpack_bits, unpack_codes
 
 log = logging.getLogger(__name__)
 
@@ -246,7 +246,7 @@ def _pad_cols(t: torch.Tensor, cols: int, value: float = 0) -> torch.Tensor:
 
 
 class NativeInt4Matrix(nn.Module):
-    """An (n, k) int4 matrix for slim's own kernel (runtime/csrc): blocks of 32 nibbles in 16 bytes, fp32 scales
+    """An (n, k) int4 matrix for slim's own kernel (kernels/csrc): blocks of 32 nibbles in 16 bytes, fp32 scales
     (and zero points) per stored group of `group` inputs (a multiple of 32; the last group may be short)."""
 
     dense_ok = True

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..packed import SlimLinear, layer_inputs
+from ..format.packed import SlimLinear, layer_inputs
 
 NAME = "cuda-2of4"
 

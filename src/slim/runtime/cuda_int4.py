@@ -22,8 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..packed import SlimLinear, layer_inputs, pack_bits, unpack_codes
-from ..quant import n_groups
+from ..algorithms.quant import n_groups
+from ..format.packed import SlimLinear, layer_inputs, pack_bits, unpack_codes
 
 NAME = "cuda-int4"
 ADAPTER_MODES = ("int4", "16bit")
@@ -43,7 +43,7 @@ def _triton_missing() -> str | None:
 
 
 def kernels():  # noqa: ANN201 - the module, imported only here so that slim imports without Triton
-    import slim.runtime.triton_kernels as triton_kernels  # the submodule, not the package (no import cycle)
+    import slim.kernels.triton as triton_kernels  # the submodule, not the package (no import cycle)
 
     return triton_kernels
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from ..packed import SlimLinear
+from ..format.packed import SlimLinear
 
 NAME = "reference"
 COMPRESSED_TYPES = (SlimLinear,)

@@ -1,1 +1,4 @@
-"""Helpers for slim's own tests that the shipped code calls into; leaf modules that import nothing from slim."""
+"""Helpers for tests and benchmarks: fault injection (`faults`, a leaf the shipped code calls at its kill points)
+and random compressed layers and models (`random_layers`). Nothing here runs in a normal compression or load.
+May import: anything in slim (`faults` itself imports nothing from slim).
+"""

@@ -1,4 +1,4 @@
-"""slim's CPU kernels (runtime/csrc, see `native`) as `torch.library` custom ops in the `slim` namespace, prefixed
+"""slim's CPU kernels (kernels/csrc, see `native`) as `torch.library` custom ops in the `slim` namespace, prefixed
 `cpu_` (the Triton GPU ops use the same namespace): `torch.compile` cannot trace into a pybind call, so a compiled
 model on the `cpu-int4` backend reaches the kernels through these ops, each with a fake (shapes and dtypes only)
 for tracing. They own the cache of the kernel's `Linears` objects (a layer's tensors bound once in C++), keyed by
@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-import slim.runtime.native as native  # the submodule, not the package: imports point one way
+import slim.kernels.native as native  # the submodule, not the package: imports point one way
 
 # the Linears objects alive elsewhere (a layer's fused call holds its own), found again by key; held weakly so a
 # dropped model frees its tensors

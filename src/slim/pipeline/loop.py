@@ -15,19 +15,19 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .affine import let_map
+from ..algorithms.affine import let_map
+from ..algorithms.stats import InputStats
+from ..config import CompressConfig, check_device
+from ..format.packed import SlimLinear, set_dense_cache
+from ..models import check_compressible, find_linears, get_layers, layers_prefix, set_submodule
+from ..phases import phase
+from ..phases import reset as reset_phases
+from ..phases import seconds as phase_seconds
+from ..testing.faults import fault
 from .capture import Activations, capture_block_inputs, run_block
-from .config import CompressConfig, check_device
 from .dist import Ranks
-from .models import check_compressible, find_linears, get_layers, layers_prefix, set_submodule
-from .packed import SlimLinear, set_dense_cache
-from .phases import phase
-from .phases import reset as reset_phases
-from .phases import seconds as phase_seconds
 from .solver import allocate_ranks, compress_weight, error_spectrum
-from .stats import InputStats
 from .stream import BlockRun
-from .testing.faults import fault
 from .tune import tune_block
 
 log = logging.getLogger(__name__)
@@ -42,13 +42,13 @@ def compress_model(
     """Compress every linear inside the decoder blocks, block by block, in place.
 
     Block i+1 is calibrated on the outputs of the already compressed block i. Only one block is on
-    the compute device at a time. With a `run` (`slim.stream.BlockRun`), blocks are read from disk when it
+    the compute device at a time. With a `run` (`slim.pipeline.stream.BlockRun`), blocks are read from disk when it
     streams, each compressed block is committed to disk and dropped, and an interrupted run resumes after its
     last committed block. When the calibration activations (two copies: a block's inputs and outputs; four with
     block tuning) would take more than a quarter of `max_memory` bytes, they live in files on disk instead, read
     one batch at a time. With block tuning on (`cfg.tune`), each block's adapters are then tuned against the dense
-    block's outputs (`slim.tune`).
-    With `ranks` (`slim.dist`, several processes under torchrun), each rank runs its share of the calibration
+    block's outputs (`slim.pipeline.tune`).
+    With `ranks` (`slim.pipeline.dist`, several processes under torchrun), each rank runs its share of the calibration
     batches, statistics are summed across ranks and each block's linears are solved on different ranks.
     `checked`: the caller already ran `check_compressible` (a scan of every weight) on this model and config.
     Returns a report with per-layer errors and timings.

@@ -285,17 +285,17 @@ def lwc_fake_quant_reference(
 # ---------------------------------------------------------------- activations
 
 
-FP8_FORMATS = {"e4m3": (torch.float8_e4m3fn, 448.0), "e5m2": (torch.float8_e5m2, 57344.0)}
+FP8_MAX = float(torch.finfo(torch.float8_e4m3fn).max)  # 448
+FP8_MIN_SCALE = 1.0 / (FP8_MAX * 512.0)  # vLLM's floor on a dynamic scale: an all-zero tensor stays finite
 
 
 def fp8_fake_quant(x: torch.Tensor) -> torch.Tensor:
-    """FP8 per-tensor input quantization: E4M3 when the tensor's range fits it, else E5M2.
+    """FP8 input quantization as vLLM serves it: dynamic per-tensor E4M3 with scale = max|x| / 448 (floored),
+    values divided by the scale, saturated to +-448, rounded to E4M3, multiplied back.
 
-    A scale is applied only when even E5M2's range is exceeded (then absmax maps to its max).
-    Simulated (quantize + dequantize) so it runs on any device.
-    """
-    amax = float(x.detach().abs().max()) if x.numel() else 0.0
-    fmt = "e4m3" if amax <= FP8_FORMATS["e4m3"][1] else "e5m2"
-    dtype, fmax = FP8_FORMATS[fmt]
-    scale = max(amax / fmax, 1.0)
-    return ((x / scale).to(dtype).to(x.dtype)) * scale
+    The scale stays a device tensor: no host synchronization per forward, and `torch.compile` sees one graph.
+    Simulated (quantize + dequantize in fp32) so it runs on any device."""
+    xf = x.float()
+    scale = (xf.detach().abs().amax() / FP8_MAX).clamp(min=FP8_MIN_SCALE) if x.numel() else xf.new_ones(())
+    q = (xf / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+    return (q.float() * scale).to(x.dtype)

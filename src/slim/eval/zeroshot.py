@@ -15,7 +15,7 @@ from typing import Any
 
 from torch import nn
 
-from .data import DataError, data_dir, sha256
+from ..data import DataError, data_dir, sha256
 
 log = logging.getLogger(__name__)
 

@@ -9,8 +9,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .models import get_layers
-from .testing.faults import fault
+from ..models import get_layers
+from ..testing.faults import fault
 
 
 class Activations:
@@ -26,7 +26,7 @@ class Activations:
         if self.spill is None:
             self._items.append(t)
             return
-        from .checkpoint import _ST_NAMES
+        from ..format.checkpoint import _ST_NAMES
 
         t = t.detach().cpu().contiguous()
         path = self.spill / f"{self.tag}-{len(self._items):05d}.bin"
@@ -42,7 +42,7 @@ class Activations:
         item = self._items[i]
         if isinstance(item, torch.Tensor):
             return item
-        from .checkpoint import _ST_DTYPES, _read_into
+        from ..format.checkpoint import _ST_DTYPES, _read_into
 
         path, e = item
         t = torch.empty(e["shape"], dtype=_ST_DTYPES[e["dtype"]])
@@ -55,14 +55,14 @@ class Activations:
 
     def source(self, i: int) -> Any:
         """Batch i as `write_safetensors` takes it: the tensor, or its file (copied without being loaded)."""
-        from .checkpoint import FileSlice
+        from ..format.checkpoint import FileSlice
 
         item = self._items[i]
         return item if isinstance(item, torch.Tensor) else FileSlice(*item)
 
     def signature(self) -> list[tuple[list[int], str]]:
         """(shape, dtype) of every batch, without reading spilled ones."""
-        from .checkpoint import _ST_NAMES
+        from ..format.checkpoint import _ST_NAMES
 
         return [(list(t.shape), _ST_NAMES[t.dtype]) if isinstance(t, torch.Tensor) else (t[1]["shape"], t[1]["dtype"])
                 for t in self._items]
@@ -168,7 +168,7 @@ def move_outside_blocks(model: nn.Module, device: torch.device | str) -> None:
 
 
 def _layers_attr(model: nn.Module) -> tuple[str, str, str]:
-    from .models import layers_prefix
+    from ..models import layers_prefix
 
     return layers_prefix(model).rpartition(".")
 

@@ -27,19 +27,19 @@ from typing import Any
 import torch
 from torch import nn
 
-from .card import VLLM_RANKS, model_card
-from .checkpoint import (
+from ..algorithms.quant import n_groups
+from ..format.card import VLLM_RANKS, model_card
+from ..format.checkpoint import (
     DTYPES,
     CheckpointError,
     atomic_dir,
     check_output_dir,
     dir_bytes,
-    load,
     read_slim_config,
     write_json,
 )
-from .packed import SlimLinear, unpack_codes
-from .quant import n_groups
+from ..format.packed import SlimLinear, unpack_codes
+from ..runtime.loader import load
 
 log = logging.getLogger(__name__)
 
@@ -272,7 +272,7 @@ def _write_merged(model: nn.Module, layers: dict[str, SlimLinear], src: Path, ds
 def base_only(model: nn.Module) -> nn.Module:
     """`model` (in place) with every SlimLinear replaced by a dense Linear holding its dequantized base, mask ·
     Q(W) without adapters: what a compressed-tensors export holds, for comparing with it."""
-    from .models import set_submodule
+    from ..models import set_submodule
 
     for name, mod in list(model.named_modules()):
         if isinstance(mod, SlimLinear):

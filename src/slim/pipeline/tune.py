@@ -21,14 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .affine import AffineTransform, let_map, record_act_max
-from .capture import block_forward, map_tensors
-from .checkpoint import cast_dense_parts
-from .config import TuneConfig
-from .dist import Ranks
-from .models import set_submodule
-from .packed import SlimLinear, pack_codes
-from .quant import (
+from ..algorithms.affine import AffineTransform, let_map, record_act_max
+from ..algorithms.quant import (
     expand_groups,
     fake_quant_grouped,
     fp8_fake_quant,
@@ -39,6 +33,12 @@ from .quant import (
     quantize_codes,
     round_scale,
 )
+from ..config import TuneConfig
+from ..format.checkpoint import cast_dense_parts
+from ..format.packed import SlimLinear, pack_codes
+from ..models import set_submodule
+from .capture import block_forward, map_tensors
+from .dist import Ranks
 from .solver import quantize_grouped
 
 log = logging.getLogger(__name__)

@@ -23,8 +23,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from .config import FINETUNE_AUTOCAST, ConfigError
-from .tune import autocast_dtype, close_layers, open_layers, trainable
+from ..config import FINETUNE_AUTOCAST, ConfigError
+from ..pipeline.tune import autocast_dtype, close_layers, open_layers, trainable
 
 log = logging.getLogger(__name__)
 
@@ -167,7 +167,7 @@ def _save_state(path: Path, step: int, params: dict[str, nn.Parameter], opt: tor
 
 def _load_state(path: Path, params: dict[str, nn.Parameter], opt: torch.optim.Optimizer, sched: Any,
                 fingerprint: dict[str, Any]) -> tuple[int, list[dict[str, float]]]:
-    from .stream import ResumeError
+    from ..pipeline.stream import ResumeError
 
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)  # tensors and plain data only
@@ -190,7 +190,7 @@ def finetune(
 ) -> dict[str, Any]:
     """Train the model's adapters in place on `blocks` ((n, seqlen) token ids); a state in `state_dir` (from an
     interrupted run with the same fingerprint) is continued. Returns the training summary."""
-    from .testing.faults import fault
+    from ..testing.faults import fault
 
     torch.manual_seed(cfg.seed)
     model.train(False)  # no dropout: the LM is tuned as it will run
@@ -248,8 +248,8 @@ def finetune(
 
 def check_paths(src: Path, out: Path, resume: bool, overwrite: bool) -> None:
     """Refuse bad paths before any work: a missing checkpoint, an existing output, a partial run not asked for."""
-    from .checkpoint import check_output_dir, read_slim_config
-    from .stream import check_partial
+    from ..format.checkpoint import check_output_dir, read_slim_config
+    from ..pipeline.stream import check_partial
 
     read_slim_config(src)
     if out.resolve() == src.resolve():

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import torch
 
-from ..packed import CompressedWeight, SlimLinear
-from ..quant import n_groups
+from ..algorithms.quant import n_groups
+from ..format.packed import CompressedWeight, SlimLinear
 
 
 def random_slim_linear(

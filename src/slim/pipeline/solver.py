@@ -6,14 +6,14 @@ from dataclasses import dataclass
 
 import torch
 
-from .config import AdapterConfig, CompressConfig, QuantConfig
-from .lowrank import GramFactor, gram_factor, output_error, times_lower
-from .methods import ADAPTERS, MASKS, QUANTIZERS, FixedParams, Setup
-from .optq import ColumnGrid, Feedback, optq
-from .packed import CompressedWeight
-from .phases import phase
-from .quant import clamp_sym, expand_groups, fake_quant, gptq_scale, group_absmax_scale, quantize_codes
-from .stats import InputStats
+from ..algorithms.lowrank import GramFactor, gram_factor, output_error, times_lower
+from ..algorithms.methods import ADAPTERS, MASKS, QUANTIZERS, FixedParams, Setup
+from ..algorithms.optq import ColumnGrid, Feedback, optq
+from ..algorithms.quant import clamp_sym, expand_groups, fake_quant, gptq_scale, group_absmax_scale, quantize_codes
+from ..algorithms.stats import InputStats
+from ..config import AdapterConfig, CompressConfig, QuantConfig
+from ..format.packed import CompressedWeight
+from ..phases import phase
 
 
 @dataclass

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from .checkpoint import (
+from ..format.checkpoint import (
     _ST_DTYPES,
     CheckpointError,
     FileSlice,
@@ -45,10 +45,10 @@ from .checkpoint import (
     write_json,
     write_safetensors,
 )
+from ..format.packed import Layout, SlimLinear
+from ..models import check_finite, get_layers, layers_prefix, set_submodule
+from ..testing.faults import fault
 from .dist import Ranks
-from .models import check_finite, get_layers, layers_prefix, set_submodule
-from .packed import Layout, SlimLinear
-from .testing.faults import fault
 
 if TYPE_CHECKING:
     from .capture import Activations
@@ -100,7 +100,7 @@ class SourceWeights:
             _read_into(fh, {key: e}, key, dest, f)
 
     def first_float_dtype(self) -> torch.dtype | None:
-        from .checkpoint import _ST_DTYPES
+        from ..format.checkpoint import _ST_DTYPES
 
         for _f, e in self.entries.values():
             dt = _ST_DTYPES[e["dtype"]]
@@ -132,7 +132,7 @@ def skeleton(path: str | os.PathLike, weights: SourceWeights) -> nn.Module:
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from .models import family_of
+    from ..models import family_of
 
     config = AutoConfig.from_pretrained(path)
     dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or weights.first_float_dtype()

@@ -28,11 +28,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .names import CODE_BITS, MAX_NM_M  # the stored layout's limits, kept torch-free for the configuration
-from .quant import expand_groups, fp8_fake_quant, n_groups, qrange
+from ..algorithms.quant import expand_groups, fp8_fake_quant, n_groups, qrange
+from ..names import CODE_BITS, MAX_NM_M  # the stored layout's limits, kept torch-free for the configuration
 
 FORMAT_VERSION = 1
-# the files of a format-1 checkpoint (slim.checkpoint writes them; the model card names them)
+# the files of a format-1 checkpoint (slim.format.checkpoint writes them; the model card names them)
 CONFIG_NAME = "slim_config.json"
 WEIGHTS_NAME = "model.safetensors"
 

@@ -32,7 +32,7 @@ from .quant import (
 from .stats import InputStats
 
 if TYPE_CHECKING:
-    from .config import AdapterConfig, QuantConfig, SparsityConfig
+    from ..config import AdapterConfig, QuantConfig, SparsityConfig
 
 Tensor = torch.Tensor
 

@@ -31,7 +31,7 @@ class ColumnGrid:
 
 
 def _native_loop() -> ModuleType | None:
-    from .runtime.native import load
+    from ..kernels.native import load
 
     mod = load()
     return mod if mod is not None and hasattr(mod, "optq_block") else None

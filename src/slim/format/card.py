@@ -1,4 +1,4 @@
-"""The README.md written beside a slim checkpoint (by slim.checkpoint) and beside each export (by slim.export).
+"""The README.md written beside a slim checkpoint (by slim.format.checkpoint) and each export (slim.export).
 
 Imports nothing from slim but the stored format's file names, so that both writers reach it and neither imports
 the other.
