@@ -317,3 +317,21 @@ def test_gpu_runtime_script_dry_run_on_cpu(tmp_path):
     assert "[gpu-tests] rc 0" in r.stdout and "[benchmark] rc 0" in r.stdout, r.stdout[-3000:]
     assert json.loads((tmp_path / "gpu.json").read_text())["layers"]
     assert (tmp_path / "gpu-tests.log").read_text().count("skipped") >= 1
+
+
+def test_behaviour_hash_compare_names_what_differs(bench, tmp_path, capsys):
+    """The refactor's proof (benchmarks/behaviour_hash.py --compare): equal stored fingerprints pass, and one
+    changed tensor fails naming the field and the tensor."""
+    stored = sorted((BENCH.parent / "docs" / "results" / "behaviour").glob("*.json"), reverse=True)  # before, after
+    assert len(stored) == 2
+    assert bench("behaviour_hash", "--compare", *map(str, stored)) == 0
+    res = json.loads(stored[1].read_text())
+    key = next(k for k in res["hashed"] if k.endswith("file:model.safetensors"))
+    res["hashed"][key] = "0" * 64
+    tensors = res["paper_checkpoint"]["safetensors"]["model.safetensors"]["tensors"]
+    name = sorted(tensors)[0]
+    tensors[name] = "0" * 64
+    (tmp_path / "b.json").write_text(json.dumps(res))
+    assert bench("behaviour_hash", "--compare", str(stored[0]), str(tmp_path / "b.json")) == 1
+    out = capsys.readouterr().out
+    assert f"DIFFERS  {key}" in out and name in out
