@@ -51,7 +51,7 @@ def available(device: str = "cpu") -> str | None:
         return "runs on the CPU only"
     ops = torch.ops.aten
     if not (hasattr(ops, "_convert_weight_to_int4pack_for_cpu") and hasattr(ops, "_weight_int4pack_mm_for_cpu")):
-        return f"torch {torch.__version__} has no CPU int4 kernel (torch >= 2.5 has it)"
+        return f"torch {torch.__version__} has no CPU int4 kernel (torch >= 2.6 has it)"
     try:
         q = torch.full((16, 32), 9, dtype=torch.int32)
         packed = ops._convert_weight_to_int4pack_for_cpu(q, 1)
