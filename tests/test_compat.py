@@ -15,7 +15,8 @@ from slim._compat import MOVED
 
 @pytest.mark.parametrize("old", sorted(MOVED))
 def test_an_old_module_path_is_the_new_module_with_a_warning(old):
-    pytest.importorskip("triton") if old == "slim.runtime.triton_kernels" else None
+    if old == "slim.runtime.triton_kernels":
+        pytest.importorskip("triton")
     sys.modules.pop(old, None)
     with pytest.warns(DeprecationWarning, match=f"{old} moved to {MOVED[old]}"):
         mod = importlib.import_module(old)

@@ -10,6 +10,8 @@ May import: nothing from slim.
 
 from __future__ import annotations
 
+import os
+
 # The limits of the stored layout (slim.format.packed), shared with the configuration (slim.config), which refuses
 # anything outside them before any work, so that `slim compress` never writes a checkpoint `slim.load` refuses.
 CODE_BITS = (2, 4, 8)  # quantized weights' and adapters' code widths: whole codes per byte
@@ -39,7 +41,5 @@ NUMERICS_ENV = (
 
 def numerics_env(environ: dict[str, str] | None = None) -> dict[str, str]:
     """The NUMERICS_ENV variables that are set, by name (empty when none is: the defaults)."""
-    import os
-
     env = os.environ if environ is None else environ
     return {k: env[k] for k in NUMERICS_ENV if k in env}
