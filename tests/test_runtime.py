@@ -316,8 +316,16 @@ def test_cli_generate_and_backend(tiny_llama_dir, shared_data, tmp_path, capsys)
                      "--out", str(tmp_path / f"{backend}.json")]) == 0
         res = json.loads((tmp_path / f"{backend}.json").read_text())
         assert res["new_tokens"] >= 1 and res["prefill_tokens_per_s"] > 0
+        assert res["decode_path"] == ("lean" if backend == "auto" else "eager")  # reference layers: transformers
     err = capsys.readouterr().err
     assert "tokens/s" in err and "memory" in err
+    assert main(["generate", str(out), "Hello there", "--max-new-tokens", "5", "--head", "int8", "--decode", "lean",
+                 "--out", str(tmp_path / "int8.json")]) == 0
+    res = json.loads((tmp_path / "int8.json").read_text())
+    assert res["head"] == "int8" and res["decode_path"] == "lean"
+    assert "lean decode path, head int8" in capsys.readouterr().err
+    assert main(["generate", str(out), "x", "--head", "int8", "--device", "cuda"]) == 2  # before loading anything
+    assert "cuda" in capsys.readouterr().err.lower()
     assert main(["generate", str(tiny_llama_dir), "Hello", "--max-new-tokens", "3"]) == 0  # dense models too
     with pytest.raises(SystemExit):
         main(["generate", str(out), "x", "--backend", "fast"])

@@ -25,6 +25,11 @@ ADAPTER_METHODS = ("slim", "naive", "fullcov", "l2qer", "none")
 
 # slim.runtime's backends for a checkpoint's compressed layers, as `--backend` offers them
 BACKEND_CHOICES = ("auto", "reference", "cpu-int4", "cuda-int4", "cuda-2of4")
+# lm_head at load (slim.runtime.cpu_int4.quantize_head): as stored, int8 per channel, int4 in groups of 32
+HEAD_CHOICES = ("stored", "int8", "int4")
+HEAD_DEFAULT = "stored"
+# slim.runtime.generate's decode paths: slim's C++ decoder, transformers' forward, a torch.compile'd step
+DECODE_PATHS = ("auto", "lean", "eager", "compile")
 
 # Environment variables that change which kernels run, and so the last bits of what slim computes (docs/runtime.md).
 # Each is recorded, when set, with every checkpoint and result (slim.format.checkpoint.versions): two runs that

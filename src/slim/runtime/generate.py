@@ -20,6 +20,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..names import DECODE_PATHS
+
 log = logging.getLogger(__name__)
 
 
@@ -72,6 +74,7 @@ def generate(
     model: nn.Module, tokenizer, input_ids: torch.Tensor, max_new_tokens: int = 64, do_sample: bool = False,
     temperature: float = 1.0, top_p: float = 1.0, seed: int = 0, stop_at_eos: bool = True,
     on_text: Callable[[str], None] | None = None, compile: bool = False, _compile_backend: str | None = None,
+    decode: str = "auto",
 ) -> dict[str, Any]:
     """Generate up to `max_new_tokens` after `input_ids`; `on_text` receives the new text as it is decoded.
 
@@ -79,10 +82,32 @@ def generate(
     docstring); the first call for a model and total length compiles, which is timed apart as `compile_seconds`
     and left out of the decode tokens/s; the model keeps its compiled step and last static cache for the next
     call (a new length compiles again). `_compile_backend` picks another `torch.compile` backend (tests use the
-    fast-compiling "eager" / "aot_eager"). Returns the tokens, the text, prefill and decode seconds and tokens/s,
-    `compile_seconds` (None without `compile`) and peak resident memory."""
+    fast-compiling "eager" / "aot_eager").
+
+    `decode` picks the path: "lean" (slim's C++ decoder, `slim.runtime.lean`: the whole forward in one call, CPU,
+    Llama-family, batch 1), "eager" (transformers' forward with its KV cache), "compile" (as `compile=True`), or
+    "auto": lean where it runs, else eager (the log says why). Returns the tokens, the text, the path taken,
+    prefill and decode seconds and tokens/s, `compile_seconds` (None without `compile`) and peak resident memory."""
     if max_new_tokens < 1:
         raise ValueError("max_new_tokens must be at least 1")
+    if decode not in DECODE_PATHS:
+        raise ValueError(f"unknown decode path {decode!r}; choose one of: {', '.join(DECODE_PATHS)}")
+    if compile:
+        decode = "compile"
+    lean_dec = None
+    if decode in ("auto", "lean"):
+        from .lean import LeanUnsupported, decoder_for
+
+        try:
+            if input_ids.shape[0] != 1:
+                raise LeanUnsupported(f"the lean decode path runs one sequence, not a batch of {input_ids.shape[0]}")
+            lean_dec = decoder_for(model)
+            decode = "lean"
+        except LeanUnsupported as e:
+            if decode == "lean":
+                raise
+            log.info("decoding through transformers' forward: %s", e)
+            decode = "eager"
     device = next(model.parameters()).device
     ids = input_ids.to(device)
     gen = torch.Generator(device=device).manual_seed(seed)
@@ -104,7 +129,19 @@ def generate(
     cache_kw = "cache" if "cache" in params else "past_key_values"  # transformers 5.2x renamed it
     keep = {"logits_to_keep": 1} if "logits_to_keep" in params else {}  # no (prompt x vocab) logits
     compile_seconds = None
-    if compile:
+    if lean_dec is not None:
+        lean_dec.reserve(ids.shape[1] + max_new_tokens)
+        t0 = time.perf_counter()
+        tok = pick(lean_dec.forward(ids[0], 0)[None])
+        t_prefill = time.perf_counter() - t0
+        pos = ids.shape[1]
+
+        def step(tok: torch.Tensor) -> torch.Tensor:
+            nonlocal pos
+            logits = lean_dec.forward(tok, pos)
+            pos += 1
+            return pick(logits[None])
+    elif decode == "compile":
         decoder = _static_decoder(model, ids, max_new_tokens, cache_kw, _compile_backend)
         compile_seconds = decoder.warm_up(model, ids)
         t0 = time.perf_counter()
@@ -145,7 +182,7 @@ def generate(
         "text": tokenizer.decode(new, skip_special_tokens=True) if tokenizer is not None else None,
         "prefill_seconds": t_prefill, "prefill_tokens_per_s": ids.shape[1] / t_prefill,
         "decode_seconds": t_decode, "decode_tokens_per_s": n_dec / t_decode if n_dec and t_decode > 0 else None,
-        "compile_seconds": compile_seconds, "peak_rss_bytes": peak_rss_bytes(),
+        "compile_seconds": compile_seconds, "decode_path": decode, "peak_rss_bytes": peak_rss_bytes(),
     }
 
 

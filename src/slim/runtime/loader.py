@@ -26,18 +26,20 @@ from ..format.checkpoint import (
 from ..format.packed import CONFIG_NAME, WEIGHTS_NAME, Layout, SlimLinear
 from ..models import set_submodule
 from . import BACKENDS, convert_layer, finish, resolve
+from .cpu_int4 import check_head, quantize_head
 
 
 def load(
     path: str | os.PathLike, device: str = "cpu", backend: str = "auto", dtype: str | torch.dtype | None = None,
-    cache: bool = False,
+    cache: bool = False, head: str = "stored",
 ) -> nn.Module:
     """Load a slim checkpoint as a ready-to-run transformers model.
 
     `backend` picks the kernels ("auto", "reference", "cpu-int4", "cuda-2of4"; see `slim.runtime`): each
     compressed layer is read and converted to its backend's layout on its own, so neither a dense copy of a base
     weight nor a second copy of the checkpoint is ever held. `dtype` overrides the stored dtype of the dense parts;
-    `cache` keeps a dense weight per layer on the reference backend (fast evaluation, dense-sized memory)."""
+    `cache` keeps a dense weight per layer on the reference backend (fast evaluation, dense-sized memory).
+    `head` ("stored", "int8", "int4"; CPU only) quantizes lm_head at load for slim's kernel (`cpu_int4.QuantHead`)."""
     from transformers import AutoConfig
 
 
@@ -47,6 +49,7 @@ def load(
     if not weights.is_file():
         raise CheckpointError(f"{p} has no {WEIGHTS_NAME}")
     order = resolve(backend, device)  # an unknown or unavailable backend fails before reading anything
+    check_head(head, device)
     if isinstance(dtype, str):
         dtype = resolve_dtype(dtype, stored_dtype(cfg))
     dtype = dtype or stored_dtype(cfg)
@@ -68,7 +71,9 @@ def load(
         model = _build(p, layouts, hf_config, header, order, device, dtype, cache, backend)
     release_free_memory()
     model.eval()
-    return model.to(device)
+    model = model.to(device)
+    quantize_head(model, head)
+    return model
 
 
 def _build(p: Path, layouts: dict[str, Layout], hf_config: Any, header: dict, order: list[str], device: str,

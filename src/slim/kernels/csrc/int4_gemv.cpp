@@ -6,6 +6,8 @@
 // dot product is one _mm256_maddubs_epi16 (u8 weights x s8 activations) instead of 32 float conversions and FMAs;
 // a block's 8 int32 partial sums then meet a vector of its two half-block scales (same cost as one broadcast scale,
 // half the activation rounding error of a scale per 32 on outlier-heavy rows).
+#include "linears.h"
+
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
@@ -198,6 +200,41 @@ void rows_kernel_24(const uint8_t* vals, const uint32_t* idx, const int8_t* xq, 
   }
 }
 
+// int8 rows (the quantized lm_head): per block of 32 inputs one maddubs of |w| (unsigned) with x carrying w's sign;
+// fp32 scales per group of G inputs (one per row for per-channel)
+template <int R>
+void rows_kernel_i8(const int8_t* w, const int8_t* xq, const float* dv, const float* scale, int64_t K, int64_t G,
+                    int64_t ng, int64_t n0, int64_t n1, float* out, int64_t N, bool acc_out) {
+  const int64_t nb = K / 32, bpg = G / 32;
+  const __m256i ones = _mm256_set1_epi16(1);
+  for (int64_t n = n0; n < n1; ++n) {
+    const int8_t* wr = w + n * K;
+    const float* sr = scale + n * ng;
+    __m256 acc[R];
+    for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
+    for (int64_t g = 0; g < ng; ++g) {
+      const int64_t b0 = g * bpg, b1 = std::min(nb, b0 + bpg);
+      __m256 gacc[R];
+      for (int r = 0; r < R; ++r) gacc[r] = _mm256_setzero_ps();
+      for (int64_t b = b0; b < b1; ++b) {
+        const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wr + b * 32));
+        const __m256i aw = _mm256_abs_epi8(wv);
+        for (int r = 0; r < R; ++r) {
+          const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + r * K + b * 32));
+          const __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(aw, _mm256_sign_epi8(xv, wv)), ones);
+          gacc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_loadu_ps(dv + (r * nb + b) * 8), gacc[r]);
+        }
+      }
+      const __m256 sv = _mm256_set1_ps(sr[g]);
+      for (int r = 0; r < R; ++r) acc[r] = _mm256_fmadd_ps(gacc[r], sv, acc[r]);
+    }
+    for (int r = 0; r < R; ++r) {
+      const float f = hsum(acc[r]);
+      out[r * N + n] = acc_out ? out[r * N + n] + f : f;
+    }
+  }
+}
+
 }  // namespace
 
 // activations quantized to int8 with a scale per 16 inputs; the buffers are reused from call to call (see
@@ -256,31 +293,6 @@ struct QuantRows {
 };
 
 
-// one int4 matrix (N, K): dense nibbles (uint8 (N, K/2)) or 2:4 (kept codes uint8 (N, K/4) + positions int32
-// (N, K/32)); fp32 scales (and zero points, dense only) per group of G inputs
-struct Mat {
-  torch::Tensor w, idx, scale, zero;
-  int64_t N = 0, K = 0, G = 0, ng = 0;
-  bool sparse24 = false;
-  Mat() = default;
-  Mat(torch::Tensor w_, torch::Tensor idx_, torch::Tensor scale_, torch::Tensor zero_, int64_t K_, int64_t G_)
-      : w(w_), idx(idx_), scale(scale_), zero(zero_), N(w_.size(0)), K(K_), G(G_), ng((K_ + G_ - 1) / G_),
-        sparse24(idx_.numel() > 0) {
-    TORCH_CHECK(K % 32 == 0 && G % 32 == 0 && G > 0, "K and the group size must be multiples of 32");
-    TORCH_CHECK(w.scalar_type() == torch::kUInt8 && w.is_contiguous() && w.dim() == 2 &&
-                w.size(1) * (sparse24 ? 4 : 2) == K, sparse24 ? "2:4 values: uint8 (N, K/4)" : "weight: uint8 (N, K/2)");
-    if (sparse24) {
-      TORCH_CHECK(idx.scalar_type() == torch::kInt32 && idx.is_contiguous() && idx.size(0) == N &&
-                  idx.size(1) == K / 32, "2:4 positions: int32 (N, K/32)");
-      TORCH_CHECK(zero.numel() == 0, "2:4 matrices take no zero points");
-    }
-    TORCH_CHECK(scale.scalar_type() == torch::kFloat32 && scale.is_contiguous() && scale.dim() == 2 &&
-                scale.size(0) == N && scale.size(1) == ng, "scale: (N, groups) fp32 contiguous");
-    if (zero.numel() > 0) TORCH_CHECK(zero.sizes() == scale.sizes() && zero.is_contiguous() &&
-                                      zero.scalar_type() == torch::kFloat32, "zero: like scale");
-  }
-};
-
 // rows [n0, n1) of out (M, ldo) = or += X @ W.T
 struct Task {
   const Mat* mat;
@@ -316,7 +328,7 @@ void run_task(const Task& t) {
     const int8_t* xqm = X.xq.data() + m * K;
     const float* dxm = X.dx.data() + m * nb * 2;
     float* o = t.out + m * t.ldo;
-    if (W.sparse24) {
+    if (W.kind == Mat::SPARSE24) {
       const uint8_t* vp = W.w.data_ptr<uint8_t>();
       const uint32_t* ip = reinterpret_cast<const uint32_t*>(W.idx.data_ptr<int32_t>());
       const int8_t* xpm = X.xp.data() + m * K;
@@ -329,6 +341,17 @@ void run_task(const Task& t) {
         default: SLIM_ROWS24(1) break;
       }
 #undef SLIM_ROWS24
+    } else if (W.kind == Mat::INT8) {
+      const int8_t* wp = W.w.data_ptr<int8_t>();
+      const float* dvm = X.dv.data() + m * nb * 8;
+#define SLIM_ROWS8(R) rows_kernel_i8<R>(wp, xqm, dvm, sp, K, W.G, W.ng, t.n0, t.n1, o, t.ldo, t.acc);
+      switch (r) {
+        case 4: SLIM_ROWS8(4) break;
+        case 3: SLIM_ROWS8(3) break;
+        case 2: SLIM_ROWS8(2) break;
+        default: SLIM_ROWS8(1) break;
+      }
+#undef SLIM_ROWS8
     } else {
       const uint8_t* wp = W.w.data_ptr<uint8_t>();
       const float* zp = W.zero.numel() > 0 ? W.zero.data_ptr<float>() : nullptr;
@@ -351,7 +374,7 @@ void run_task(const Task& t) {
 // split W's rows into tasks of about the same work
 void add_tasks(std::vector<Task>& tasks, const Mat& W, const QuantRows& X, const float* xg, float* out, int64_t ldo,
                bool acc) {
-  if (W.sparse24) X.pairs();
+  if (W.kind == Mat::SPARSE24) X.pairs();
   else X.expand();
   // a few large tasks per thread: long contiguous row ranges keep the hardware prefetcher streaming
   const int64_t per = 2 * at::get_num_threads();
@@ -379,79 +402,72 @@ torch::Tensor as_fp32(const torch::Tensor& x) {
   return x.scalar_type() == torch::kFloat32 ? x.contiguous() : x.to(torch::kFloat32).contiguous();
 }
 
-// Compressed linears that read the same input (one layer, or e.g. q/k/v or gate/up): y_l = x W_l^T (+ (x A_l^T)
-// B_l^T), x quantized once, every base and A row in one parallel region and every B row in a second.
-class Linears {
- public:
-  explicit Linears(int64_t K) : K_(K) { TORCH_CHECK(K % 32 == 0, "K must be a multiple of 32"); }
-
-  // idx empty: dense int4 W; a empty: no adapters
-  void add(torch::Tensor w, torch::Tensor idx, torch::Tensor scale, torch::Tensor zero, int64_t G, torch::Tensor a,
-           torch::Tensor a_scale, int64_t Ga, torch::Tensor b, torch::Tensor b_scale, int64_t Gb) {
-    Layer L;
-    L.W = Mat(w, idx, scale, zero, K_, G);
-    if (a.numel() > 0) {
-      torch::Tensor none = torch::empty({0}), no_idx = torch::empty({0}, torch::kInt32);
-      L.A = Mat(a, no_idx, a_scale, none, K_, Ga);
-      L.B = Mat(b, no_idx, b_scale, none, L.A.N, Gb);
-      TORCH_CHECK(L.B.N == L.W.N, "B must have as many rows as W");
-      L.adapters = true;
-    }
-    layers_.push_back(std::move(L));
+void Linears::add(torch::Tensor w, torch::Tensor idx, torch::Tensor scale, torch::Tensor zero, int64_t G,
+                  torch::Tensor a, torch::Tensor a_scale, int64_t Ga, torch::Tensor b, torch::Tensor b_scale,
+                  int64_t Gb) {
+  Layer L;
+  L.W = Mat(w, idx, scale, zero, K_, G);
+  if (a.numel() > 0) {
+    torch::Tensor none = torch::empty({0}), no_idx = torch::empty({0}, torch::kInt32);
+    L.A = Mat(a, no_idx, a_scale, none, K_, Ga);
+    L.B = Mat(b, no_idx, b_scale, none, L.A.N, Gb);
+    TORCH_CHECK(L.B.N == L.W.N, "B must have as many rows as W");
+    L.adapters = true;
   }
+  layers_.push_back(std::move(L));
+}
 
-  std::vector<torch::Tensor> forward(torch::Tensor x) const {
-    TORCH_CHECK(x.dim() == 2 && x.size(1) == K_, "x: (M, K) with K = ", K_);
-    const auto in_dtype = x.scalar_type();  // fp32, bf16 or fp16 in and out; fp32 inside
-    x = as_fp32(x);
-    const int64_t M = x.size(0);
-    Workspace& ws = workspace;
-    ws.x.load(x.data_ptr<float>(), M, K_);
-    const QuantRows& X = ws.x;
-    const size_t n = layers_.size();
-    std::vector<torch::Tensor> outs(n);
-    std::vector<Task>& tasks = ws.tasks;
-    tasks.clear();
-    // sized before any slot is referenced: tasks keep pointers into them
-    Workspace::slot(ws.sums, 3 * n), Workspace::slot(ws.t, n), Workspace::slot(ws.t_out, n);
-    size_t k = 0;  // group-sum slots
-    for (size_t l = 0; l < n; ++l) {
-      const Layer& L = layers_[l];
-      outs[l] = torch::empty({M, L.W.N}, x.options());
-      const float* xg = L.W.sparse24 ? nullptr : X.group_sums(L.W.G, Workspace::slot(ws.sums, k++));
-      add_tasks(tasks, L.W, X, xg, outs[l].data_ptr<float>(), L.W.N, false);
-      if (L.adapters) {
-        std::vector<float>& t = Workspace::slot(ws.t_out, l);
-        t.resize(M * L.A.N);
-        add_tasks(tasks, L.A, X, X.group_sums(L.A.G, Workspace::slot(ws.sums, k++)), t.data(), L.A.N, false);
-      }
+void Linears::run(const float* x, int64_t M, float* const* outs) const {
+  Workspace& ws = workspace;
+  ws.x.load(x, M, K_);
+  const QuantRows& X = ws.x;
+  const size_t n = layers_.size();
+  std::vector<Task>& tasks = ws.tasks;
+  tasks.clear();
+  // sized before any slot is referenced: tasks keep pointers into them
+  Workspace::slot(ws.sums, 3 * n), Workspace::slot(ws.t, n), Workspace::slot(ws.t_out, n);
+  size_t k = 0;  // group-sum slots
+  bool adapters = false;
+  for (size_t l = 0; l < n; ++l) {
+    const Layer& L = layers_[l];
+    const float* xg = L.W.kind == Mat::DENSE4 ? X.group_sums(L.W.G, Workspace::slot(ws.sums, k++)) : nullptr;
+    add_tasks(tasks, L.W, X, xg, outs[l], L.W.N, false);
+    if (L.adapters) {
+      adapters = true;
+      std::vector<float>& t = Workspace::slot(ws.t_out, l);
+      t.resize(M * L.A.N);
+      add_tasks(tasks, L.A, X, X.group_sums(L.A.G, Workspace::slot(ws.sums, k++)), t.data(), L.A.N, false);
     }
-    run_tasks(tasks);
-    tasks.clear();
-    for (size_t l = 0; l < n; ++l) {
-      const Layer& L = layers_[l];
-      if (!L.adapters) continue;
-      QuantRows& T = Workspace::slot(ws.t, l);
-      T.load(ws.t_out[l].data(), M, L.A.N);
-      add_tasks(tasks, L.B, T, T.group_sums(L.B.G, Workspace::slot(ws.sums, k++)), outs[l].data_ptr<float>(), L.B.N,
-                true);
-    }
-    run_tasks(tasks);
-    if (in_dtype != torch::kFloat32)
-      for (auto& o : outs) o = o.to(in_dtype);
-    return outs;
   }
+  run_tasks(tasks);
+  if (!adapters) return;
+  tasks.clear();
+  for (size_t l = 0; l < n; ++l) {
+    const Layer& L = layers_[l];
+    if (!L.adapters) continue;
+    QuantRows& T = Workspace::slot(ws.t, l);
+    T.load(ws.t_out[l].data(), M, L.A.N);
+    add_tasks(tasks, L.B, T, T.group_sums(L.B.G, Workspace::slot(ws.sums, k++)), outs[l], L.B.N, true);
+  }
+  run_tasks(tasks);
+}
 
-  torch::Tensor forward1(torch::Tensor x) const { return forward(x)[0]; }
-
- private:
-  struct Layer {
-    Mat W, A, B;
-    bool adapters = false;
-  };
-  int64_t K_;
-  std::vector<Layer> layers_;
-};
+std::vector<torch::Tensor> Linears::forward(torch::Tensor x) const {
+  TORCH_CHECK(x.dim() == 2 && x.size(1) == K_, "x: (M, K) with K = ", K_);
+  const auto in_dtype = x.scalar_type();  // fp32, bf16 or fp16 in and out; fp32 inside
+  x = as_fp32(x);
+  const int64_t M = x.size(0);
+  std::vector<torch::Tensor> outs(layers_.size());
+  std::vector<float*> ptrs(layers_.size());
+  for (size_t l = 0; l < layers_.size(); ++l) {
+    outs[l] = torch::empty({M, layers_[l].W.N}, x.options());
+    ptrs[l] = outs[l].data_ptr<float>();
+  }
+  run(x.data_ptr<float>(), M, ptrs.data());
+  if (in_dtype != torch::kFloat32)
+    for (auto& o : outs) o = o.to(in_dtype);
+  return outs;
+}
 
 // x: (M, K) fp32 -> (M, N) fp32 for one dense int4 matrix
 torch::Tensor int4_gemv(torch::Tensor x, torch::Tensor w, torch::Tensor scale, torch::Tensor zero, int64_t G) {
@@ -536,17 +552,9 @@ void half_rows(const uint16_t* w, const float* x, int64_t K, int64_t n0, int64_t
   }
 }
 
-torch::Tensor half_linear(torch::Tensor x, torch::Tensor w) {
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32, "x: (M, K) fp32");
-  TORCH_CHECK(w.dim() == 2 && w.is_contiguous() && w.size(1) == x.size(1) && w.size(1) % 16 == 0 &&
-              (w.scalar_type() == torch::kBFloat16 || w.scalar_type() == torch::kHalf),
-              "w: (N, K) contiguous bf16 or fp16 with K a multiple of 16");
-  x = x.contiguous();
-  const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
-  auto out = torch::empty({M, N}, x.options());
+void half_linear_into(const float* xp, int64_t M, const torch::Tensor& w, float* op) {
+  const int64_t K = w.size(1), N = w.size(0);
   const uint16_t* wp = reinterpret_cast<const uint16_t*>(w.data_ptr());
-  const float* xp = x.data_ptr<float>();
-  float* op = out.data_ptr<float>();
   const bool bf16 = w.scalar_type() == torch::kBFloat16;
   at::parallel_for(0, N, std::max<int64_t>(16, (int64_t)262144 / K), [&](int64_t n0, int64_t n1) {
     for (int64_t m = 0; m < M; m += MB) {
@@ -563,8 +571,20 @@ torch::Tensor half_linear(torch::Tensor x, torch::Tensor w) {
 #undef SLIM_HALF
     }
   });
+}
+
+torch::Tensor half_linear(torch::Tensor x, torch::Tensor w) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32, "x: (M, K) fp32");
+  TORCH_CHECK(w.dim() == 2 && w.is_contiguous() && w.size(1) == x.size(1) && w.size(1) % 16 == 0 &&
+              (w.scalar_type() == torch::kBFloat16 || w.scalar_type() == torch::kHalf),
+              "w: (N, K) contiguous bf16 or fp16 with K a multiple of 16");
+  x = x.contiguous();
+  auto out = torch::empty({x.size(0), w.size(0)}, x.options());
+  half_linear_into(x.data_ptr<float>(), x.size(0), w, out.data_ptr<float>());
   return out;
 }
+
+void register_decoder(pybind11::module& m);  // decoder.cpp
 
 std::vector<torch::Tensor> optq_block(torch::Tensor wb, torch::Tensor ub, torch::Tensor keep, torch::Tensor scale,
                                       torch::Tensor zero, int64_t bits);  // optq.cpp
@@ -575,9 +595,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("sparse24_dequant", &sparse24_dequant, "dense fp32 weight of a 2:4 matrix");
   m.def("int4_dequant", &int4_dequant, "dense fp32 weight of an int4 matrix");
   m.def("half_linear", &half_linear, "fp32 activations x a bf16/fp16 weight, fp32 accumulation");
-  py::class_<Linears>(m, "Linears", "compressed linears sharing one input, run in one call")
+  py::class_<Linears, std::shared_ptr<Linears>>(m, "Linears", "compressed linears sharing one input, run in one call")
       .def(py::init<int64_t>())
       .def("add", &Linears::add)
       .def("forward", &Linears::forward)
       .def("forward1", &Linears::forward1);
+  register_decoder(m);
 }
