@@ -15,7 +15,8 @@ slim: `slim.runtime.generate.generate` (what `slim generate` runs; the lean deco
 checkpoint of SmolLM2 (--checkpoint) with each --heads format, and on the random Llamas with their block linears
 replaced by random 2:4 + 4-bit layers in the default stored layout (per-tensor scale), without adapters and with
 rank-0.1 int4 adapters. Greedy, no stop at EOS, the prompt made of WikiText-2 text (random ids for the random
-models, as llama-bench uses); each figure is the median of --reps repetitions after one warm-up.
+models, as llama-bench uses); prefill is timed on the whole prompt, decode from a context of --depth tokens (0 by
+default, as llama-bench's tg test); each figure is the median of --reps repetitions after one warm-up.
 
 Each measurement runs in a fresh process; resident memory is that process's peak (llama-bench: its peak as a
 child process). llama.cpp and slim alternate per model for --rounds rounds; ratios are slim / llama.cpp per round,
@@ -60,10 +61,15 @@ def slim_worker(args: argparse.Namespace) -> None:
     loaded = rss_bytes()
     ids = _prompt(args, model.config.vocab_size)
     generate(model, None, ids[:, :16], max_new_tokens=4, stop_at_eos=False, decode=args.decode)  # warm-up
-    runs = [generate(model, None, ids, max_new_tokens=args.new, stop_at_eos=False, decode=args.decode)
+    # as llama-bench measures: the prompt's prefill alone, and decoding from a context of --depth tokens (+1: the
+    # token the decode starts from)
+    pre = [generate(model, None, ids, max_new_tokens=1, stop_at_eos=False, decode=args.decode)
+           for _ in range(args.reps)]
+    start = ids[:, : args.depth + 1]
+    runs = [generate(model, None, start, max_new_tokens=args.new + 1, stop_at_eos=False, decode=args.decode)
             for _ in range(args.reps)]
     out = {
-        "prefill_tokens_per_s": statistics.median(r["prefill_tokens_per_s"] for r in runs),
+        "prefill_tokens_per_s": statistics.median(r["prefill_tokens_per_s"] for r in pre),
         "decode_tokens_per_s": statistics.median(r["decode_tokens_per_s"] for r in runs),
         "decode_path": runs[0]["decode_path"], "prompt_tokens": int(ids.shape[1]), "new_tokens": args.new,
         "load_seconds": load_s, "rss_after_load_bytes": loaded - base, "peak_rss_bytes": peak_rss_bytes() - base,
@@ -118,7 +124,7 @@ def _prompt(args: argparse.Namespace, vocab: int):  # noqa: ANN202
 def llama_worker(args: argparse.Namespace) -> None:
     """llama-bench as a child; its peak resident memory from this process's children's usage."""
     cmd = [str(Path(args.llama_cpp) / "build" / "bin" / "llama-bench"), "-m", args.model, "-t", str(args.threads),
-           "-p", str(args.prompt), "-n", str(args.new), "-r", str(args.reps), "-o", "json"]
+           "-p", str(args.prompt), "-n", str(args.new), "-d", str(args.depth), "-r", str(args.reps), "-o", "json"]
     res = subprocess.run(cmd, capture_output=True, text=True, check=True)
     rows = json.loads(res.stdout)
     out = {"process_peak_rss_bytes": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024,
@@ -169,17 +175,10 @@ def _to_gguf(root: Path, hf_dir: Path, out: Path, qtype: str) -> Path:
 
 
 def _smollm2_dense_dir(work: Path) -> Path:
-    out = work / "smollm2-dense-bf16"
-    if (out / "config.json").exists():
-        return out
-    import torch
+    sys.path.insert(0, str(HERE))
+    from runtime_e2e import smollm2_dense_dir
 
-    from slim.models import load_model
-
-    model, tok, _ = load_model(None, dtype=torch.bfloat16)
-    model.save_pretrained(out)
-    tok.save_pretrained(out)
-    return out
+    return smollm2_dense_dir(work)
 
 
 def _random_llama_dir(work: Path, blocks: int) -> Path:
@@ -218,12 +217,13 @@ def _med(rows: list[dict], key: str) -> float:
 
 
 def compare(label: str, gguf: Path, slim_kw: dict, args: argparse.Namespace, prompt: int, new: int) -> dict:
-    common = {"threads": args.threads, "reps": args.reps, "prompt": prompt, "new": new}
+    common = {"threads": args.threads, "reps": args.reps, "prompt": prompt, "new": new, "depth": args.depth}
     ll, sl = [], []
     for _ in range(args.rounds):
         ll.append(_run("llama-worker", model=gguf, llama_cpp=args.llama_cpp, **common))
         sl.append(_run("slim-worker", data_dir=args.data_dir, **slim_kw, **common))
     row = {"model": label, "gguf": gguf.name, "slim": slim_kw, "prompt_tokens": prompt, "new_tokens": new,
+           "depth": args.depth,
            "llama_cpp": ll, "slim_runs": sl}
     for key in ("decode_tokens_per_s", "prefill_tokens_per_s"):
         row[f"llama_{key}"] = _med(ll, key)
@@ -294,7 +294,7 @@ def main() -> None:
         w.add_argument("--decode", default="auto")
         w.add_argument("--llama-cpp", default=None)
         w.add_argument("--data-dir", default=None)
-        for k in ("threads", "reps", "prompt", "new"):
+        for k in ("threads", "reps", "prompt", "new", "depth"):
             w.add_argument(f"--{k}", type=int, required=True)
     ap.add_argument("--llama-cpp", help="a llama.cpp source directory with build/bin/llama-bench and llama-quantize")
     ap.add_argument("--checkpoint", help="the default slim checkpoint of SmolLM2 (`slim compress --out DIR`)")
@@ -305,6 +305,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2, help="alternations of llama.cpp and slim per model (2)")
     ap.add_argument("--prompt", type=int, default=512, help="prefill tokens, SmolLM2 (512)")
     ap.add_argument("--new", type=int, default=128, help="decoded tokens, SmolLM2 (128)")
+    ap.add_argument("--depth", type=int, default=0, help="context before the decoded tokens (0, as llama-bench's "
+                    "default tg test)")
     ap.add_argument("--random-prompt", type=int, default=128, help="prefill tokens, 7B-shaped models (128)")
     ap.add_argument("--random-new", type=int, default=32, help="decoded tokens, 7B-shaped models (32)")
     ap.add_argument("--heads", default="int8,stored", help="head formats for the SmolLM2 rows (int8,stored)")

@@ -32,6 +32,14 @@ def test_compress_eval_info(tiny_llama_dir, shared_data, tmp_path, capsys):
     assert json.loads((tmp_path / "c.json").read_text())["wikitext2"]["ppl"] == again["wikitext2"]["ppl"]
     assert main(["eval", str(out), "--dense-cache", "--data-dir", str(shared_data), "-q"]) == 2
     assert "needs --backend reference" in capsys.readouterr().err
+    # the lean path (slim's C++ decoder, chunks over its fp16 KV cache) within 0.5 % of the reference backend
+    assert main(["eval", str(out), "--seqlen", "64", "--limit", "2", "--data-dir", str(shared_data), "--path", "lean",
+                 "--out", str(tmp_path / "l.json"), "-q"]) == 0
+    lean = json.loads((tmp_path / "l.json").read_text())["wikitext2"]
+    assert lean["path"] == "lean" and lean["ppl"] == pytest.approx(again["wikitext2"]["ppl"], rel=5e-3)
+    assert main(["eval", str(out), "--seqlen", "64", "--limit", "1", "--data-dir", str(shared_data), "--path", "lean",
+                 "--backend", "reference", "-q"]) == 2  # reference layers cannot run there: said, not crashed
+    assert "--path lean" in capsys.readouterr().err
     assert main(["info", str(out)]) == 0
     assert '"bits_per_weight"' in capsys.readouterr().out
 

@@ -114,3 +114,24 @@ def test_head_choices_are_checked_before_loading():
     with pytest.raises(ValueError, match="CPU only"):
         check_head("int8", "cuda")
     check_head("stored", "cuda")
+
+
+@pytest.mark.parametrize("n,k,kw", [(64, 512, {}), (64, 512, {"group_size": 128}), (64, 96, {}),
+                                    (64, 512, {"group_size": 32}), (48, 576, {"group_size": 96, "rank": 8})])
+def test_paired_24_layout_is_exact(n, k, kw):
+    """The 2:4 kernel's paired layout (odd block counts, pairs split by a scale group's edge): the layer dequantizes to
+    the stored weight exactly and its one-token output is the int8-activation product of it."""
+    from slim.runtime.cpu_int4 import Int4Linear
+    from slim.testing.random_layers import random_slim_linear
+
+    layer = random_slim_linear(n, k, seed=3, **kw)
+    m = Int4Linear(layer)
+    assert m.sparse24 and m.base.values.shape == (n, (k // 32 + 1) // 2 * 16)
+    w = layer.dequantized_weight()
+    assert torch.equal(m.base.dequantize(torch.float32), w)
+    x = torch.randn(3, k)
+    want = x @ w.T
+    if layer.layout.rank:
+        a, b = layer.adapters()
+        want = want + (x @ a.float().T) @ b.float().T
+    assert _rel(m(x), want) < 1e-2

@@ -56,16 +56,17 @@ def _add_eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--limit", type=int, default=None, help="evaluate only the first N windows (quick checks)")
 
 
-def _add_load_args(p: argparse.ArgumentParser) -> None:
+def _add_load_args(p: argparse.ArgumentParser, head: str = "stored") -> None:
     p.add_argument("--backend", default="auto", choices=BACKEND_CHOICES,
                    help="kernels for a slim checkpoint's compressed layers: auto (default: the fastest available, "
                         "falling back layer by layer), reference (decompress + matmul), cpu-int4 (CPU), cuda-int4 "
                         "(GPU, Triton), cuda-2of4 (GPU, cuSPARSELt; prefill candidate)")
     p.add_argument("--dtype", default=None, choices=["auto", "bf16", "fp16", "fp32"],
                    help="compute dtype of the dense parts (default: as stored; a dense GGUF model loads as fp32)")
-    p.add_argument("--head", default=HEAD_DEFAULT, choices=HEAD_CHOICES,
+    p.add_argument("--head", default=head, choices=HEAD_CHOICES,
                    help=f"lm_head at load (CPU): stored (as saved), int8 (per channel) or int4 (groups of 32), run by "
-                        f"slim's kernel; default {HEAD_DEFAULT} (docs/runtime.md gives each one's perplexity cost)")
+                        f"slim's kernel; auto: int8 on the CPU, else stored; default {head} (docs/runtime.md gives "
+                        f"each one's perplexity cost)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -146,6 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "winogrande,openbookqa[,mmlu] (needs the [eval] extra)")
     e.add_argument("--batch-size", type=int, default=8, help="zero-shot batch size (8)")
     e.add_argument("--no-ppl", action="store_true", help="skip WikiText-2 perplexity")
+    e.add_argument("--path", default="eager", choices=["eager", "lean"], help="perplexity through transformers' "
+                   "forward (eager, default) or slim's C++ decoder, the path `slim generate` takes (lean)")
     e.add_argument("--dense-cache", action="store_true", help="with --backend reference: keep each layer's dense "
                    "weight after its first use (the same numbers, much faster; dense-sized memory)")
     e.add_argument("-q", "--quiet", action="store_true")
@@ -171,7 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "transformers' forward; compile: a static KV cache and a torch.compile'd step (CUDA graphs on "
                     "CUDA; the one-time compile is printed apart); auto (default): lean where it runs, else eager")
     gn.add_argument("--compile", action="store_true", help="same as --decode compile")
-    _add_load_args(gn)
+    _add_load_args(gn, HEAD_DEFAULT)
     gn.add_argument("--out", help="write the timings (and text) as JSON here")
 
     f = sub.add_parser("finetune", help="train a checkpoint's adapters on text (the paper's +FT), base frozen",
@@ -411,7 +414,7 @@ def _file_stamps(path: str) -> list[tuple[str, int, int]]:
 
 
 def load_any(model_arg: str | None, backend: str, dtype: str | None, device: str,
-             dense_cache: bool = False, head: str = HEAD_DEFAULT) -> tuple[Any, Any, str]:
+             dense_cache: bool = False, head: str = "stored") -> tuple[Any, Any, str]:
     """A slim checkpoint through a backend, or a dense model; returns (model, tokenizer, kind)."""
     from .. import models
     from ..format import checkpoint
@@ -464,7 +467,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     print()
     dec = res["decode_tokens_per_s"]
     print(f"\n== {kind}: {res['prompt_tokens']} prompt tokens, {res['new_tokens']} new, {res['decode_path']} "
-          f"decode path, head {args.head} ==", file=sys.stderr)
+          f"decode path, head {getattr(model, 'slim_head', args.head)} ==", file=sys.stderr)
     if res["compile_seconds"] is not None:
         print(f"compile  {res['compile_seconds']:.1f} s (static KV cache, compiled decode step; not in the rates)",
               file=sys.stderr)
@@ -474,7 +477,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
           f"the process before loading (peak resident {_fmt_bytes(res['peak_rss_bytes'])})", file=sys.stderr)
     if args.out:
         res.update({"model": args.model, "kind": kind, "backend": args.backend, "compile": args.compile,
-                    "head": args.head,
+                    "head": getattr(model, "slim_head", args.head),
                     "rss_before_load_bytes": base, "rss_after_load_bytes": loaded, "versions": checkpoint.versions()})
         checkpoint.write_json(Path(args.out), res)
     return 0
@@ -484,9 +487,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .. import data, models
     from ..eval import perplexity as evaluate
     from ..format import checkpoint
+    from ..runtime.lean import LeanUnsupported
 
     model, tok, kind = load_any(args.model, args.backend, args.dtype, args.device, args.dense_cache, args.head)
-    res: dict[str, Any] = {"model": args.model or models.DEFAULT_MODEL, "kind": kind, "head": args.head,
+    res: dict[str, Any] = {"model": args.model or models.DEFAULT_MODEL, "kind": kind,
+                           "head": getattr(model, "slim_head", args.head),
                            "versions": checkpoint.versions()}
     if kind == "slim checkpoint":  # keep the result self-describing: what was evaluated, at what size
         meta = checkpoint.read_slim_config(args.model)
@@ -495,7 +500,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
     name = f"{res['model']} ({kind})"
     if not args.no_ppl:
         ids, prov = data.wikitext2_ids(tok, args.data_dir)
-        res["wikitext2"] = evaluate.perplexity(model, ids, args.seqlen, args.limit, args.device, not args.quiet)
+        try:
+            res["wikitext2"] = evaluate.perplexity(model, ids, args.seqlen, args.limit, args.device, not args.quiet,
+                                                   path=args.path)
+        except LeanUnsupported as e:
+            raise ConfigError(f"--path lean: {e}") from None
         res["wikitext2"]["data"] = prov
         w = res["wikitext2"]
         print(f"{name}: WikiText-2 ppl {w['ppl']:.3f} over {w['windows']} x {w['seqlen']} tokens "

@@ -23,7 +23,24 @@ log = logging.getLogger(__name__)
 
 # the build's name: change it with the sources' interface. The torch version is part of it: torch's extension cache
 # is keyed by name (and CUDA tag) only, and a build against another torch fails to load (undefined symbols)
-NAME = "slim_int4_gemv_v23_torch" + "".join(c if c.isalnum() else "_" for c in torch.__version__)
+VNNI_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_vnni")
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+# AVX512-VNNI (one `vpdpbusd` for a `maddubs` + `madd` pair, exact either way) where the CPU has it; SLIM_CPU_VNNI=0
+# builds the AVX2 instructions only. A separate build name: a cached VNNI build never loads on a CPU without it
+VNNI = os.environ.get("SLIM_CPU_VNNI", "1") != "0" and set(VNNI_FLAGS) <= _cpu_flags()
+NAME = ("slim_int4_gemv_v26_torch" + "".join(c if c.isalnum() else "_" for c in torch.__version__)
+        + ("_vnni" if VNNI else ""))
 SOURCE = Path(__file__).parent / "csrc" / "int4_gemv.cpp"
 SOURCES = (SOURCE, SOURCE.with_name("decoder.cpp"), SOURCE.with_name("optq.cpp"))
 HEADERS = (SOURCE.with_name("linears.h"),)  # not hashed by torch's build cache: change NAME with them
@@ -73,7 +90,9 @@ def load() -> ModuleType | None:
         t0 = time.perf_counter()
         with phase("build-kernel", once=True):
             mod = build(name=NAME, sources=[str(p) for p in SOURCES],
-                        extra_cflags=["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"],
+                        extra_cflags=["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", *(
+                            ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mprefer-vector-width=256"]
+                            if VNNI else [])],
                         extra_ldflags=["-fopenmp"], verbose=False)
         (log.warning if fresh else log.info)("slim's CPU kernel ready (%.1f s)", time.perf_counter() - t0)
         return mod

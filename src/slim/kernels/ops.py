@@ -169,4 +169,4 @@ def cpu_sparse24_dequant(values: Tensor, positions: Tensor, scale: Tensor, G: in
 
 @cpu_sparse24_dequant.register_fake
 def _(values: Tensor, positions: Tensor, scale: Tensor, G: int) -> Tensor:
-    return values.new_empty((values.shape[0], values.shape[1] * 4), dtype=torch.float32)
+    return values.new_empty((values.shape[0], positions.shape[1] * 32), dtype=torch.float32)

@@ -278,8 +278,9 @@ class NativeInt4Matrix(nn.Module):
 
 
 class NativeSparse24Matrix(nn.Module):
-    """A 2:4 int4 matrix for slim's 2:4 kernel: the stored kept codes as they are (4 bits each) and their positions
-    (2 bits each, regrouped per block of 32 inputs into one 32-bit word): 3 bits a weight in memory."""
+    """A 2:4 int4 matrix for slim's 2:4 kernel: the stored kept codes (4 bits each, regrouped per pair of blocks:
+    `paired_values`) and their positions (2 bits each, regrouped per block of 32 inputs into one 32-bit word): 3 bits
+    a weight in memory."""
 
     dense_ok = True
 
@@ -288,7 +289,7 @@ class NativeSparse24Matrix(nn.Module):
         L = layer.layout
         self.n, self.k = L.d_out, L.d_in
         self.group = L.group_size or L.d_in
-        self.register_buffer("values", layer.values.clone())
+        self.register_buffer("values", paired_values(layer.values, self.n, self.k))
         loc = unpack_bits(layer.indices, 2, L.keep).view(self.n, self.k // 32, 4, 4).transpose(2, 3).to(torch.int32)
         by = loc[..., 0] | (loc[..., 1] << 2) | (loc[..., 2] << 4) | (loc[..., 3] << 6)  # byte k: kept k, k+4, ...
         words = by[..., 0] | (by[..., 1] << 8) | (by[..., 2] << 16) | (by[..., 3] << 24)
@@ -312,6 +313,20 @@ class NativeSparse24Matrix(nn.Module):
 
     def mm_dense(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.dequantize(x.dtype))
+
+
+def paired_values(values: torch.Tensor, n: int, k: int) -> torch.Tensor:
+    """The stored 2:4 kept codes (per block of 32 inputs 8 bytes, kept j at nibble j) in the kernel's paired layout:
+    per pair of blocks 16 bytes, byte j = kept j of the first block | kept j of the second << 4 (an odd last block
+    leaves the high nibbles 0). Same bytes per row (8 more for an odd number of blocks); lets the kernel split a
+    pair's codes with one mask instead of three shuffles."""
+    nb = k // 32
+    v = values.view(n, nb, 8)
+    q = torch.stack([v & 15, v >> 4], -1).view(n, nb, 16)  # kept j in order
+    if nb % 2:
+        q = torch.cat([q, torch.zeros(n, 1, 16, dtype=q.dtype)], 1)
+    q = q.view(n, -1, 2, 16)
+    return (q[:, :, 0] | (q[:, :, 1] << 4)).reshape(n, -1).contiguous()
 
 
 _NO_ADAPTERS = (torch.empty(0, dtype=torch.uint8), torch.empty(0), 32, torch.empty(0, dtype=torch.uint8),
@@ -620,8 +635,18 @@ class QuantHead(nn.Module):
         return f"in={self.in_features}, out={self.out_features}, {self.kind} {g}, activations=int8 per 16"
 
 
+def resolve_head(kind: str, device: str | torch.device = "cpu") -> str:
+    """"auto" -> int8 on the CPU with slim's kernel, else stored; any other choice as it is (checked)."""
+    if kind == "auto":
+        return "int8" if torch.device(device).type == "cpu" and native.load() is not None else "stored"
+    check_head(kind, device)
+    return kind
+
+
 def check_head(kind: str, device: str | torch.device = "cpu") -> None:
     """Refuse, before any loading, a head format that does not exist or cannot run on `device`."""
+    if kind == "auto":
+        return
     if kind not in HEAD_CHOICES:
         raise ValueError(f"unknown head format {kind!r}; choose one of: {', '.join(HEAD_CHOICES)}")
     if kind != "stored" and torch.device(device).type != "cpu":
@@ -633,10 +658,12 @@ def check_head(kind: str, device: str | torch.device = "cpu") -> None:
 
 
 def quantize_head(model: nn.Module, kind: str = "stored") -> str:
-    """Replace `model.lm_head` by a `QuantHead` of `kind` ("stored": leave it); returns what the head now is. A tied
+    """Replace `model.lm_head` by a `QuantHead` of `kind` ("stored": leave it; "auto": `resolve_head`); returns what
+    the head now is. A tied
     embedding keeps its 16-bit table for look-ups (the head's copy is separate)."""
-    check_head(kind, next(model.parameters()).device)
+    kind = resolve_head(kind, next(model.parameters()).device)
     head = getattr(model, "lm_head", None)
+    model.slim_head = kind  # what results record
     if kind == "stored" or isinstance(head, QuantHead) and head.kind == kind:
         return kind
     if head is None or not hasattr(head, "weight") or head.weight.dim() != 2:

@@ -25,24 +25,45 @@ inline float hsum(__m256 v) {
   return _mm_cvtss_f32(lo);
 }
 
+// sums of 4 adjacent u8 x s8 products in each int32 lane: one VNNI instruction where the build has it (see
+// kernels/native.py), else maddubs + madd; both exact here (|products| are far from int16 saturation)
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+inline __m256i dot4(__m256i u, __m256i s) { return _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, s); }
+inline __m128i dot4(__m128i u, __m128i s) { return _mm_dpbusd_epi32(_mm_setzero_si128(), u, s); }
+#else
+inline __m256i dot4(__m256i u, __m256i s) { return _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1)); }
+inline __m128i dot4(__m128i u, __m128i s) { return _mm_madd_epi16(_mm_maddubs_epi16(u, s), _mm_set1_epi16(1)); }
+#endif
+
 // one row of activations -> int8 with a float scale per 16 inputs (dx: 2 per block of 32), and each block's
 // dequantized sum
 void quantize_row(const float* x, int64_t K, int8_t* xq, float* dx, float* xs) {
+  const __m256 sign = _mm256_set1_ps(-0.f);
   for (int64_t b = 0; b < K / 32; ++b) {
     float sum = 0.f;
-    for (int h = 0; h < 2; ++h) {
+    for (int h = 0; h < 2; ++h) {  // AVX2, the same arithmetic as a scalar loop: round half to even, as nearbyint
       const float* p = x + b * 32 + h * 16;
-      float amax = 0.f;
-      for (int i = 0; i < 16; ++i) amax = std::max(amax, std::fabs(p[i]));
+      const __m256 v0 = _mm256_loadu_ps(p), v1 = _mm256_loadu_ps(p + 8);
+      const __m256 m = _mm256_max_ps(_mm256_andnot_ps(sign, v0), _mm256_andnot_ps(sign, v1));
+      __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+      m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+      m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
+      const float amax = _mm_cvtss_f32(m4);
       const float d = amax / 127.f, inv = d > 0.f ? 1.f / d : 0.f;
-      int s = 0;
-      for (int i = 0; i < 16; ++i) {
-        const int v = (int)std::nearbyint(p[i] * inv);
-        xq[b * 32 + h * 16 + i] = (int8_t)v;
-        s += v;
-      }
+      const __m256 iv = _mm256_set1_ps(inv);
+      const __m256i q0 = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v0, iv), _MM_FROUND_TO_NEAREST_INT |
+                                                                                      _MM_FROUND_NO_EXC));
+      const __m256i q1 = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v1, iv), _MM_FROUND_TO_NEAREST_INT |
+                                                                                      _MM_FROUND_NO_EXC));
+      const __m128i w0 = _mm_packs_epi32(_mm256_castsi256_si128(q0), _mm256_extracti128_si256(q0, 1));
+      const __m128i w1 = _mm_packs_epi32(_mm256_castsi256_si128(q1), _mm256_extracti128_si256(q1, 1));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(xq + b * 32 + h * 16), _mm_packs_epi16(w0, w1));
+      __m128i s4 = _mm_add_epi32(_mm_add_epi32(_mm256_castsi256_si128(q0), _mm256_extracti128_si256(q0, 1)),
+                                 _mm_add_epi32(_mm256_castsi256_si128(q1), _mm256_extracti128_si256(q1, 1)));
+      s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0x4E));
+      s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0xB1));
       dx[2 * b + h] = d;
-      sum += d * (float)s;
+      sum += d * (float)_mm_cvtsi128_si32(s4);
     }
     xs[b] = sum;
   }
@@ -57,7 +78,6 @@ void rows_kernel(const uint8_t* w, const int8_t* xq, const float* dv, const floa
   // xg[r * ng + g]: the group's sum of (dequantized) activations, for the -8 offset and the zero points
   const int64_t nb = K / 32, bpg = G / 32;
   const __m256i low = _mm256_set1_epi8(0x0F);
-  const __m256i ones = _mm256_set1_epi16(1);
   for (int64_t n = n0; n < n1; ++n) {
     const uint8_t* wr = w + n * (K / 2);
     const float* sr = scale + n * ng;
@@ -79,10 +99,8 @@ void rows_kernel(const uint8_t* w, const int8_t* xq, const float* dv, const floa
         __m256i q1 = _mm256_permute2x128_si256(lo, hi, 0x31);
         for (int r = 0; r < R; ++r) {
           const int8_t* xr = xq + r * K + b * 32;
-          __m256i p0 = _mm256_madd_epi16(
-              _mm256_maddubs_epi16(q0, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xr))), ones);
-          __m256i p1 = _mm256_madd_epi16(
-              _mm256_maddubs_epi16(q1, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xr + 32))), ones);
+          __m256i p0 = dot4(q0, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xr)));
+          __m256i p1 = dot4(q1, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xr + 32)));
           gacc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p0), _mm256_loadu_ps(dv + (r * nb + b) * 8), gacc[r]);
           gacc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p1), _mm256_loadu_ps(dv + (r * nb + b + 1) * 8), gacc[r]);
         }
@@ -92,9 +110,7 @@ void rows_kernel(const uint8_t* w, const int8_t* xq, const float* dv, const floa
         __m128i l4 = _mm_set1_epi8(0x0F);
         __m256i qv = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(raw, 4), l4), _mm_and_si128(raw, l4));
         for (int r = 0; r < R; ++r) {
-          __m256i p = _mm256_madd_epi16(
-              _mm256_maddubs_epi16(qv, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + r * K + b * 32))),
-              ones);
+          __m256i p = dot4(qv, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + r * K + b * 32)));
           gacc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_loadu_ps(dv + (r * nb + b) * 8), gacc[r]);
         }
       }
@@ -112,89 +128,98 @@ void rows_kernel(const uint8_t* w, const int8_t* xq, const float* dv, const floa
 }
 
 
-// 2:4 rows: per block of 32 inputs, 16 kept 4-bit codes (8 bytes, kept j at nibble j, stored as c + 8) and their
-// 16 positions inside their group of 4 (one 32-bit word: byte k holds the positions of kept k, k+4, k+8, k+12 in
-// bits 0-1, 2-3, 4-5, 6-7). The kept activations are gathered with a byte shuffle; 3 bits a weight are read.
-// Two blocks per 256-bit step (one per 128-bit lane); `xp`/`dp` hold the activations regrouped for that (see
-// QuantRows::pairs), `xq`/`dx` the plain layout for a block left alone at a group's edge. A lane's 4 int32 partial
-// sums cover inputs 0-7, 8-15, 16-23, 24-31 of its block (kept j lies in group of 4 j / 2).
-struct Gather24 {  // one block's signed codes, their magnitudes and its shuffle control, per 128-bit lane
-  __m128i codes, ac, ctrl;
-};
-
-inline Gather24 gather24_1(const uint8_t* v8p, uint32_t word) {
-  const __m128i low = _mm_set1_epi8(0x0F), three = _mm_set1_epi8(3), eight = _mm_set1_epi8(8);
-  const __m128i base = _mm_setr_epi8(0, 0, 4, 4, 8, 8, 12, 12, 0, 0, 4, 4, 8, 8, 12, 12);
-  __m128i v8 = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(v8p));
-  __m128i codes = _mm_sub_epi8(_mm_unpacklo_epi8(_mm_and_si128(v8, low), _mm_and_si128(_mm_srli_epi16(v8, 4), low)),
-                               eight);  // signed codes c in [-8, 7]
-  __m128i pos = _mm_and_si128(_mm_srlv_epi32(_mm_set1_epi32((int)word), _mm_setr_epi32(0, 2, 4, 6)), three);
-  return {codes, _mm_abs_epi8(codes), _mm_add_epi8(base, pos)};
-}
-
-template <int R>
-void rows_kernel_24(const uint8_t* vals, const uint32_t* idx, const int8_t* xq, const float* dx, const int8_t* xp,
-                    const float* dp, const float* scale, int64_t K, int64_t G, int64_t ng, int64_t n0, int64_t n1,
-                    float* out, int64_t N, bool acc_out) {
-  const int64_t nb = K / 32, bpg = G / 32, np = nb / 2;
-  const __m256i low = _mm256_set1_epi8(0x0F), three = _mm256_set1_epi8(3), eight = _mm256_set1_epi8(8);
+// 2:4 rows, in the run-time's paired layout: per row, pair p of blocks (2p, 2p+1) of 32 inputs is 16 bytes, byte j
+// = q_j(2p) | q_j(2p+1) << 4 with q = c + 8 the j-th kept code of the block (an odd last block leaves the high nibbles
+// 0), and per block one 32-bit word of the kept codes' positions inside their group of 4 (byte k: kept k, k+4, k+8,
+// k+12 in bits 0-1, 2-3, 4-5, 6-7). 3 bits a weight are read. One 256-bit step per pair, a block per 128-bit lane:
+// the 16 bytes broadcast to both lanes and masked (lane 0 keeps q, lane 1 16 q), minus (8, 128): signed codes c and
+// 16 c, exact in int8. The kept activations are gathered with a byte shuffle from `xp` (QuantRows::pairs: per pair,
+// bytes [b 0-15, b+1 0-15, b 16-31, b+1 16-31] offset by 128 to unsigned), so one u8 x s8 dot per lane gives
+// sum (x + 128) c, and 128 sum c (the weights' own, once per pair for every row) comes off: sum x c exactly. Lane 1's
+// factor 16 is in its scales (`dp`, a power of two: exact). A lane's 4 int32 partial sums cover inputs 0-7, 8-15,
+// 16-23, 24-31 of its block (kept j lies in group of 4 j / 2). A pair whose blocks lie in two scale groups takes
+// both groups' scales in one vector.
+inline __m256i ctrl24(const uint32_t* words) {  // the two blocks' shuffle controls, one per lane
+  const __m256i three = _mm256_set1_epi8(3);
   const __m256i shifts = _mm256_setr_epi32(0, 2, 4, 6, 0, 2, 4, 6);
   const __m256i spread = _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1);
   const __m256i base = _mm256_setr_epi8(0, 0, 4, 4, 8, 8, 12, 12, 0, 0, 4, 4, 8, 8, 12, 12,
                                         0, 0, 4, 4, 8, 8, 12, 12, 0, 0, 4, 4, 8, 8, 12, 12);
-  const __m256i ones = _mm256_set1_epi16(1);
-  const __m128i ones4 = _mm_set1_epi16(1);
+  __m256i w = _mm256_permutevar8x32_epi32(
+      _mm256_castsi128_si256(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(words))), spread);
+  return _mm256_add_epi8(base, _mm256_and_si256(_mm256_srlv_epi32(w, shifts), three));
+}
+
+template <int R>
+void rows_kernel_24(const uint8_t* vals, const uint32_t* idx, const int8_t* xq, const float* dx, const uint8_t* xp,
+                    const float* dp, const float* scale, int64_t K, int64_t G, int64_t ng, int64_t n0, int64_t n1,
+                    float* out, int64_t N, bool acc_out) {
+  const int64_t nb = K / 32, bpg = G / 32, np = nb / 2, row_bytes = (nb + 1) / 2 * 16;
+  const __m256i mask = _mm256_setr_epi8(15, 15, 15, 15, 15, 15, 15, 15, 15, 15, 15, 15, 15, 15, 15, 15,
+                                        -16, -16, -16, -16, -16, -16, -16, -16, -16, -16, -16, -16, -16, -16, -16, -16);
+  const __m256i off = _mm256_setr_epi8(8, 8, 8, 8, 8, 8, 8, 8, 8, 8, 8, 8, 8, 8, 8, 8, -128, -128, -128, -128,
+                                       -128, -128, -128, -128, -128, -128, -128, -128, -128, -128, -128, -128);
+  const __m256i u128 = _mm256_set1_epi8(-128);  // 128 as the unsigned operand
   for (int64_t n = n0; n < n1; ++n) {
-    const uint8_t* vr = vals + n * (K / 4);
+    const uint8_t* vr = vals + n * row_bytes;
     const uint32_t* ir = idx + n * nb;
     const float* sr = scale + n * ng;
-    __m256 acc[R];
-    for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
-    for (int64_t g = 0; g < ng; ++g) {
-      const int64_t b0 = g * bpg, b1 = std::min(nb, b0 + bpg);
-      __m256 gacc[R];
-      __m128 gone[R];
-      for (int r = 0; r < R; ++r) { gacc[r] = _mm256_setzero_ps(); gone[r] = _mm_setzero_ps(); }
-      auto single = [&](int64_t b) {  // a block without its pair partner in this group: 128-bit
-        const Gather24 q = gather24_1(vr + b * 8, ir[b]);
-        for (int r = 0; r < R; ++r) {
-          const int8_t* xr = xq + r * K + b * 32;
-          __m128i xlo = _mm_loadu_si128(reinterpret_cast<const __m128i*>(xr));
-          __m128i xhi = _mm_loadu_si128(reinterpret_cast<const __m128i*>(xr + 16));
-          __m128i sel = _mm_blend_epi32(_mm_shuffle_epi8(xlo, q.ctrl), _mm_shuffle_epi8(xhi, q.ctrl), 0xC);
-          __m128i p = _mm_madd_epi16(_mm_maddubs_epi16(q.ac, _mm_sign_epi8(sel, q.codes)), ones4);
-          const float* d = dx + (r * nb + b) * 2;  // int32 lanes 0-1 sum inputs 0-15, lanes 2-3 inputs 16-31
-          gone[r] = _mm_fmadd_ps(_mm_cvtepi32_ps(p), _mm_setr_ps(d[0], d[0], d[1], d[1]), gone[r]);
-        }
-      };
-      int64_t b = b0;
-      if (b & 1) single(b++);
-      for (; b + 1 < b1; b += 2) {
-        const int64_t pr = b / 2;
-        __m128i v16 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(vr + b * 8));
-        __m128i lo = _mm_and_si128(v16, _mm256_castsi256_si128(low));
-        __m128i hi = _mm_and_si128(_mm_srli_epi16(v16, 4), _mm256_castsi256_si128(low));
-        __m256i codes = _mm256_sub_epi8(_mm256_set_m128i(_mm_unpackhi_epi8(lo, hi), _mm_unpacklo_epi8(lo, hi)), eight);
-        __m256i ac = _mm256_abs_epi8(codes);
-        __m256i words = _mm256_permutevar8x32_epi32(
-            _mm256_castsi128_si256(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(ir + b))), spread);
-        __m256i ctrl = _mm256_add_epi8(base, _mm256_and_si256(_mm256_srlv_epi32(words, shifts), three));
-        for (int r = 0; r < R; ++r) {
-          const int8_t* xr = xp + r * K + pr * 64;
-          __m256i x0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xr));
-          __m256i x1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xr + 32));
-          __m256i sel = _mm256_blend_epi32(_mm256_shuffle_epi8(x0, ctrl), _mm256_shuffle_epi8(x1, ctrl), 0xCC);
-          __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(ac, _mm256_sign_epi8(sel, codes)), ones);
-          gacc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_loadu_ps(dp + (r * np + pr) * 8), gacc[r]);
-        }
+    __m256 acc[R], gacc[R];
+    for (int r = 0; r < R; ++r) acc[r] = gacc[r] = _mm256_setzero_ps();
+    int64_t g = 0, gend = bpg;  // the group gacc holds, and its first block past the end
+    for (int64_t p = 0; p < np; ++p) {
+      const int64_t b = 2 * p;
+      if (b >= gend) {  // the pair starts a later group: fold the finished one in
+        const __m256 sv = _mm256_set1_ps(sr[g]);
+        for (int r = 0; r < R; ++r) { acc[r] = _mm256_fmadd_ps(gacc[r], sv, acc[r]); gacc[r] = _mm256_setzero_ps(); }
+        g = b / bpg, gend = (g + 1) * bpg;
       }
-      if (b < b1) single(b);
+      const __m256i v = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(vr + p * 16)));
+      const __m256i c = _mm256_sub_epi8(_mm256_and_si256(v, mask), off);
+      const __m256i corr = dot4(u128, c);
+      const __m256i ctrl = ctrl24(ir + b);
+      const bool split = b + 1 >= gend;  // block b + 1 opens the next group
+      __m256 s2 = _mm256_setzero_ps();
+      if (split) s2 = _mm256_setr_m128(_mm_set1_ps(sr[g]), _mm_set1_ps(sr[(b + 1) / bpg]));
+      for (int r = 0; r < R; ++r) {
+        const uint8_t* xr = xp + r * K + p * 64;
+        const __m256i x0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xr));
+        const __m256i x1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xr + 32));
+        const __m256i sel = _mm256_blend_epi32(_mm256_shuffle_epi8(x0, ctrl), _mm256_shuffle_epi8(x1, ctrl), 0xCC);
+        const __m256 f = _mm256_cvtepi32_ps(_mm256_sub_epi32(dot4(sel, c), corr));
+        const __m256 d = _mm256_loadu_ps(dp + (r * np + p) * 8);
+        if (split) acc[r] = _mm256_fmadd_ps(_mm256_mul_ps(f, d), s2, acc[r]);
+        else gacc[r] = _mm256_fmadd_ps(f, d, gacc[r]);
+      }
+    }
+    {
       const __m256 sv = _mm256_set1_ps(sr[g]);
-      for (int r = 0; r < R; ++r)
-        acc[r] = _mm256_fmadd_ps(_mm256_add_ps(gacc[r], _mm256_castps128_ps256(gone[r])), sv, acc[r]);
+      for (int r = 0; r < R; ++r) acc[r] = _mm256_fmadd_ps(gacc[r], sv, acc[r]);
+    }
+    float tail[R] = {};
+    if (nb & 1) {  // the odd last block, alone (128-bit, from the plain activations)
+      const int64_t b = nb - 1;
+      const __m128i three = _mm_set1_epi8(3), base = _mm_setr_epi8(0, 0, 4, 4, 8, 8, 12, 12, 0, 0, 4, 4, 8, 8, 12, 12);
+      const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(vr + np * 16));
+      const __m128i c = _mm_sub_epi8(_mm_and_si128(v, _mm_set1_epi8(15)), _mm_set1_epi8(8));
+      const __m128i u = _mm_set1_epi8(-128), corr = dot4(u, c);
+      const __m128i ctrl = _mm_add_epi8(base, _mm_and_si128(
+          _mm_srlv_epi32(_mm_set1_epi32((int)ir[b]), _mm_setr_epi32(0, 2, 4, 6)), three));
+      for (int r = 0; r < R; ++r) {
+        const int8_t* xr = xq + r * K + b * 32;
+        const __m128i xlo = _mm_loadu_si128(reinterpret_cast<const __m128i*>(xr));
+        const __m128i xhi = _mm_loadu_si128(reinterpret_cast<const __m128i*>(xr + 16));
+        const __m128i sel = _mm_xor_si128(
+            _mm_blend_epi32(_mm_shuffle_epi8(xlo, ctrl), _mm_shuffle_epi8(xhi, ctrl), 0xC), u);
+        const float* d = dx + (r * nb + b) * 2;  // int32 lanes 0-1 sum inputs 0-15, lanes 2-3 inputs 16-31
+        __m128 f = _mm_mul_ps(_mm_cvtepi32_ps(_mm_sub_epi32(dot4(sel, c), corr)), _mm_setr_ps(d[0], d[0], d[1], d[1]));
+        f = _mm_add_ps(f, _mm_movehl_ps(f, f));
+        f = _mm_add_ss(f, _mm_movehdup_ps(f));
+        tail[r] = _mm_cvtss_f32(f) * sr[b / bpg];
+      }
     }
     for (int r = 0; r < R; ++r) {
-      const float f = hsum(acc[r]);
+      const float f = hsum(acc[r]) + tail[r];
       out[r * N + n] = acc_out ? out[r * N + n] + f : f;
     }
   }
@@ -206,7 +231,6 @@ template <int R>
 void rows_kernel_i8(const int8_t* w, const int8_t* xq, const float* dv, const float* scale, int64_t K, int64_t G,
                     int64_t ng, int64_t n0, int64_t n1, float* out, int64_t N, bool acc_out) {
   const int64_t nb = K / 32, bpg = G / 32;
-  const __m256i ones = _mm256_set1_epi16(1);
   for (int64_t n = n0; n < n1; ++n) {
     const int8_t* wr = w + n * K;
     const float* sr = scale + n * ng;
@@ -221,7 +245,7 @@ void rows_kernel_i8(const int8_t* w, const int8_t* xq, const float* dv, const fl
         const __m256i aw = _mm256_abs_epi8(wv);
         for (int r = 0; r < R; ++r) {
           const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + r * K + b * 32));
-          const __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(aw, _mm256_sign_epi8(xv, wv)), ones);
+          const __m256i p = dot4(aw, _mm256_sign_epi8(xv, wv));
           gacc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_loadu_ps(dv + (r * nb + b) * 8), gacc[r]);
         }
       }
@@ -248,7 +272,7 @@ struct QuantRows {
   mutable bool expanded = false;
   // the layout of the 2:4 kernel's two-block steps, built on first use: per pair of blocks (b, b+1), bytes
   // [b 0-15, b+1 0-15, b 16-31, b+1 16-31] and the four half-block scales twice each
-  mutable std::vector<int8_t> xp;
+  mutable std::vector<uint8_t> xp;
   mutable std::vector<float> dp;
   mutable bool paired = false;
 
@@ -271,15 +295,18 @@ struct QuantRows {
     const int64_t np = nb / 2;
     xp.resize(M * K);
     dp.resize(std::max<int64_t>(1, M * np * 8));
+    const __m128i u = _mm_set1_epi8(-128);
     for (int64_t m = 0; m < M; ++m)
       for (int64_t p = 0; p < np; ++p) {
         const int8_t* src = xq.data() + m * K + p * 64;
-        int8_t* dst = xp.data() + m * K + p * 64;
-        std::copy(src, src + 16, dst);
-        std::copy(src + 32, src + 48, dst + 16);
-        std::copy(src + 16, src + 32, dst + 32);
-        std::copy(src + 48, src + 64, dst + 48);
-        for (int i = 0; i < 8; ++i) dp[(m * np + p) * 8 + i] = dx[(m * nb + 2 * p) * 2 + i / 2];
+        uint8_t* dst = xp.data() + m * K + p * 64;
+        auto put = [&](int at, int from) {  // 16 activations, offset by 128 (x ^ 0x80 = x + 128 as unsigned)
+          _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + at), _mm_xor_si128(
+              _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + from)), u));
+        };
+        put(0, 0), put(16, 32), put(32, 16), put(48, 48);
+        for (int i = 0; i < 8; ++i)  // lane 1's codes come times 16: its scales divided by 16 (exact)
+          dp[(m * np + p) * 8 + i] = dx[(m * nb + 2 * p) * 2 + i / 2] * (i < 4 ? 1.f : 0.0625f);
       }
   }
   // per row, the sums of the (dequantized) activations of each group of G inputs: the -8 offset and zero points
@@ -331,7 +358,7 @@ void run_task(const Task& t) {
     if (W.kind == Mat::SPARSE24) {
       const uint8_t* vp = W.w.data_ptr<uint8_t>();
       const uint32_t* ip = reinterpret_cast<const uint32_t*>(W.idx.data_ptr<int32_t>());
-      const int8_t* xpm = X.xp.data() + m * K;
+      const uint8_t* xpm = X.xp.data() + m * K;
       const float* dpm = X.dp.data() + m * (nb / 2) * 8;
 #define SLIM_ROWS24(R) rows_kernel_24<R>(vp, ip, xqm, dxm, xpm, dpm, sp, K, W.G, W.ng, t.n0, t.n1, o, t.ldo, t.acc);
       switch (r) {
@@ -480,9 +507,9 @@ torch::Tensor int4_gemv(torch::Tensor x, torch::Tensor w, torch::Tensor scale, t
 
 // the dense (N, K) fp32 weight of a 2:4 matrix (for the GEMM path at many tokens)
 torch::Tensor sparse24_dequant(torch::Tensor vals, torch::Tensor idx, torch::Tensor scale, int64_t G) {
-  const int64_t N = vals.size(0), K = vals.size(1) * 4, nb = K / 32, ng = (K + G - 1) / G;
-  TORCH_CHECK(vals.is_contiguous() && idx.is_contiguous() && scale.is_contiguous() && scale.size(1) == ng,
-              "contiguous 2:4 values, positions and (N, groups) scales");
+  const int64_t N = vals.size(0), K = idx.size(1) * 32, nb = K / 32, ng = (K + G - 1) / G, rb = (nb + 1) / 2 * 16;
+  TORCH_CHECK(vals.is_contiguous() && idx.is_contiguous() && scale.is_contiguous() && scale.size(1) == ng &&
+              vals.size(1) == rb, "contiguous 2:4 values in the paired layout, positions and (N, groups) scales");
   auto w = torch::zeros({N, K}, torch::dtype(torch::kFloat32));
   const uint8_t* vp = vals.data_ptr<uint8_t>();
   const uint32_t* ip = reinterpret_cast<const uint32_t*>(idx.data_ptr<int32_t>());
@@ -494,8 +521,8 @@ torch::Tensor sparse24_dequant(torch::Tensor vals, torch::Tensor idx, torch::Ten
         const uint32_t word = ip[n * nb + b];
         for (int j = 0; j < 16; ++j) {  // kept j of the block: group j / 2, position in byte j % 4, field j / 4
           const int pos = (word >> (8 * (j % 4) + 2 * (j / 4))) & 3;
-          const uint8_t byte = vp[n * (K / 4) + b * 8 + j / 2];
-          const int code = ((j & 1) ? (byte >> 4) : (byte & 15)) - 8;
+          const uint8_t byte = vp[n * rb + (b / 2) * 16 + j];
+          const int code = ((b & 1) ? (byte >> 4) : (byte & 15)) - 8;
           const int64_t k = b * 32 + (j / 2) * 4 + pos;
           wp[n * K + k] = (float)code * sp[n * ng + k / G];
         }

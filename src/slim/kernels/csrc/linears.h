@@ -9,7 +9,7 @@
 
 // one quantized matrix (N, K), fp32 scales per group of G inputs (G a multiple of 32; the last group may be short):
 // - DENSE4: nibbles uint8 (N, K/2), per row blocks of 32 weights in 16 bytes (zero points optional)
-// - SPARSE24: 2:4, kept codes uint8 (N, K/4) + positions int32 (N, K/32)
+// - SPARSE24: 2:4, kept codes uint8 (N, 16 bytes per pair of blocks: int4_gemv.cpp) + positions int32 (N, K/32)
 // - INT8: int8 (N, K) codes, w = q * scale (one group per row or G inputs), no zero points
 struct Mat {
   enum Kind { DENSE4, SPARSE24, INT8 };
@@ -21,9 +21,9 @@ struct Mat {
       : w(w_), idx(idx_), scale(scale_), zero(zero_), N(w_.size(0)), K(K_), G(G_), ng((K_ + G_ - 1) / G_) {
     kind = idx.numel() > 0 ? SPARSE24 : w.scalar_type() == torch::kInt8 ? INT8 : DENSE4;
     TORCH_CHECK(K % 32 == 0 && G % 32 == 0 && G > 0, "K and the group size must be multiples of 32");
-    const int64_t per_byte = kind == SPARSE24 ? 4 : kind == DENSE4 ? 2 : 1;
+    const int64_t row_bytes = kind == SPARSE24 ? (K / 32 + 1) / 2 * 16 : kind == DENSE4 ? K / 2 : K;
     TORCH_CHECK((w.scalar_type() == torch::kUInt8 || kind == INT8) && w.is_contiguous() && w.dim() == 2 &&
-                w.size(1) * per_byte == K, kind == SPARSE24 ? "2:4 values: uint8 (N, K/4)"
+                w.size(1) == row_bytes, kind == SPARSE24 ? "2:4 values: uint8 (N, 16 per pair of blocks of 32)"
                 : kind == INT8 ? "int8 weight: int8 (N, K)" : "weight: uint8 (N, K/2)");
     if (kind == SPARSE24)
       TORCH_CHECK(idx.scalar_type() == torch::kInt32 && idx.is_contiguous() && idx.size(0) == N &&
