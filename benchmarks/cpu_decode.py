@@ -18,9 +18,10 @@ rank-0.1 int4 adapters. Greedy, no stop at EOS, the prompt made of WikiText-2 te
 models, as llama-bench uses); prefill is timed on the whole prompt, decode from a context of --depth tokens (0 by
 default, as llama-bench's tg test); each figure is the median of --reps repetitions after one warm-up.
 
-Each measurement runs in a fresh process; resident memory is that process's peak (llama-bench: its peak as a
-child process). llama.cpp and slim alternate per model for --rounds rounds; ratios are slim / llama.cpp per round,
-the median reported. Per-block and fixed decode costs come from the 1- and 4-block random models:
+Each measurement runs in a fresh process. Resident memory: slim's is the peak while generating above the memory
+before loading (libraries and loading's transients excluded); llama-bench's is its process's whole peak.
+llama.cpp and slim alternate per model for --rounds rounds; ratios are slim / llama.cpp per round, the median
+reported. Per-block and fixed decode costs come from the 1- and 4-block random models:
 per block = (t4 - t1) / 3, fixed = t1 - per block, t in ms per decoded token.
 
     python benchmarks/cpu_decode.py --llama-cpp PATH/llama.cpp --checkpoint runs/smollm2-slim \\
@@ -30,6 +31,7 @@ per block = (t4 - t1) / 3, fixed = t1 - per block, t in ms per decoded token.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import resource
@@ -50,6 +52,7 @@ SHAPE_7B = {"hidden_size": 4096, "intermediate_size": 11008, "num_attention_head
 def slim_worker(args: argparse.Namespace) -> None:
     import torch
 
+    from slim.format.checkpoint import release_free_memory
     from slim.runtime.generate import generate, peak_rss_bytes, reset_peak_rss, rss_bytes
 
     torch.set_num_threads(args.threads)
@@ -58,6 +61,10 @@ def slim_worker(args: argparse.Namespace) -> None:
     t0 = time.perf_counter()
     model = _slim_model(args)
     load_s = time.perf_counter() - t0
+    load_peak = peak_rss_bytes()
+    gc.collect()
+    release_free_memory()  # what loading freed goes back to the system: the run's memory is what the model holds
+    reset_peak_rss()
     loaded = rss_bytes()
     ids = _prompt(args, model.config.vocab_size)
     generate(model, None, ids[:, :16], max_new_tokens=4, stop_at_eos=False, decode=args.decode)  # warm-up
@@ -73,7 +80,8 @@ def slim_worker(args: argparse.Namespace) -> None:
         "decode_tokens_per_s": statistics.median(r["decode_tokens_per_s"] for r in runs),
         "decode_path": runs[0]["decode_path"], "prompt_tokens": int(ids.shape[1]), "new_tokens": args.new,
         "load_seconds": load_s, "rss_after_load_bytes": loaded - base, "peak_rss_bytes": peak_rss_bytes() - base,
-        "process_peak_rss_bytes": peak_rss_bytes(), "tokens": runs[0]["tokens"][:16],
+        "process_peak_rss_bytes": peak_rss_bytes(), "load_peak_rss_bytes": load_peak - base,
+        "tokens": runs[0]["tokens"][:16],
     }
     print("RESULT " + json.dumps(out))
 
@@ -275,8 +283,10 @@ def table(res: dict) -> str:
             lines.append(f"| {k} | {b['llama']['per_block_ms']:.2f} ms | {b['slim']['per_block_ms']:.2f} ms | "
                          f"**{b['per_block_ratio']:.2f}×** | {b['llama']['fixed_ms']:.2f} ms | "
                          f"{b['slim']['fixed_ms']:.2f} ms |")
-    lines += ["", "slim peak RSS: the process's peak above its resident memory before loading (libraries excluded); "
-              "llama.cpp's: the llama-bench process's whole peak."]
+    lines += ["", "Peak RSS while generating. slim: the worker's peak resident memory during prefill and decode above "
+              "its resident memory before loading (torch and the other libraries excluded; loading's transients "
+              "excluded: a random model is built from a dense bf16 one); llama.cpp: the llama-bench process's whole "
+              "peak (its binary and the mapped GGUF file included)."]
     return "\n".join(lines) + "\n"
 
 

@@ -337,3 +337,25 @@ def test_behaviour_hash_compare_names_what_differs(bench, tmp_path, capsys):
     assert bench("behaviour_hash", "--compare", str(stored[0]), str(tmp_path / "b.json")) == 1
     out = capsys.readouterr().out
     assert f"DIFFERS  {key}" in out and name in out
+
+
+def test_cpu_decode_block_costs_and_table(bench):
+    """benchmarks/cpu_decode.py separates per-block and fixed decode costs from its 1- and 4-block rows and renders
+    every row (llama.cpp itself is not run here)."""
+    import cpu_decode
+
+    def row(llama_tps, slim_tps):
+        return {"model": "m", "gguf": "f.gguf", "slim": {"head": "int8", "variant": "v"}, "prompt_tokens": 8,
+                "llama_decode_tokens_per_s": llama_tps, "slim_decode_tokens_per_s": slim_tps,
+                "ratio_decode_tokens_per_s": slim_tps / llama_tps, "llama_prefill_tokens_per_s": 10.0,
+                "slim_prefill_tokens_per_s": 20.0, "ratio_prefill_tokens_per_s": 2.0,
+                "llama_peak_rss_bytes": 2**20, "slim_peak_rss_bytes": 2**21}
+
+    rows = {"v-1": row(100.0, 125.0), "v-4": row(1000 / 40, 1000 / 29)}  # llama: 10 ms + 10/block; slim: 8 + 7
+    costs = cpu_decode.block_costs(rows, "v")
+    assert costs["llama"]["per_block_ms"] == pytest.approx(10) and costs["llama"]["fixed_ms"] == pytest.approx(0)
+    assert costs["slim"]["per_block_ms"] == pytest.approx(7) and costs["per_block_ratio"] == pytest.approx(0.7)
+    res = {"machine": {"cpu": "x", "cores": 2, "torch": "t"}, "threads": 2, "llama_cpp_commit": "c", "rows": rows,
+           "blocks": {"v": costs}, "command": "python benchmarks/cpu_decode.py"}
+    md = cpu_decode.table(res)
+    assert "**1.25×**" in md and "**0.70×**" in md

@@ -135,3 +135,34 @@ def test_paired_24_layout_is_exact(n, k, kw):
         a, b = layer.adapters()
         want = want + (x @ a.float().T) @ b.float().T
     assert _rel(m(x), want) < 1e-2
+
+
+def test_avx2_build_gives_the_same_layers():
+    """Where the CPU has AVX512-VNNI slim builds its kernel with it (512-bit steps for 2:4 pairs, one dot instruction);
+    most CPUs run the AVX2 build, so that one is built here too (SLIM_CPU_VNNI=0, cached) and must pass the layer
+    tests the same."""
+    import os
+    import subprocess
+    import sys
+
+    if not native.VNNI:
+        pytest.skip("this build is the AVX2 one already")
+    env = {**os.environ, "SLIM_CPU_VNNI": "0"}
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k",
+                        "paired or quantized_head_is_real or whole_and_chunked or dense_int4"], env=env, capture_output=True,
+                       text=True, cwd=os.path.dirname(__file__))
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
+    assert " passed" in r.stdout and "skipped" not in r.stdout.splitlines()[-1]
+
+
+@pytest.mark.parametrize("kw", [{"group_size": 128, "zero_point": True}, {"group_size": 256}, {"group_size": 64}])
+def test_dense_int4_layer_matches_its_weight(kw):
+    """Dense int4 rows (adapters, non-2:4 layers): the 512-bit steps over groups of 128+ inputs and the 256-bit
+    ones elsewhere give the product of the stored weight (to int8 activation rounding), odd block counts included."""
+    from slim.runtime.cpu_int4 import Int4Linear
+    from slim.testing.random_layers import random_slim_linear
+
+    for k in (512, 640, 1056):
+        layer = random_slim_linear(48, k, sparsity="dense", seed=k, **kw)
+        x = torch.randn(2, k)
+        assert _rel(Int4Linear(layer)(x), x @ layer.dequantized_weight().T) < 1e-2

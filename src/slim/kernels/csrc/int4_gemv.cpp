@@ -35,6 +35,10 @@ inline __m256i dot4(__m256i u, __m256i s) { return _mm256_madd_epi16(_mm256_madd
 inline __m128i dot4(__m128i u, __m128i s) { return _mm_madd_epi16(_mm_maddubs_epi16(u, s), _mm_set1_epi16(1)); }
 #endif
 
+#if defined(__AVX512BW__) && defined(__AVX512VNNI__) && defined(__AVX512VL__)
+#define SLIM_QUAD24 1  // four blocks of 32 (one per 128-bit lane) per 512-bit step, activations as `QuantRows::xp`
+#endif
+
 // one row of activations -> int8 with a float scale per 16 inputs (dx: 2 per block of 32), and each block's
 // dequantized sum
 void quantize_row(const float* x, int64_t K, int8_t* xq, float* dx, float* xs) {
@@ -73,11 +77,20 @@ constexpr int MB = 4;  // activation rows per weight pass
 
 template <int R, bool ACC>
 void rows_kernel(const uint8_t* w, const int8_t* xq, const float* dv, const float* xg, const float* scale,
-                 const float* zero, int64_t K, int64_t G, int64_t ng, int64_t n0, int64_t n1, float* out, int64_t N) {
+                 const float* zero, int64_t K, int64_t G, int64_t ng, int64_t n0, int64_t n1, float* out, int64_t N,
+                 const uint8_t* xp, const float* dq) {
   // dv[(r * nb + b) * 8 ..]: block b's scales as its partial sums need them (int32 lanes 0-3 cover inputs 0-15);
-  // xg[r * ng + g]: the group's sum of (dequantized) activations, for the -8 offset and the zero points
+  // xg[r * ng + g]: the group's sum of (dequantized) activations, for the -8 offset and the zero points.
+  // With SLIM_QUAD24, blocks 4i..4i+3 inside one group take one 512-bit step: their bytes split into low nibbles
+  // (inputs 0-15 of each block, one per lane) and high (16-31), dotted with the quad's activation halves in `xp`
+  // (offset by 128: less the weights' 128 sum q, once per step) and scaled by `dq` (per quad, 16 + 16 floats)
   const int64_t nb = K / 32, bpg = G / 32;
   const __m256i low = _mm256_set1_epi8(0x0F);
+#ifdef SLIM_QUAD24
+  const int64_t nq = nb / 4;
+  const __m512i low4 = _mm512_set1_epi8(0x0F), u4 = _mm512_set1_epi8(-128);
+  (void)nq;
+#endif
   for (int64_t n = n0; n < n1; ++n) {
     const uint8_t* wr = w + n * (K / 2);
     const float* sr = scale + n * ng;
@@ -91,6 +104,31 @@ void rows_kernel(const uint8_t* w, const int8_t* xq, const float* dv, const floa
       __m256 gacc[R];
       for (int r = 0; r < R; ++r) gacc[r] = _mm256_setzero_ps();
       int64_t b = b0;
+#ifdef SLIM_QUAD24
+      if (xp != nullptr && !(b & 3)) {
+        __m512 gq[R];
+        for (int r = 0; r < R; ++r) gq[r] = _mm512_setzero_ps();
+        for (; b + 3 < b1 && b / 4 < nq; b += 4) {
+          const __m512i raw = _mm512_loadu_si512(wr + b * 16);
+          const __m512i ql = _mm512_and_si512(raw, low4), qh = _mm512_and_si512(_mm512_srli_epi16(raw, 4), low4);
+          const __m512i cl = _mm512_dpbusd_epi32(_mm512_setzero_si512(), u4, ql);
+          const __m512i ch = _mm512_dpbusd_epi32(_mm512_setzero_si512(), u4, qh);
+          for (int r = 0; r < R; ++r) {
+            const uint8_t* xr = xp + r * K + b * 32;  // quad b / 4: [16 low inputs of each block, 16 high]
+            const float* d = dq + (r * nq + b / 4) * 32;
+            const __m512i pl = _mm512_sub_epi32(
+                _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_loadu_si512(xr), ql), cl);
+            const __m512i ph = _mm512_sub_epi32(
+                _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_loadu_si512(xr + 64), qh), ch);
+            gq[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(pl), _mm512_loadu_ps(d), gq[r]);
+            gq[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(ph), _mm512_loadu_ps(d + 16), gq[r]);
+          }
+        }
+        for (int r = 0; r < R; ++r)
+          gacc[r] = _mm256_add_ps(gacc[r], _mm256_add_ps(_mm512_castps512_ps256(gq[r]), _mm256_castpd_ps(
+              _mm512_extractf64x4_pd(_mm512_castps_pd(gq[r]), 1))));
+      }
+#endif
       for (; b + 1 < b1; b += 2) {  // two blocks (64 weights, 32 bytes) per step
         __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wr + b * 16));
         __m256i lo = _mm256_and_si256(raw, low);
@@ -150,6 +188,32 @@ inline __m256i ctrl24(const uint32_t* words) {  // the two blocks' shuffle contr
   return _mm256_add_epi8(base, _mm256_and_si256(_mm256_srlv_epi32(w, shifts), three));
 }
 
+// where pair p's activations sit in `xp` (QuantRows::pairs): pairs go in quads of two, [b 0-15, b+1 0-15, b+2 0-15,
+// b+3 0-15, b 16-31, b+1 16-31, b+2 16-31, b+3 16-31] (a 512-bit step reads each half with one load), an odd last
+// pair alone as [b 0-15, b+1 0-15, b 16-31, b+1 16-31]. Offsets of its inputs 0-15 and 16-31 halves.
+inline int64_t pair_lo(int64_t p, int64_t np) { return (p | 1) < np ? (p & ~int64_t(1)) * 64 + (p & 1) * 32 : p * 64; }
+inline int64_t pair_hi(int64_t p, int64_t np) { return pair_lo(p, np) + ((p | 1) < np ? 64 : 32); }
+
+
+// sum x c per int32 lane from the gathered offset activations sel = x + 128 and the signed codes c: with VNNI one
+// u8 x s8 dot less the weights' 128 sum c (`corr`); without it maddubs would saturate its int16 pairs on x + 128, so
+// the sign trick on x itself: |c| (unsigned, <= 128) times x carrying c's sign, within int16
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+inline __m256i dot24(__m256i sel, __m256i c, __m256i corr) { return _mm256_sub_epi32(dot4(sel, c), corr); }
+inline __m128i dot24(__m128i sel, __m128i c, __m128i corr) { return _mm_sub_epi32(dot4(sel, c), corr); }
+inline __m256i corr24(__m256i c) { return dot4(_mm256_set1_epi8(-128), c); }
+inline __m128i corr24(__m128i c) { return dot4(_mm_set1_epi8(-128), c); }
+#else
+inline __m256i dot24(__m256i sel, __m256i c, __m256i) {
+  return dot4(_mm256_abs_epi8(c), _mm256_sign_epi8(_mm256_xor_si256(sel, _mm256_set1_epi8(-128)), c));
+}
+inline __m128i dot24(__m128i sel, __m128i c, __m128i) {
+  return dot4(_mm_abs_epi8(c), _mm_sign_epi8(_mm_xor_si128(sel, _mm_set1_epi8(-128)), c));
+}
+inline __m256i corr24(__m256i) { return _mm256_setzero_si256(); }
+inline __m128i corr24(__m128i) { return _mm_setzero_si128(); }
+#endif
+
 template <int R>
 void rows_kernel_24(const uint8_t* vals, const uint32_t* idx, const int8_t* xq, const float* dx, const uint8_t* xp,
                     const float* dp, const float* scale, int64_t K, int64_t G, int64_t ng, int64_t n0, int64_t n1,
@@ -159,34 +223,75 @@ void rows_kernel_24(const uint8_t* vals, const uint32_t* idx, const int8_t* xq, 
                                         -16, -16, -16, -16, -16, -16, -16, -16, -16, -16, -16, -16, -16, -16, -16, -16);
   const __m256i off = _mm256_setr_epi8(8, 8, 8, 8, 8, 8, 8, 8, 8, 8, 8, 8, 8, 8, 8, 8, -128, -128, -128, -128,
                                        -128, -128, -128, -128, -128, -128, -128, -128, -128, -128, -128, -128);
-  const __m256i u128 = _mm256_set1_epi8(-128);  // 128 as the unsigned operand
+#ifdef SLIM_QUAD24
+  const __m512i mask4 = _mm512_broadcast_i64x4(mask), off4 = _mm512_broadcast_i64x4(off);
+  const __m512i u4 = _mm512_set1_epi8(-128), three4 = _mm512_set1_epi8(3);
+  const __m512i spread4 = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
+  const __m512i shifts4 = _mm512_setr_epi32(0, 2, 4, 6, 0, 2, 4, 6, 0, 2, 4, 6, 0, 2, 4, 6);
+  const __m512i base4 = _mm512_broadcast_i32x4(_mm_setr_epi8(0, 0, 4, 4, 8, 8, 12, 12, 0, 0, 4, 4, 8, 8, 12, 12));
+  const __m512i dup = _mm512_setr_epi64(0, 1, 0, 1, 2, 3, 2, 3);
+#endif
   for (int64_t n = n0; n < n1; ++n) {
     const uint8_t* vr = vals + n * row_bytes;
     const uint32_t* ir = idx + n * nb;
     const float* sr = scale + n * ng;
     __m256 acc[R], gacc[R];
     for (int r = 0; r < R; ++r) acc[r] = gacc[r] = _mm256_setzero_ps();
+#ifdef SLIM_QUAD24
+    __m512 gq[R];
+    for (int r = 0; r < R; ++r) gq[r] = _mm512_setzero_ps();
+#endif
     int64_t g = 0, gend = bpg;  // the group gacc holds, and its first block past the end
     for (int64_t p = 0; p < np; ++p) {
       const int64_t b = 2 * p;
       if (b >= gend) {  // the pair starts a later group: fold the finished one in
         const __m256 sv = _mm256_set1_ps(sr[g]);
-        for (int r = 0; r < R; ++r) { acc[r] = _mm256_fmadd_ps(gacc[r], sv, acc[r]); gacc[r] = _mm256_setzero_ps(); }
+        for (int r = 0; r < R; ++r) {
+#ifdef SLIM_QUAD24
+          gacc[r] = _mm256_add_ps(gacc[r], _mm256_add_ps(_mm512_castps512_ps256(gq[r]), _mm256_castpd_ps(
+              _mm512_extractf64x4_pd(_mm512_castps_pd(gq[r]), 1))));
+          gq[r] = _mm512_setzero_ps();
+#endif
+          acc[r] = _mm256_fmadd_ps(gacc[r], sv, acc[r]);
+          gacc[r] = _mm256_setzero_ps();
+        }
         g = b / bpg, gend = (g + 1) * bpg;
       }
+#ifdef SLIM_QUAD24
+      if (!(p & 1) && p + 1 < np && b + 3 < gend) {  // pairs p, p + 1 in one group: one 512-bit step
+        const __m512i v = _mm512_permutexvar_epi64(dup, _mm512_castsi256_si512(
+            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(vr + p * 16))));
+        const __m512i c = _mm512_sub_epi8(_mm512_and_si512(v, mask4), off4);
+        const __m512i corr = _mm512_dpbusd_epi32(_mm512_setzero_si512(), u4, c);
+        const __m512i w = _mm512_permutexvar_epi32(spread4, _mm512_castsi128_si512(
+            _mm_loadu_si128(reinterpret_cast<const __m128i*>(ir + b))));
+        const __m512i ctrl = _mm512_add_epi8(base4, _mm512_and_si512(_mm512_srlv_epi32(w, shifts4), three4));
+        for (int r = 0; r < R; ++r) {
+          const uint8_t* xr = xp + r * K + p * 64;
+          const __m512i x0 = _mm512_loadu_si512(xr), x1 = _mm512_loadu_si512(xr + 64);
+          const __m512i sel = _mm512_mask_blend_epi32(0xCCCC, _mm512_shuffle_epi8(x0, ctrl),
+                                                      _mm512_shuffle_epi8(x1, ctrl));
+          const __m512i pi = _mm512_sub_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), sel, c), corr);
+          gq[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(pi), _mm512_loadu_ps(dp + (r * np + p) * 8), gq[r]);
+        }
+        ++p;
+        continue;
+      }
+#endif
       const __m256i v = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(vr + p * 16)));
       const __m256i c = _mm256_sub_epi8(_mm256_and_si256(v, mask), off);
-      const __m256i corr = dot4(u128, c);
+      const __m256i corr = corr24(c);
       const __m256i ctrl = ctrl24(ir + b);
       const bool split = b + 1 >= gend;  // block b + 1 opens the next group
       __m256 s2 = _mm256_setzero_ps();
       if (split) s2 = _mm256_setr_m128(_mm_set1_ps(sr[g]), _mm_set1_ps(sr[(b + 1) / bpg]));
+      const int64_t lo = pair_lo(p, np), hi = pair_hi(p, np);
       for (int r = 0; r < R; ++r) {
-        const uint8_t* xr = xp + r * K + p * 64;
-        const __m256i x0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xr));
-        const __m256i x1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xr + 32));
+        const uint8_t* xr = xp + r * K;
+        const __m256i x0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xr + lo));
+        const __m256i x1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xr + hi));
         const __m256i sel = _mm256_blend_epi32(_mm256_shuffle_epi8(x0, ctrl), _mm256_shuffle_epi8(x1, ctrl), 0xCC);
-        const __m256 f = _mm256_cvtepi32_ps(_mm256_sub_epi32(dot4(sel, c), corr));
+        const __m256 f = _mm256_cvtepi32_ps(dot24(sel, c, corr));
         const __m256 d = _mm256_loadu_ps(dp + (r * np + p) * 8);
         if (split) acc[r] = _mm256_fmadd_ps(_mm256_mul_ps(f, d), s2, acc[r]);
         else gacc[r] = _mm256_fmadd_ps(f, d, gacc[r]);
@@ -194,7 +299,13 @@ void rows_kernel_24(const uint8_t* vals, const uint32_t* idx, const int8_t* xq, 
     }
     {
       const __m256 sv = _mm256_set1_ps(sr[g]);
-      for (int r = 0; r < R; ++r) acc[r] = _mm256_fmadd_ps(gacc[r], sv, acc[r]);
+      for (int r = 0; r < R; ++r) {
+#ifdef SLIM_QUAD24
+        gacc[r] = _mm256_add_ps(gacc[r], _mm256_add_ps(_mm512_castps512_ps256(gq[r]), _mm256_castpd_ps(
+            _mm512_extractf64x4_pd(_mm512_castps_pd(gq[r]), 1))));
+#endif
+        acc[r] = _mm256_fmadd_ps(gacc[r], sv, acc[r]);
+      }
     }
     float tail[R] = {};
     if (nb & 1) {  // the odd last block, alone (128-bit, from the plain activations)
@@ -202,7 +313,7 @@ void rows_kernel_24(const uint8_t* vals, const uint32_t* idx, const int8_t* xq, 
       const __m128i three = _mm_set1_epi8(3), base = _mm_setr_epi8(0, 0, 4, 4, 8, 8, 12, 12, 0, 0, 4, 4, 8, 8, 12, 12);
       const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(vr + np * 16));
       const __m128i c = _mm_sub_epi8(_mm_and_si128(v, _mm_set1_epi8(15)), _mm_set1_epi8(8));
-      const __m128i u = _mm_set1_epi8(-128), corr = dot4(u, c);
+      const __m128i u = _mm_set1_epi8(-128), corr = corr24(c);
       const __m128i ctrl = _mm_add_epi8(base, _mm_and_si128(
           _mm_srlv_epi32(_mm_set1_epi32((int)ir[b]), _mm_setr_epi32(0, 2, 4, 6)), three));
       for (int r = 0; r < R; ++r) {
@@ -212,7 +323,7 @@ void rows_kernel_24(const uint8_t* vals, const uint32_t* idx, const int8_t* xq, 
         const __m128i sel = _mm_xor_si128(
             _mm_blend_epi32(_mm_shuffle_epi8(xlo, ctrl), _mm_shuffle_epi8(xhi, ctrl), 0xC), u);
         const float* d = dx + (r * nb + b) * 2;  // int32 lanes 0-1 sum inputs 0-15, lanes 2-3 inputs 16-31
-        __m128 f = _mm_mul_ps(_mm_cvtepi32_ps(_mm_sub_epi32(dot4(sel, c), corr)), _mm_setr_ps(d[0], d[0], d[1], d[1]));
+        __m128 f = _mm_mul_ps(_mm_cvtepi32_ps(dot24(sel, c, corr)), _mm_setr_ps(d[0], d[0], d[1], d[1]));
         f = _mm_add_ps(f, _mm_movehl_ps(f, f));
         f = _mm_add_ss(f, _mm_movehdup_ps(f));
         tail[r] = _mm_cvtss_f32(f) * sr[b / bpg];
@@ -275,12 +386,27 @@ struct QuantRows {
   mutable std::vector<uint8_t> xp;
   mutable std::vector<float> dp;
   mutable bool paired = false;
+  // the dense kernel's 512-bit steps (SLIM_QUAD24), built on first use: per quad of blocks, the 4 blocks' first
+  // half-block scales 4 times each, then their second
+  mutable std::vector<float> dq;
+  mutable bool quadded = false;
 
   void load(const float* x, int64_t M_, int64_t K_) {
-    M = M_, K = K_, nb = K_ / 32, paired = false, expanded = false;
+    M = M_, K = K_, nb = K_ / 32, paired = false, expanded = false, quadded = false;
     xq.resize(M * K), dx.resize(M * nb * 2), xs.resize(M * nb);
     for (int64_t m = 0; m < M; ++m)
       quantize_row(x + m * K, K, xq.data() + m * K, dx.data() + m * nb * 2, xs.data() + m * nb);
+  }
+  void quads() const {
+    if (quadded) return;
+    quadded = true;
+    pairs();
+    const int64_t nq = nb / 4;
+    dq.resize(std::max<int64_t>(1, M * nq * 32));
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t q = 0; q < nq; ++q)
+        for (int i = 0; i < 32; ++i)
+          dq[(m * nq + q) * 32 + i] = dx[(m * nb + 4 * q + (i % 16) / 4) * 2 + i / 16];
   }
   void expand() const {
     if (expanded) return;
@@ -299,12 +425,13 @@ struct QuantRows {
     for (int64_t m = 0; m < M; ++m)
       for (int64_t p = 0; p < np; ++p) {
         const int8_t* src = xq.data() + m * K + p * 64;
-        uint8_t* dst = xp.data() + m * K + p * 64;
-        auto put = [&](int at, int from) {  // 16 activations, offset by 128 (x ^ 0x80 = x + 128 as unsigned)
+        uint8_t* dst = xp.data() + m * K;
+        auto put = [&](int64_t at, int from) {  // 16 activations, offset by 128 (x ^ 0x80 = x + 128 as unsigned)
           _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + at), _mm_xor_si128(
               _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + from)), u));
         };
-        put(0, 0), put(16, 32), put(32, 16), put(48, 48);
+        const int64_t lo = pair_lo(p, np), hi = pair_hi(p, np);  // see rows_kernel_24
+        put(lo, 0), put(lo + 16, 32), put(hi, 16), put(hi + 16, 48);
         for (int i = 0; i < 8; ++i)  // lane 1's codes come times 16: its scales divided by 16 (exact)
           dp[(m * np + p) * 8 + i] = dx[(m * nb + 2 * p) * 2 + i / 2] * (i < 4 ? 1.f : 0.0625f);
       }
@@ -384,9 +511,16 @@ void run_task(const Task& t) {
       const float* zp = W.zero.numel() > 0 ? W.zero.data_ptr<float>() : nullptr;
       const float* xgm = t.xg + m * W.ng;
       const float* dvm = X.dv.data() + m * nb * 8;
+#ifdef SLIM_QUAD24
+      const uint8_t* xpq = X.quadded ? X.xp.data() + m * K : nullptr;
+      const float* dqm = X.quadded ? X.dq.data() + m * (nb / 4) * 32 : nullptr;
+#else
+      const uint8_t* xpq = nullptr;
+      const float* dqm = nullptr;
+#endif
 #define SLIM_ROWS(R) \
-      if (t.acc) rows_kernel<R, true>(wp, xqm, dvm, xgm, sp, zp, K, W.G, W.ng, t.n0, t.n1, o, t.ldo); \
-      else rows_kernel<R, false>(wp, xqm, dvm, xgm, sp, zp, K, W.G, W.ng, t.n0, t.n1, o, t.ldo);
+      if (t.acc) rows_kernel<R, true>(wp, xqm, dvm, xgm, sp, zp, K, W.G, W.ng, t.n0, t.n1, o, t.ldo, xpq, dqm); \
+      else rows_kernel<R, false>(wp, xqm, dvm, xgm, sp, zp, K, W.G, W.ng, t.n0, t.n1, o, t.ldo, xpq, dqm);
       switch (r) {
         case 4: { SLIM_ROWS(4) break; }
         case 3: { SLIM_ROWS(3) break; }
@@ -403,6 +537,9 @@ void add_tasks(std::vector<Task>& tasks, const Mat& W, const QuantRows& X, const
                bool acc) {
   if (W.kind == Mat::SPARSE24) X.pairs();
   else X.expand();
+#ifdef SLIM_QUAD24
+  if (W.kind == Mat::DENSE4 && W.G % 128 == 0 && X.nb >= 4) X.quads();
+#endif
   // a few large tasks per thread: long contiguous row ranges keep the hardware prefetcher streaming
   const int64_t per = 2 * at::get_num_threads();
   const int64_t rows = std::max<int64_t>(16, (W.N + per - 1) / per);
