@@ -148,9 +148,9 @@ def test_avx2_build_gives_the_same_layers():
     if not native.VNNI:
         pytest.skip("this build is the AVX2 one already")
     env = {**os.environ, "SLIM_CPU_VNNI": "0"}
-    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k",
-                        "paired or quantized_head_is_real or whole_and_chunked or dense_int4"], env=env, capture_output=True,
-                       text=True, cwd=os.path.dirname(__file__))
+    tests = "paired or quantized_head_is_real or whole_and_chunked or dense_int4"
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", tests],
+                       env=env, capture_output=True, text=True, cwd=os.path.dirname(__file__))
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
     assert " passed" in r.stdout and "skipped" not in r.stdout.splitlines()[-1]
 
