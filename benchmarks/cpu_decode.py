@@ -51,11 +51,20 @@ SHAPE_7B = {"hidden_size": 4096, "intermediate_size": 11008, "num_attention_head
 
 def slim_worker(args: argparse.Namespace) -> None:
     import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     from slim.format.checkpoint import release_free_memory
+    from slim.kernels import native
+    from slim.runtime import model_bytes
     from slim.runtime.generate import generate, peak_rss_bytes, reset_peak_rss, rss_bytes
 
     torch.set_num_threads(args.threads)
+    config = AutoConfig.from_pretrained(args.model)
+    ids = _prompt(args, config.vocab_size)  # ready before the baseline is read
+    with torch.device("meta"):  # the modeling code imported now (library memory, the same for every model)
+        AutoModelForCausalLM.from_config(config)
+    native.load()
+    release_free_memory()
     reset_peak_rss()
     base = rss_bytes()
     t0 = time.perf_counter()
@@ -66,7 +75,6 @@ def slim_worker(args: argparse.Namespace) -> None:
     release_free_memory()  # what loading freed goes back to the system: the run's memory is what the model holds
     reset_peak_rss()
     loaded = rss_bytes()
-    ids = _prompt(args, model.config.vocab_size)
     generate(model, None, ids[:, :16], max_new_tokens=4, stop_at_eos=False, decode=args.decode)  # warm-up
     # as llama-bench measures: the prompt's prefill alone, and decoding from a context of --depth tokens (+1: the
     # token the decode starts from)
@@ -81,7 +89,7 @@ def slim_worker(args: argparse.Namespace) -> None:
         "decode_path": runs[0]["decode_path"], "prompt_tokens": int(ids.shape[1]), "new_tokens": args.new,
         "load_seconds": load_s, "rss_after_load_bytes": loaded - base, "peak_rss_bytes": peak_rss_bytes() - base,
         "process_peak_rss_bytes": peak_rss_bytes(), "load_peak_rss_bytes": load_peak - base,
-        "tokens": runs[0]["tokens"][:16],
+        "param_bytes": model_bytes(model)["total_bytes"], "tokens": runs[0]["tokens"][:16],
     }
     print("RESULT " + json.dumps(out))
 
@@ -284,9 +292,9 @@ def table(res: dict) -> str:
                          f"**{b['per_block_ratio']:.2f}×** | {b['llama']['fixed_ms']:.2f} ms | "
                          f"{b['slim']['fixed_ms']:.2f} ms |")
     lines += ["", "Peak RSS while generating. slim: the worker's peak resident memory during prefill and decode above "
-              "its resident memory before loading (torch and the other libraries excluded; loading's transients "
-              "excluded: a random model is built from a dense bf16 one); llama.cpp: the llama-bench process's whole "
-              "peak (its binary and the mapped GGUF file included)."]
+              "its resident memory before loading (torch, transformers, the modeling code and slim's kernel "
+              "imported; loading's transients excluded: a random model is built from a dense bf16 one); llama.cpp: "
+              "the llama-bench process's whole peak (its binary and the mapped GGUF file included)."]
     return "\n".join(lines) + "\n"
 
 
