@@ -39,7 +39,7 @@ def _cpu_flags() -> set[str]:
 # AVX512-VNNI (one `vpdpbusd` for a `maddubs` + `madd` pair, exact either way) where the CPU has it; SLIM_CPU_VNNI=0
 # builds the AVX2 instructions only. A separate build name: a cached VNNI build never loads on a CPU without it
 VNNI = os.environ.get("SLIM_CPU_VNNI", "1") != "0" and set(VNNI_FLAGS) <= _cpu_flags()
-NAME = ("slim_int4_gemv_v29_torch" + "".join(c if c.isalnum() else "_" for c in torch.__version__)
+NAME = ("slim_int4_gemv_v30_torch" + "".join(c if c.isalnum() else "_" for c in torch.__version__)
         + ("_vnni" if VNNI else ""))
 SOURCE = Path(__file__).parent / "csrc" / "int4_gemv.cpp"
 SOURCES = (SOURCE, SOURCE.with_name("decoder.cpp"), SOURCE.with_name("optq.cpp"))

@@ -77,10 +77,10 @@ struct Proj {
 
 inline __m256 load_h(const uint16_t* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
 
-// e^x for x <= 0 (scores minus their maximum), 8 at a time: 2^n e^r with |r| <= ln2 / 2, degree-6 polynomial
-// (relative error ~1e-7, below fp32 rounding of the softmax sum)
+// e^x, 8 at a time, x clamped to [-87, 88]: 2^n e^r with |r| <= ln2 / 2, degree-6 polynomial (relative error
+// ~1e-7, below fp32 rounding of a softmax sum)
 inline __m256 exp_ps(__m256 x) {
-  x = _mm256_max_ps(x, _mm256_set1_ps(-87.f));
+  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.f)), _mm256_set1_ps(88.f));
   const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504f)),
                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693145752f), x);
@@ -258,10 +258,7 @@ class Decoder {
       for (int64_t i = 0; i < M * H_; ++i) hp[i] += t_[i];
       rms_norm(hp, B.post_norm.data_ptr<float>(), M, xn_.data());
       B.gate_up.run(xn_.data(), M, {g_.data(), u_.data()});
-      for (int64_t i = 0; i < M * I; ++i) {
-        const float g = g_[i];
-        g_[i] = g / (1.f + std::exp(-g)) * u_[i];
-      }
+      silu_mul(g_.data(), u_.data(), M * I);
       B.down.run(g_.data(), M, {t_.data()});
       for (int64_t i = 0; i < M * H_; ++i) hp[i] += t_[i];
     }
@@ -304,11 +301,30 @@ class Decoder {
   void rms_norm(const float* x, const float* w, int64_t M, float* out) const {
     for (int64_t m = 0; m < M; ++m) {
       const float* xr = x + m * H_;
-      double ss = 0;
-      for (int64_t i = 0; i < H_; ++i) ss += (double)xr[i] * xr[i];
-      const float r = 1.f / std::sqrt((float)(ss / H_) + eps_);
-      for (int64_t i = 0; i < H_; ++i) out[m * H_ + i] = xr[i] * r * w[i];
+      __m256 a0 = _mm256_setzero_ps(), a1 = a0;
+      int64_t i = 0;
+      for (; i + 16 <= H_; i += 16) {
+        const __m256 v0 = _mm256_loadu_ps(xr + i), v1 = _mm256_loadu_ps(xr + i + 8);
+        a0 = _mm256_fmadd_ps(v0, v0, a0);
+        a1 = _mm256_fmadd_ps(v1, v1, a1);
+      }
+      float ss = hsum(_mm256_add_ps(a0, a1));
+      for (; i < H_; ++i) ss += xr[i] * xr[i];
+      const float r = 1.f / std::sqrt(ss / H_ + eps_);
+      for (i = 0; i < H_; ++i) out[m * H_ + i] = xr[i] * r * w[i];
     }
+  }
+
+  // g = silu(g) * u, with the vector exp
+  static void silu_mul(float* g, const float* u, int64_t n) {
+    int64_t i = 0;
+    const __m256 one = _mm256_set1_ps(1.f), zero = _mm256_setzero_ps();
+    for (; i + 8 <= n; i += 8) {
+      const __m256 v = _mm256_loadu_ps(g + i);
+      const __m256 e = exp_ps(_mm256_sub_ps(zero, v));
+      _mm256_storeu_ps(g + i, _mm256_mul_ps(_mm256_div_ps(v, _mm256_add_ps(one, e)), _mm256_loadu_ps(u + i)));
+    }
+    for (; i < n; ++i) g[i] = g[i] / (1.f + std::exp(-g[i])) * u[i];
   }
 
   // rotate_half convention: (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin), halves of head_dim
