@@ -575,10 +575,8 @@ class QuantHead(nn.Module):
             raise ValueError(f"the head's input width {k} is not a multiple of 32; keep --head stored")
         self.in_features, self.out_features, self.kind = k, n, kind
         self.bias = None if getattr(linear, "bias", None) is None else linear.bias.detach().float()
+        check_head(kind)  # slim's kernel must be there
         self._kernel = native.load()
-        if self._kernel is None:
-            raise ValueError(f"a quantized head needs slim's CPU kernel "
-                             f"({native.unavailable_reason() or 'build failed'})")
         if kind == "int8":
             codes = torch.empty(n, k, dtype=torch.int8)
             scale = torch.empty(n, 1)
@@ -659,8 +657,7 @@ def check_head(kind: str, device: str | torch.device = "cpu") -> None:
 
 def quantize_head(model: nn.Module, kind: str = "stored") -> str:
     """Replace `model.lm_head` by a `QuantHead` of `kind` ("stored": leave it; "auto": `resolve_head`); returns what
-    the head now is. A tied
-    embedding keeps its 16-bit table for look-ups (the head's copy is separate)."""
+    the head now is. A tied embedding keeps its 16-bit table for look-ups (the head's copy is separate)."""
     kind = resolve_head(kind, next(model.parameters()).device)
     head = getattr(model, "lm_head", None)
     model.slim_head = kind  # what results record

@@ -51,6 +51,10 @@ def _projection_ok(m: nn.Module) -> str | None:
     return f"a projection is a {type(m).__name__}"
 
 
+def _head_dim(cfg: object) -> int:
+    return getattr(cfg, "head_dim", None) or cfg.hidden_size // max(getattr(cfg, "num_attention_heads", 1), 1)
+
+
 def supported(model: nn.Module) -> str | None:
     """None when `LeanDecoder(model)` can run it, else why not (checked without building anything)."""
     if native.load() is None:
@@ -69,8 +73,7 @@ def supported(model: nn.Module) -> str | None:
         return f"activation {act!r} (the lean path runs SiLU)"
     if getattr(cfg, "sliding_window", None) and (mt == "mistral" or getattr(cfg, "use_sliding_window", False)):
         return "sliding-window attention"
-    heads = getattr(cfg, "num_attention_heads", 0)
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // max(heads, 1)
+    head_dim = _head_dim(cfg)
     if head_dim % 8:
         return f"head dimension {head_dim} is not a multiple of 8"
     inner = getattr(model, "model", None)
@@ -115,11 +118,10 @@ class LeanDecoder:
         attn = layers[0].self_attn
         heads = cfg.num_attention_heads
         kv = getattr(cfg, "num_key_value_heads", None) or heads
-        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+        head_dim = _head_dim(cfg)
         emb = inner.embed_tokens.weight.detach()
         self.vocab, self.hidden = emb.shape
         self.rotary = inner.rotary_emb
-        self.head_dim = head_dim
         eps = float(layers[0].input_layernorm.variance_epsilon)
         scaling = float(getattr(attn, "scaling", head_dim ** -0.5))
         kernel = native.load()

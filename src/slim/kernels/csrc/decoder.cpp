@@ -224,8 +224,6 @@ class Decoder {
     }
     k_ = k, v_ = v, cap_ = length;
   }
-  int64_t capacity() const { return cap_; }
-
   // the tokens `ids` (M,) at positions pos..pos+M-1, their K/V written into the cache; logits (M, vocab) fp32,
   // or of the last token only (1, vocab) unless all_logits
   torch::Tensor forward(torch::Tensor ids, int64_t pos, bool all_logits) {
@@ -392,6 +390,5 @@ void register_decoder(pybind11::module& m) {
       .def("set_final", &Decoder::set_final)
       .def("set_rope", &Decoder::set_rope)
       .def("reserve", &Decoder::reserve)
-      .def("capacity", &Decoder::capacity)
       .def("forward", &Decoder::forward, pybind11::call_guard<pybind11::gil_scoped_release>());
 }
