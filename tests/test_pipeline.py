@@ -62,7 +62,8 @@ def test_report_splits_compression_time_by_phase():
     assert {"calibrate", "io", "solve", "solve.prepare", "solve.quantize", "solve.adapter", "tune",
             "install"} <= set(ph)
     assert all(v >= 0 for v in ph.values()) and min(ph["solve"], ph["calibrate"], ph["tune"]) > 0
-    assert sum(v for k, v in ph.items() if k.startswith("solve.")) <= ph["solve"]
+    parts = [v for k, v in ph.items() if k.startswith("solve.")]
+    assert sum(parts) <= ph["solve"] + 0.0005 * len(parts)  # each figure is rounded to the millisecond
     assert sum(v for k, v in ph.items() if "." not in k) <= rep["compress_seconds"]
     again = compress_model(tiny_model("llama"), _ids(), CompressConfig.from_dict(CAL), progress=False)
     assert "tune" not in again["phase_seconds"]  # each run starts from zero

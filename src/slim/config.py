@@ -18,7 +18,7 @@ from typing import Any
 import yaml
 
 # the built-in methods' names (slim.algorithms.methods: a method registered there later is accepted as well)
-from .names import ADAPTER_METHODS, CODE_BITS, MASK_METHODS, MAX_NM_M, QUANT_METHODS  # noqa: F401
+from .names import ADAPTER_METHODS, CODE_BITS, MASK_METHODS, MAX_NM_M, QUANT_METHODS, SVD_CHOICES  # noqa: F401
 
 SUPPORTED_BITS = CODE_BITS  # what the stored layout packs (slim.format.packed): the loader's limits are the config's
 
@@ -145,8 +145,11 @@ class AdapterConfig:
     damping: float = 0.01  # fullcov: relative damping of the Gram matrix
     refit_rounds: int = 3  # alternate: re-fit the adapters to the re-quantized weights' error (paper: 0)
     allocation: str = "uniform"  # or "greedy": the same parameter budget per block, spread by error spectra
+    svd: str = "auto"  # the fits' top-r SVD: "exact", "randomized" (subspace iteration), "auto" (randomized >= 1024)
 
     def __post_init__(self) -> None:
+        if self.svd not in SVD_CHOICES:
+            raise ConfigError(f"adapter.svd must be one of {SVD_CHOICES}, got {self.svd!r}")
         if self.allocation not in ("uniform", "greedy"):
             raise ConfigError(f"adapter.allocation must be 'uniform' or 'greedy', got {self.allocation!r}")
         if self.refit_rounds < 0:

@@ -53,3 +53,6 @@ def numerics_env(environ: dict[str, str] | None = None) -> dict[str, str]:
     """The NUMERICS_ENV variables that are set, by name (empty when none is: the defaults)."""
     env = os.environ if environ is None else environ
     return {k: env[k] for k in NUMERICS_ENV if k in env}
+
+# the adapter fits' top-r SVD (adapter.svd): exact, randomized subspace iteration, or randomized from 1024 wide
+SVD_CHOICES = ("auto", "exact", "randomized")

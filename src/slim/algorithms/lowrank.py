@@ -15,14 +15,33 @@ from typing import NamedTuple
 
 import torch
 
+from ..names import SVD_CHOICES
+
 log = logging.getLogger(__name__)
 
 
-def _truncated(m: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Top-r singular triplets (float64). Via the eigendecomposition of the smaller Gram side, which
-    is exact for the leading triplets in double precision and ~2x faster than a full SVD. The eigensolver
-    stays in float64: a float32 one saves ~2 % of the default recipe's time but moved SmolLM2's WikiText-2
-    perplexity from 71.78 to 72.69 (docs/results/ablation), small per layer, compounded over 30 blocks."""
+RANDOMIZED_FROM = 1024  # svd="auto": randomized where the smaller side of the matrix is at least this wide
+_POWER_COLD, _POWER_WARM = 4, 2  # subspace iterations from a random start, and from a previous fit's subspace
+
+
+def _truncated(
+    m: torch.Tensor, rank: int, svd: str = "exact", start: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Top-r singular triplets (float64).
+
+    svd="exact": via the eigendecomposition of the smaller Gram side, exact for the leading triplets in double
+    precision and ~2x faster than a full SVD. The eigensolver stays in float64: a float32 one saves ~2 % of the
+    default recipe's time but moved SmolLM2's WikiText-2 perplexity from 71.78 to 72.69 (docs/results/ablation).
+    At 7B widths it is the solver's main cost (~10 s a fit on 2 CPU cores), so svd="randomized" runs subspace
+    iteration instead (`randomized_svd`), warm-started from `start` (d_out x k, e.g. the previous fit's B in the
+    refit loop); svd="auto" picks it where the smaller side is >= RANDOMIZED_FROM.
+    """
+    if svd not in SVD_CHOICES:
+        raise ValueError(f"svd must be one of {SVD_CHOICES}, got {svd!r}")
+    if svd == "auto":
+        svd = "randomized" if min(m.shape) >= RANDOMIZED_FROM else "exact"
+    if svd == "randomized" and _oversampled(rank, min(m.shape)) < min(m.shape):
+        return randomized_svd(m, rank, start=start)
     m = m.double()
     if rank * 4 > min(m.shape):
         u, s, vh = torch.linalg.svd(m, full_matrices=False)
@@ -37,18 +56,56 @@ def _truncated(m: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, 
     return (other, s, v.T) if tall else (v, s, other.T)
 
 
-def naive_adapter(err: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _oversampled(rank: int, full: int) -> int:
+    return min(full, rank + max(16, rank // 2))
+
+
+def randomized_svd(
+    m: torch.Tensor, rank: int, start: torch.Tensor | None = None, power: int | None = None, seed: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Top-r singular triplets by subspace iteration (Halko, Martinsson & Tropp 2011), float64 out.
+
+    The big products run in float32 on m's device (QR re-orthonormalizes after each one); the small k x n
+    projection is decomposed in float64. Oversampling is k = r + max(16, r/2): a compression error's spectrum
+    is flat (quantization noise), where the top-r energy converges slowly; with 4 power steps the subspace
+    keeps all but ~1 % of the exact top-r energy of a flat 4096 x 4096 test matrix, at ~1/4 of the exact path's
+    time. `start` (d_out x j, j < k) seeds the subspace (then 2 steps): in the refit loop the previous round's
+    B spans nearly the same subspace.
+    """
+    mf = m.float()
+    d_out, d_in = mf.shape
+    k = _oversampled(rank, min(d_out, d_in))
+    g = torch.Generator(device=mf.device).manual_seed(seed)
+    fresh = k if start is None else k - min(start.shape[1], k - 1)
+    y = mf @ torch.randn(d_in, fresh, generator=g, device=mf.device)
+    if start is not None:
+        y = torch.cat([start[:, : k - fresh].to(mf), y], 1)
+    q = torch.linalg.qr(y).Q
+    for _ in range(power if power is not None else _POWER_COLD if start is None else _POWER_WARM):
+        q = torch.linalg.qr(mf @ torch.linalg.qr(mf.T @ q).Q).Q
+    b = (q.T @ mf).double()  # k x d_in: its top-r triplets through the k x k Gram (exact for them in float64)
+    ev, vec = torch.linalg.eigh(b @ b.T)
+    ev, vec = ev.flip(0)[:rank], vec.flip(1)[:, :rank]
+    s = ev.clamp_min(0).sqrt()
+    vh = (vec.T @ b) / s.clamp_min(torch.finfo(s.dtype).tiny)[:, None]
+    return q.double() @ vec, s, vh
+
+
+def naive_adapter(
+    err: torch.Tensor, rank: int, svd: str = "exact", start: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Best rank-r approximation of E in Frobenius norm (Naive-LoRA)."""
-    u, s, vh = _truncated(err, rank)
+    u, s, vh = _truncated(err, rank, svd, start)
     return (s[:, None] * vh).float(), u.float()
 
 
 def slim_adapter(
-    err: torch.Tensor, rms: torch.Tensor, rank: int, eps: float = 1e-8
+    err: torch.Tensor, rms: torch.Tensor, rank: int, eps: float = 1e-8, svd: str = "exact",
+    start: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """SLiM-LoRA: SVD of E diag(d), d = RMS of each input channel, then undo the scaling on A."""
     d = rms.double().clamp_min(eps * float(rms.max().clamp_min(eps)))
-    u, s, vh = _truncated(err.double() * d[None, :], rank)
+    u, s, vh = _truncated(err.double() * d[None, :], rank, svd, start)
     a = (s[:, None] * vh) / d[None, :]
     return a.float(), u.float()
 
@@ -63,7 +120,45 @@ class GramFactor(NamedTuple):
     def energy(self, err: torch.Tensor, product: torch.Tensor) -> float:
         """tr(E H E^T) from `product` = E L (computed anyway for the adapter fit): ||E L||^2 - shift ||E||^2,
         without another d_out x d_in x d_in product."""
-        return float((product**2).sum() - self.shift * (err.double() ** 2).sum())
+        return float((product.double() ** 2).sum() - self.shift * (err.double() ** 2).sum())
+
+    def weight(self, err: torch.Tensor) -> torch.Tensor:
+        """E S with S = L."""
+        return times_lower(err, self.low)
+
+    def unweight(self, x: torch.Tensor) -> torch.Tensor:
+        """X S^-1 (an adapter's A back from the weighted space)."""
+        return torch.linalg.solve_triangular(self.low, x.to(self.low.dtype), upper=False, left=False)
+
+
+class InverseFactor(NamedTuple):
+    """S = U^-1 for the upper U with U^T U = (H + shift I)^-1: the error-feedback pass's own factor.
+
+    S S^T = H + shift I, as for `GramFactor`, so the optimal adapter is the same; and the error-feedback pass
+    leaves T - Q = E_s U (E_s: its scaled column errors), so (T - Q) S = E_s comes free: the adapter fit needs
+    no d_out x d_in x d_in product. `dead` marks inputs that never fired (their H_jj was set to 1, as OPTQ does).
+    """
+
+    upper: torch.Tensor
+    shift: float
+    damping: float | None = None
+    dead: torch.Tensor | None = None
+
+    def energy(self, err: torch.Tensor, product: torch.Tensor) -> float:
+        """tr(E H E^T) from `product` = E S."""
+        e = err.double()
+        out = (product.double() ** 2).sum() - self.shift * (e**2).sum()
+        if self.dead is not None and bool(self.dead.any()):
+            out = out - (e[:, self.dead] ** 2).sum()
+        return float(out)
+
+    def weight(self, err: torch.Tensor) -> torch.Tensor:
+        """E S = E U^-1 (a triangular solve)."""
+        return torch.linalg.solve_triangular(self.upper, err.to(self.upper.dtype), upper=True, left=False)
+
+    def unweight(self, x: torch.Tensor) -> torch.Tensor:
+        """X S^-1 = X U."""
+        return x.to(self.upper.dtype) @ self.upper
 
 
 def gram_factor(h: torch.Tensor, damping: float) -> GramFactor:
@@ -104,17 +199,18 @@ def times_lower(e: torch.Tensor, low: torch.Tensor, chunk: int = 256) -> torch.T
 
 
 def fullcov_adapter(
-    err: torch.Tensor, gram: torch.Tensor, rank: int, damping: float = 0.01, factor: GramFactor | None = None,
-    product: torch.Tensor | None = None,
+    err: torch.Tensor, gram: torch.Tensor, rank: int, damping: float = 0.01,
+    factor: GramFactor | InverseFactor | None = None, product: torch.Tensor | None = None, svd: str = "exact",
+    start: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Rank-r correction optimal for the calibration output error ||X (E - B A)^T||_F.
 
-    `factor` = gram_factor(gram, damping) may be passed to reuse it across calls, and `product` = E L when
-    the caller has it.
+    `factor` (a `GramFactor`, or the error-feedback pass's `InverseFactor`) may be passed to reuse it across
+    calls, and `product` = E S when the caller has it.
     """
-    low = (factor if factor is not None else gram_factor(gram, damping)).low
-    u, s, vh = _truncated(product if product is not None else times_lower(err, low), rank)
-    a = torch.linalg.solve_triangular(low, s[:, None] * vh, upper=False, left=False)  # (s vh) L^-1
+    f = factor if factor is not None else gram_factor(gram, damping)
+    u, s, vh = _truncated(product if product is not None else f.weight(err), rank, svd, start)
+    a = f.unweight(s[:, None] * vh)  # (s vh) S^-1
     return a.float(), u.float()
 
 

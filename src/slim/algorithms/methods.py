@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from .baselines import awq_search, jsq_score
-from .lowrank import GramFactor, fullcov_adapter, naive_adapter, slim_adapter, times_lower
+from .lowrank import GramFactor, InverseFactor, fullcov_adapter, naive_adapter, slim_adapter
 from .optq import Feedback
 from .prune import make_mask, make_mask_from_score, sparsegpt_mask
 from .quant import (
@@ -191,7 +191,8 @@ QUANTIZERS: dict[str, Quantizer] = {k.name: k for k in (
 @dataclass(frozen=True)
 class AdapterMethod:
     """A closed-form low-rank adapter. `fit(err, stats, gram, rank, adapter, factor, product)` gives (A, B) with
-    B @ A ~ err in the method's metric; `weighted(err, stats, factor)` is the error as that metric sees it, E S,
+    B @ A ~ err in the method's metric (`start`: a basis near the answer's B, e.g. the previous refit round's, that
+    a randomized SVD starts from); `weighted(err, stats, factor)` is the error as that metric sees it, E S,
     whose truncated SVD the adapter keeps (what greedy rank allocation ranks by)."""
 
     name: str
@@ -209,8 +210,9 @@ def _diagonal(weight: Callable[[InputStats], Tensor], name: str, needs_abs: bool
     """SLiM-LoRA (input RMS) or L2QER (mean input magnitude): one closed form under a diagonal input weighting."""
 
     def fit(err: Tensor, stats: InputStats, gram: Tensor | None, rank: int, ad: AdapterConfig,
-            factor: GramFactor | None = None, product: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        return slim_adapter(err, weight(stats), rank)
+            factor: GramFactor | None = None, product: Tensor | None = None,
+            start: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        return slim_adapter(err, weight(stats), rank, svd=ad.svd, start=start)
 
     def weighted(err: Tensor, stats: InputStats, factor: GramFactor | None) -> Tensor:
         return err.double() * weight(stats).double()[None, :]
@@ -219,20 +221,22 @@ def _diagonal(weight: Callable[[InputStats], Tensor], name: str, needs_abs: bool
 
 
 def _naive_fit(err: Tensor, stats: InputStats, gram: Tensor | None, rank: int, ad: AdapterConfig,
-               factor: GramFactor | None = None, product: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    return naive_adapter(err, rank)
+               factor: GramFactor | None = None, product: Tensor | None = None,
+               start: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    return naive_adapter(err, rank, ad.svd, start)
 
 
 def _fullcov_fit(err: Tensor, stats: InputStats, gram: Tensor | None, rank: int, ad: AdapterConfig,
-                 factor: GramFactor | None = None, product: Tensor | None = None) -> tuple[Tensor, Tensor]:
+                 factor: GramFactor | InverseFactor | None = None, product: Tensor | None = None,
+                 start: Tensor | None = None) -> tuple[Tensor, Tensor]:
     if gram is None:
         raise ValueError("fullcov adapters need the Gram matrix of the layer inputs")
-    return fullcov_adapter(err, gram, rank, ad.damping, factor, product)
+    return fullcov_adapter(err, gram, rank, ad.damping, factor, product, ad.svd, start)
 
 
 def _fullcov_weighted(err: Tensor, stats: InputStats, factor: GramFactor | None) -> Tensor:
-    """E L with L the Cholesky factor of H: its singular values are those of E H^(1/2)."""
-    return times_lower(err, factor.low)
+    """E S with S S^T = H (S = L, H's Cholesky factor): its singular values are those of E H^(1/2)."""
+    return factor.weight(err)
 
 
 ADAPTERS: dict[str, AdapterMethod] = {k.name: k for k in (

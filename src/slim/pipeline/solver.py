@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..algorithms.lowrank import GramFactor, gram_factor, output_error, times_lower
+from ..algorithms.lowrank import GramFactor, InverseFactor, gram_factor, output_error
 from ..algorithms.methods import ADAPTERS, MASKS, QUANTIZERS, FixedParams, Setup
 from ..algorithms.optq import ColumnGrid, Feedback, optq
 from ..algorithms.quant import clamp_sym, expand_groups, fake_quant, gptq_scale, group_absmax_scale, quantize_codes
@@ -27,6 +27,7 @@ class QuantResult:
     info: dict
     mask: torch.Tensor | None = None  # the mask used (chosen in the pass for SparseGPT + OPTQ)
     zero: torch.Tensor | None = None  # asymmetric zero points (AWQ)
+    scaled_err: torch.Tensor | None = None  # error feedback in natural column order: E_s with target - dense = E_s U
 
 
 def fit_scale(w: torch.Tensor, mask: torch.Tensor, q: QuantConfig) -> tuple[torch.Tensor, int, dict]:
@@ -48,7 +49,7 @@ def _ef_pass(
         nm, ratio = ((n, m), None) if kind == "nm" else (None, r)
     if fb.perm is None:
         return optq(w, gram, col_fn, mask, q.damping, hinv_chol=fb.chol, nm=nm, ratio=ratio, on_block=on_block,
-                    grid=grid)
+                    grid=grid, errors=True)
     if choose is not None:
         raise ValueError("act-order cannot be combined with choosing the mask in the same pass (SparseGPT)")
     perm, inv = fb.perm, torch.argsort(fb.perm)
@@ -57,7 +58,7 @@ def _ef_pass(
         w[:, perm], None, lambda c, j: col_fn(c, int(perm[j])), None if mask is None else mask[:, perm],
         q.damping, hinv_chol=fb.chol, grid=pgrid,
     )
-    return out[:, inv], used[:, inv]
+    return out[:, inv], used[:, inv], None
 
 
 def quantize_masked(
@@ -81,8 +82,9 @@ def quantize_masked(
     if not quantizer.quantizes:
         if not q.error_feedback:
             return QuantResult(None, None, 0, w * mask, {}, mask)
-        dense, used = _ef_pass(w, gram, lambda c, j: c, mask, fb, q, choose, grid=ColumnGrid(0, lambda c: (None, None)))
-        return QuantResult(None, None, 0, dense, {}, used)
+        dense, used, errs = _ef_pass(w, gram, lambda c, j: c, mask, fb, q, choose,
+                                     grid=ColumnGrid(0, lambda c: (None, None)))
+        return QuantResult(None, None, 0, dense, {}, used, scaled_err=errs)
     d_in = w.shape[1]
     info: dict = {}
     zero = clip = None
@@ -123,24 +125,26 @@ def quantize_masked(
             return scale[:, cols // gsize], None if zero is None else zero[:, cols // gsize]
 
         grid = ColumnGrid(q.bits, params) if clip is None else None  # AWQ's clipping stays in Python
-        target, mask = _ef_pass(w, gram, col_fn, mask, fb, q, choose, on_block, grid)
+        target, mask, errs = _ef_pass(w, gram, col_fn, mask, fb, q, choose, on_block, grid)
     else:
-        target = clamp(w * mask, slice(None))
+        target, errs = clamp(w * mask, slice(None)), None
     sf, zf = full(scale), full(zero)
     codes = quantize_codes(target, sf, q.bits, zf)
     dense = (codes.float() - (0 if zf is None else zf)) * sf * mask
-    return QuantResult(codes, scale, gsize, dense, info, mask, zero)
+    return QuantResult(codes, scale, gsize, dense, info, mask, zero, errs)
 
 
 def fit_adapter(
     err: torch.Tensor, stats: InputStats, gram: torch.Tensor | None, rank: int, ad: AdapterConfig,
-    factor: GramFactor | None = None, product: torch.Tensor | None = None,
+    factor: GramFactor | InverseFactor | None = None, product: torch.Tensor | None = None,
+    start: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(A, B) with B @ A ~ err under the adapter method's weighting."""
+    """(A, B) with B @ A ~ err under the adapter method's weighting (`start`: a previous B, for a randomized SVD to
+    start from)."""
     fit = ADAPTERS[ad.method].fit
     if fit is None:
         raise ValueError(f"adapter method {ad.method!r} fits no adapter")
-    return fit(err, stats, gram, rank, ad, factor, product)
+    return fit(err, stats, gram, rank, ad, factor, product, start)
 
 
 def quantize_grouped(t: torch.Tensor, bits: int, group: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -160,7 +164,7 @@ class Prepared:
     mask: torch.Tensor
     fb: Feedback | None
     params: FixedParams | None
-    factor: GramFactor | None  # fullcov: Cholesky factor of the damped Gram matrix
+    factor: GramFactor | InverseFactor | None  # fullcov: S with S S^T = the damped Gram matrix
     input_scale: torch.Tensor | None
     qr: QuantResult
     info: dict
@@ -197,7 +201,11 @@ def prepare_weight(
         fb = stats.cached(("fb", q.damping, q.act_order), lambda: Feedback.build(gram, q.damping, q.act_order))
     factor = None
     if ADAPTERS[ad.method].needs_gram and gram is not None:
-        factor = stats.cached(("factor", ad.damping), lambda: gram_factor(gram, ad.damping))
+        if fb is not None and fb.perm is None and fb.damping == ad.damping:
+            # the error-feedback pass's factor serves the adapter too: no second factorization, no E L products
+            factor = stats.cached(("inverse-factor", q.damping), lambda: inverse_factor(fb, gram))
+        else:
+            factor = stats.cached(("factor", ad.damping), lambda: gram_factor(gram, ad.damping))
     qr = quantize_masked(w, mask, q, gram, fb, params, choose)
     info.update(qr.info)
     raised = {what: got.damping for what, got, asked in (("hessian", fb or mask_fb, q.damping),
@@ -206,6 +214,13 @@ def prepare_weight(
     if raised:  # a failed Cholesky raised the damping (logged where it happened): the layer's report says how far
         info["damping_raised"] = raised
     return Prepared(w, stats, qr.mask, fb, params, factor, input_scale, qr, info)
+
+
+def inverse_factor(fb: Feedback, gram: torch.Tensor) -> InverseFactor:
+    """`InverseFactor` of the error-feedback pass (its shift and dead inputs as `optq.damped_inverse_cholesky`)."""
+    d = torch.diagonal(gram).double()
+    dead = d == 0
+    return InverseFactor(fb.chol, fb.damping * float((d + dead).mean()), fb.damping, dead if bool(dead.any()) else None)
 
 
 def weighted(err: torch.Tensor, prep: Prepared, ad: AdapterConfig) -> torch.Tensor:
@@ -263,22 +278,39 @@ def compress_weight(
     w, stats, mask, fb, params, factor = prep.w, prep.stats, prep.mask, prep.fb, prep.params, prep.factor
     input_scale, qr, info = prep.input_scale, prep.qr, prep.info
     gram, rms = stats.mean_gram, stats.rms
-    base = max(output_error(w, gram, rms), 1e-30)
+
+    def energy(err: torch.Tensor) -> float:  # tr(E H E^T), through the factor where there is one (half the work)
+        return output_error(err, gram, rms) if factor is None else factor.energy(err, factor.weight(err))
+
+    base = max(energy(w), 1e-30)
 
     def rel(err: torch.Tensor) -> float:
-        return output_error(err, gram, rms) / base
+        return energy(err) / base
 
     def quantize(target: torch.Tensor) -> QuantResult:
         with phase("solve.quantize"):
             return quantize_masked(target, mask, q, gram, fb, params)
 
-    def fit(err: torch.Tensor, product: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def fit(err: torch.Tensor, product: torch.Tensor | None = None,
+            start: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         with phase("solve.adapter"):
-            return fit_adapter(err, stats, gram, rank, ad, factor, product)
+            return fit_adapter(err, stats, gram, rank, ad, factor, product, start)
 
-    # fullcov: E L is needed for each fit; the error of the state before it then costs no extra product
-    low = None if factor is None or gram is None else factor.low
-    product = None if low is None else times_lower(w - qr.dense, low)
+    # fullcov: (W - Q) S is needed for each fit, and gives the error of the state before it. With the error-feedback
+    # pass's own factor it comes free: (target - Q) S = the pass's scaled errors, and W - Q = target - Q + B A
+    free = isinstance(factor, InverseFactor)
+
+    def products(res: QuantResult, b: torch.Tensor | None = None,
+                 a: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """((W - Q) S, (W - Q - B A) S) for `res` = Q quantized from W - B A."""
+        with phase("solve.weight"):
+            ba = 0 if b is None else b.to(torch.float64 if not free else b.dtype) @ factor.weight(a)
+            if free and res.scaled_err is not None:
+                return res.scaled_err + ba, res.scaled_err
+            p = factor.weight(w - res.dense)
+            return p, p - ba
+
+    product = None if factor is None else products(qr)[0]
     info["err_metric"] = "gram" if gram is not None else "diag"  # tr(E H E^T), or its diagonal approximation
     info["rel_err_compressed"] = (rel(w - qr.dense) if product is None
                                   else factor.energy(w - qr.dense, product) / base)
@@ -297,11 +329,13 @@ def compress_weight(
                 adapter_q = ((ca, cb), (sa, sb))
         else:
             # alternate: adapters (as stored) fitted to the current weights' error, weights re-quantized
-            # against them; keep the best state by calibration error, stop when it stops falling
+            # against them; keep the best state by calibration error, stop when it stops falling. Each fit starts
+            # from the previous round's B (a randomized SVD needs fewer steps from there)
             cur = qr
             errs: list[float] = []
+            b1 = None
             for rnd in range(ad.refit_rounds + 1):
-                a1, b1 = fit(w - cur.dense, product)
+                a1, b1 = fit(w - cur.dense, product, b1)
                 aq = None
                 if ad.quantize:
                     ca, sa, a1 = quantize_grouped(a1, ad.bits, ad.group_size)
@@ -310,9 +344,9 @@ def compress_weight(
                 cur = quantize(w - b1 @ a1)
                 if product is None:
                     e = rel(w - cur.dense - b1 @ a1)
-                else:  # (E - BA) L = E L - B (A L): the next fit's product serves this measurement too
-                    product = times_lower(w - cur.dense, low)
-                    e = factor.energy(w - cur.dense - b1 @ a1, product - b1.double() @ times_lower(a1, low)) / base
+                else:  # the next fit's product serves this measurement too
+                    product, residual = products(cur, b1, a1)
+                    e = factor.energy(w - cur.dense - b1 @ a1, residual) / base
                 errs.append(e)
                 if best is not None and e >= best[0]:
                     break
