@@ -7,8 +7,10 @@ default recipe 6x the paper recipe's time); sending each block to slim's C++ ker
 copies a block. Here one launch handles a block of up to 128 columns: a program owns BR rows and keeps their
 BR x 128 tile in registers while it walks the columns; the block's row of the inverse-Hessian factor U is read
 from memory (it is the same for every program, so L2 serves it). The lazy update of the later columns stays a
-cuBLAS GEMM in `optq`. Arithmetic is float32 (the C++ kernel's is float64); rounding is half-to-even, as
-`torch.round` and the C++ kernel's `nearbyint`. Runs on CPU tensors under TRITON_INTERPRET=1 (how CI tests it).
+cuBLAS GEMM in `optq`. Arithmetic is float64, as the C++ kernel's (float32 error feedback moved SmolLM2's
+perplexity by 5 %: slim.algorithms.optq.STATE_DTYPE); the rounding itself is float32 and half-to-even, as the
+C++ kernel's `nearbyint` on float32 and `torch.round`. Runs on CPU tensors under TRITON_INTERPRET=1 (how CI tests
+it).
 May import: nothing from slim.
 """
 
@@ -36,22 +38,22 @@ def _optq_block_kernel(w_ptr, u_ptr, k_ptr, s_ptr, z_ptr, q_ptr, e_ptr, R, B, qm
         z = tl.load(z_ptr + off, mask=inside, other=0.0)
     if MASKED:
         keep = tl.load(k_ptr + off, mask=inside, other=0.0)
-    qs = tl.zeros([BR, BB], dtype=tl.float32)
-    es = tl.zeros([BR, BB], dtype=tl.float32)
+    qs = tl.zeros([BR, BB], dtype=tl.float64)
+    es = tl.zeros([BR, BB], dtype=tl.float64)
     for j in range(0, B):
         here = (cols == j)[None, :]
         c = tl.sum(tl.where(here, w, 0.0), axis=1)
         qc = c
         if QUANT:
             sj = tl.sum(tl.where(here, s, 0.0), axis=1)
-            v = c / sj
+            v = c.to(tl.float32) / sj
             v = (v + _ROUND) - _ROUND
             if HAS_Z:
                 zj = tl.sum(tl.where(here, z, 0.0), axis=1)
                 v = tl.minimum(tl.maximum(v + zj, qmin), qmax) - zj
             else:
                 v = tl.minimum(tl.maximum(v, qmin), qmax)
-            qc = v * sj
+            qc = (v * sj).to(tl.float64)
         if MASKED:
             qc = qc * tl.sum(tl.where(here, keep, 0.0), axis=1)
         urow = tl.load(u_ptr + j * B + cols, mask=(cols >= j) & (cols < B), other=0.0)
@@ -68,17 +70,18 @@ def optq_block_triton(wb: torch.Tensor, ub: torch.Tensor, keep: torch.Tensor | N
                       zero: torch.Tensor | None, bits: int, rows_per_program: int = 16) -> tuple[torch.Tensor, ...]:
     """(q, scaled errors) of one block, as slim's C++ `optq_block`: wb (R, B) the block's current weights, ub (B, B)
     the block's diagonal block of U, keep (R, B) 0/1 or None, scale/zero broadcastable to (R, B) or None, bits 0 =
-    no rounding. Returned in wb's dtype."""
+    no rounding. Returned in wb's dtype; wb is not modified."""
     r, b = wb.shape
     if b > 128:
         raise ValueError(f"optq_block_triton: a block has at most 128 columns, got {b}")
     f32 = dict(dtype=torch.float32, device=wb.device)
+    f64 = dict(dtype=torch.float64, device=wb.device)
 
-    def full(t: torch.Tensor | None) -> torch.Tensor | None:
-        return None if t is None else t.to(**f32).expand(r, b).contiguous()
+    def full(t: torch.Tensor | None, like: dict) -> torch.Tensor | None:
+        return None if t is None else t.to(**like).expand(r, b).contiguous()
 
-    w, u = wb.to(**f32).contiguous(), ub.to(**f32).contiguous()
-    k, s, z = full(keep), full(scale) if bits else None, full(zero) if bits else None
+    w, u = wb.to(**f64, copy=True).contiguous(), ub.to(**f64).contiguous()
+    k, s, z = full(keep, f64), full(scale, f32) if bits else None, full(zero, f32) if bits else None
     q, e = torch.empty_like(w), torch.empty_like(w)
     qmax = float(2 ** (bits - 1) - 1) if bits else 0.0
     _optq_block_kernel[(triton.cdiv(r, rows_per_program),)](

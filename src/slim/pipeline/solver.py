@@ -201,8 +201,10 @@ def prepare_weight(
         fb = stats.cached(("fb", q.damping, q.act_order), lambda: Feedback.build(gram, q.damping, q.act_order))
     factor = None
     if ADAPTERS[ad.method].needs_gram and gram is not None:
-        if fb is not None and fb.perm is None and fb.damping == ad.damping:
-            # the error-feedback pass's factor serves the adapter too: no second factorization, no E L products
+        if fb is not None and fb.perm is None and fb.damping == ad.damping and bool(torch.diagonal(gram).all()):
+            # the error-feedback pass's factor serves the adapter too: no second factorization, no E L products.
+            # Not with dead inputs: OPTQ gives them a unit diagonal, harmless to it, but on the Gram matrix's own
+            # scale a unit weight can outweigh every live input in the adapter's metric
             factor = stats.cached(("inverse-factor", q.damping), lambda: inverse_factor(fb, gram))
         else:
             factor = stats.cached(("factor", ad.damping), lambda: gram_factor(gram, ad.damping))
@@ -217,10 +219,9 @@ def prepare_weight(
 
 
 def inverse_factor(fb: Feedback, gram: torch.Tensor) -> InverseFactor:
-    """`InverseFactor` of the error-feedback pass (its shift and dead inputs as `optq.damped_inverse_cholesky`)."""
-    d = torch.diagonal(gram).double()
-    dead = d == 0
-    return InverseFactor(fb.chol, fb.damping * float((d + dead).mean()), fb.damping, dead if bool(dead.any()) else None)
+    """`InverseFactor` of the error-feedback pass, for a Gram matrix without dead inputs (its shift as
+    `optq.damped_inverse_cholesky` damps)."""
+    return InverseFactor(fb.chol, fb.damping * float(torch.diagonal(gram).double().mean()), fb.damping)
 
 
 def weighted(err: torch.Tensor, prep: Prepared, ad: AdapterConfig) -> torch.Tensor:
@@ -304,7 +305,11 @@ def compress_weight(
                  a: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """((W - Q) S, (W - Q - B A) S) for `res` = Q quantized from W - B A."""
         with phase("solve.weight"):
-            ba = 0 if b is None else b.to(torch.float64 if not free else b.dtype) @ factor.weight(a)
+            if b is None:
+                ba = 0
+            else:
+                wa = factor.weight(a)
+                ba = b.to(wa.dtype) @ wa
             if free and res.scaled_err is not None:
                 return res.scaled_err + ba, res.scaled_err
             p = factor.weight(w - res.dense)
@@ -335,18 +340,21 @@ def compress_weight(
             errs: list[float] = []
             b1 = None
             for rnd in range(ad.refit_rounds + 1):
-                a1, b1 = fit(w - cur.dense, product, b1)
+                # the error itself only where the fit has no product to work from
+                a1, b1 = fit(w - cur.dense if product is None else w, product, b1)
                 aq = None
                 if ad.quantize:
                     ca, sa, a1 = quantize_grouped(a1, ad.bits, ad.group_size)
                     cb, sb, b1 = quantize_grouped(b1, ad.bits, ad.group_size)
                     aq = ((ca, cb), (sa, sb))
-                cur = quantize(w - b1 @ a1)
+                target = w - b1 @ a1
+                cur = quantize(target)
                 if product is None:
-                    e = rel(w - cur.dense - b1 @ a1)
+                    e = rel(target - cur.dense)
                 else:  # the next fit's product serves this measurement too
                     product, residual = products(cur, b1, a1)
-                    e = factor.energy(w - cur.dense - b1 @ a1, residual) / base
+                    e = factor.energy(target - cur.dense, residual) / base
+                del target
                 errs.append(e)
                 if best is not None and e >= best[0]:
                     break
