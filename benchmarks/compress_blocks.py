@@ -33,6 +33,7 @@ SHAPES = {
     "7B": (4096, 11008, 32, 32, 32, "LLaMA-2-7B"),
     "8B": (4096, 14336, 32, 8, 32, "Llama-3-8B"),
     "70B": (8192, 28672, 64, 8, 80, "LLaMA-2-70B"),
+    "tiny": (64, 160, 4, 2, 2, "a tiny Llama"),  # the script's own smoke test
 }
 RECIPES = {"paper": ["--preset", "paper"], "default": []}
 # the paper's times on one H100 for LLaMA-2-7B (its Table 21), minutes: what the GPU acceptance compares against
@@ -122,7 +123,7 @@ def table(res: dict) -> str:
                      + " |")
     lines += ["", "| model | blocks | projected paper min | projected default min | default / paper (block) | "
               "default / paper (solve) |", "|---|---|---|---|---|---|"]
-    for shape, s in res["summary"].items():
+    for _shape, s in res["summary"].items():
         pm = s["projected_minutes"]
         lines.append(f"| {s['model']} | {s['blocks']} | {pm.get('paper', float('nan')):.1f} | "
                      f"{pm.get('default', float('nan')):.1f} | {s.get('default_vs_paper', float('nan')):.2f}x | "
@@ -135,7 +136,7 @@ SOLVE_PARTS = ("solve.prepare", "solve.quantize", "solve.adapter", "solve.weight
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", required=True, help="output folder (blocks.json + README.md)")
+    ap.add_argument("--out", required=True, help="output folder (blocks.json + blocks.md)")
     ap.add_argument("--work", default="runs/blocks", help="where the random models and checkpoints go")
     ap.add_argument("--device", default="cuda", help="cuda (default) or cpu")
     ap.add_argument("--shapes", default="7B,8B,70B", help=f"comma-separated, from {', '.join(SHAPES)}")
@@ -176,7 +177,7 @@ def main() -> int:
                   f"{r['peak_gpu_reserved_gib']:.1f} GiB reserved", flush=True)
             res["summary"] = summarize(res["runs"])
             write_json(out / "blocks.json", res)  # after each run: an interrupted benchmark keeps what it measured
-            (out / "README.md").write_text(table(res))
+            (out / "blocks.md").write_text(table(res))
     print(table(res))
     return 0
 

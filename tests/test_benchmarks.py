@@ -359,3 +359,42 @@ def test_cpu_decode_block_costs_and_table(bench):
            "blocks": {"v": costs}, "command": "python benchmarks/cpu_decode.py"}
     md = cpu_decode.table(res)
     assert "**1.25×**" in md and "**0.70×**" in md
+
+
+def test_compress_blocks_summary_and_table(bench):
+    """The scale benchmark's projections and ratios come from its runs (default over paper, blocks x seconds)."""
+    import compress_blocks as blocks  # the `bench` fixture put benchmarks/ on sys.path
+
+    runs = [{"shape": "7B", "recipe": r, "compress_seconds": t, "phase_seconds": {"calibrate": 10.0, "solve": t - 10},
+             "peak_rss_mib": 2048.0, "peak_gpu_allocated_gib": 3.0, "peak_gpu_reserved_gib": 4.0,
+             "mean_rel_err_final": 0.1} for r, t in (("paper", 20.0), ("default", 40.0))]
+    s = blocks.summarize(runs)["7B"]
+    assert s["default_vs_paper"] == pytest.approx(2.0) and s["default_vs_paper_solve"] == pytest.approx(3.0)
+    assert s["projected_minutes"] == {"paper": pytest.approx(32 * 20 / 60), "default": pytest.approx(32 * 40 / 60)}
+    res = {"args": {"device": "cuda", "calib_samples": 128, "calib_seqlen": 2048}, "commit": "abc",
+           "machine": {"cpu": "x", "cores": 2, "torch_threads": 2, "gpu": "H100", "torch": "2", "transformers": "5"},
+           "command": "python benchmarks/compress_blocks.py", "runs": runs, "summary": {"7B": s}}
+    text = blocks.table(res)
+    assert "| 7B | default | 40.0 | 10.0 | 30.0 |" in text and "| LLaMA-2-7B | 32 | 10.7 | 21.3 | 2.00x | 3.00x |" in text
+    assert "GPU H100" in text and "3.0 / 4.0" in text
+
+
+@pytest.mark.slow  # two real `slim compress` runs of a tiny model through the shell script
+def test_compress_blocks_script_dry_run_on_cpu(tmp_path, shared_data):
+    """benchmarks/compress_blocks_gpu.sh, the one call a lent GPU gets for #47, runs its stages on a CPU."""
+    import os
+    import subprocess
+
+    pytest.importorskip("triton", reason="Triton is not installed")
+    env = {**os.environ, "DRY_RUN": "1", "OUT": str(tmp_path / "out"), "WORK": str(tmp_path / "work"),
+           "TEST_S": "300", "BENCH_S": "600", "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    r = subprocess.run(["bash", str(BENCH / "compress_blocks_gpu.sh"), "--shapes", "tiny", "--device", "cpu",
+                        "--calib-samples", "2", "--calib-seqlen", "32", "--data-dir", str(shared_data)],
+                       env=env, cwd=BENCH.parent, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "[gpu-tests] rc 0" in r.stdout and "[benchmark] rc 0" in r.stdout, r.stdout[-3000:]
+    res = json.loads((tmp_path / "out" / "blocks.json").read_text())
+    assert [x["recipe"] for x in res["runs"]] == ["paper", "default"]
+    assert all(x["compress_seconds"] > 0 and x["peak_rss_mib"] > 0 and "solve" in x["phase_seconds"]
+               for x in res["runs"])
+    assert "default_vs_paper" in res["summary"]["tiny"]

@@ -43,6 +43,19 @@ def test_upper_inverse_factor_is_the_upper_cholesky_of_the_inverse():
     assert info != 0
 
 
+def test_feedback_factor_inverts_the_damped_hessian_with_dead_inputs():
+    h = _gram(120)
+    h[7, :] = 0
+    h[:, 7] = 0
+    u, reached = damped_inverse_cholesky(h, 0.05)
+    d = torch.diagonal(h).clone()
+    d[7] = 1.0
+    ref = h.clone()
+    ref.diagonal().copy_(d + 0.05 * float(d.mean()))
+    assert reached == 0.05
+    assert torch.allclose(u.T @ u, torch.linalg.inv(ref), rtol=1e-7, atol=1e-9)
+
+
 def test_feedback_factor_is_float64_and_float32_on_request():
     """float64 by default (float32 error feedback cost SmolLM2 5 % perplexity); float32 agrees to its precision."""
     h = _gram(200)
@@ -94,9 +107,11 @@ def test_inverse_factor_gives_the_gram_factor_adapter():
     assert torch.allclose(inv.unweight(inv.weight(e)), e, atol=1e-9)
 
 
-def test_compress_weight_reuses_the_feedback_factor_with_the_same_result():
-    """The default recipe's fast path (adapter fitted in the error-feedback pass's coordinates) against the general
-    path (its own Cholesky factor, E L products), forced by a damping that differs in the 7th digit."""
+def test_compress_weight_reuses_the_feedback_factor_with_the_same_result(monkeypatch):
+    """The shared-factor path (adapter fitted in the error-feedback pass's coordinates, `SHARE_FEEDBACK_FACTOR`)
+    against the general path (its own Cholesky factor, E L products), forced by a damping that differs in the
+    7th digit."""
+    monkeypatch.setattr(solver, "SHARE_FEEDBACK_FACTOR", True)
     d_out, d_in = 64, 256
     w = torch.randn(d_out, d_in, generator=torch.Generator().manual_seed(3))
     fast = CompressConfig.from_dict({"adapter": {"rank": 16, "svd": "exact"}})
@@ -105,6 +120,9 @@ def test_compress_weight_reuses_the_feedback_factor_with_the_same_result():
     prep = solver.prepare_weight(w, st, fast)
     assert isinstance(prep.factor, InverseFactor)
     assert isinstance(solver.prepare_weight(w, _stats(d_in), slow).factor, GramFactor)
+    monkeypatch.setattr(solver, "SHARE_FEEDBACK_FACTOR", False)
+    assert isinstance(solver.prepare_weight(w, _stats(d_in), fast).factor, GramFactor)  # the default
+    monkeypatch.setattr(solver, "SHARE_FEEDBACK_FACTOR", True)
     cw_fast = solver.compress_weight(w, _stats(d_in), fast)
     cw_slow = solver.compress_weight(w, _stats(d_in), slow)
     f, s = cw_fast.info, cw_slow.info

@@ -54,14 +54,14 @@ def inverse_hessian_cholesky(h: torch.Tensor, damping: float = 0.01) -> torch.Te
     return damped_inverse_cholesky(h, damping)[0]
 
 
-def upper_inverse_factor(h: torch.Tensor, chunk: int = 1024) -> tuple[torch.Tensor, int]:
+def upper_inverse_factor(h: torch.Tensor, chunk: int = 1024, flipped: bool = False) -> tuple[torch.Tensor, int]:
     """(U, info): U upper with U^T U = h^-1, without forming h^-1. With J the order reversal and J h J = C C^T,
     U = J C^-1 J: one Cholesky and one triangular inverse (by column chunks of the identity, skipping the
-    inverse's zero upper part), ~2/3 n^3 against ~5/3 n^3 for Cholesky, inverse, Cholesky again. info != 0:
-    h is not positive definite (U is then garbage)."""
-    c, info = torch.linalg.cholesky_ex(h.flip(0, 1))
+    inverse's zero upper part), ~2/3 n^3 against ~5/3 n^3 for Cholesky, inverse, Cholesky again. `flipped`: h is
+    given as J h J already (saves a copy). info != 0: h is not positive definite (U is then garbage)."""
+    c, info = torch.linalg.cholesky_ex(h if flipped else h.flip(0, 1))
     n = c.shape[0]
-    inv = torch.zeros_like(c)  # peak: h, c and inv (plus one flipped copy at the end)
+    inv = torch.zeros_like(c)  # peak: h, c and inv
     for j0 in range(0, n, chunk):
         j1 = min(j0 + chunk, n)
         rhs = torch.zeros(n - j0, j1 - j0, dtype=c.dtype, device=c.device)
@@ -83,13 +83,13 @@ def damped_inverse_cholesky(
     dead = d == 0
     fixed = d + dead  # dead inputs: a unit diagonal
     mean = float(fixed.mean())
-    hh = h.to(dtype=dtype, copy=True)
-    diag = torch.diagonal(hh)
+    hh = h.flip(0, 1).to(dtype)  # J H J: the one copy, damped on its (reversed) diagonal in place
+    diag, fixed = torch.diagonal(hh), fixed.flip(0)
     diag.copy_(fixed + damping * mean)
     for extra in (0.0, 0.1, 1.0, 10.0):
         if extra:
             diag.copy_(fixed + (damping + extra + damping * extra) * mean)  # as damping the damped H again
-        chol, info = upper_inverse_factor(hh)
+        chol, info = upper_inverse_factor(hh, flipped=True)
         if info or not bool(torch.isfinite(torch.diagonal(chol)).all()):
             del chol
             continue
