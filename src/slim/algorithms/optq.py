@@ -199,6 +199,7 @@ def optq(
         if scaled is not None:
             scaled[:, b0:b1] = err
         w[:, b1:].addmm_(err, u[b0:b1, b1:], alpha=-1)  # in place: BLAS writes the strided view directly
+    q = q.float()  # the codes' values: exact in float32
     return (q, mask, scaled) if errors else (q, mask)
 
 
