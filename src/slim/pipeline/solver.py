@@ -31,10 +31,11 @@ class QuantResult:
 
 
 # The fullcov adapter fitted in the error-feedback pass's own coordinates (`InverseFactor`): the same adapter in
-# exact arithmetic, without a second Cholesky or the E L product per fit (a 7B block's solve on 2 CPU cores: 195 s
-# against 250 s). Off: per layer both paths agree to 1e-4 in the first refit rounds, but over SmolLM2's 30 blocks
-# the mean final error came out 3 % higher and WikiText-2 74.87 against 71.78 (docs/results/scale/cpu); until that is
-# understood the default keeps the Cholesky factor's path.
+# exact arithmetic, without a second Cholesky or the E L product per fit (those are `solve.weight`, about 100 s of a
+# 7B-shaped block's 344 s solve on 2 CPU cores). Off: per layer both paths agree to 1e-4 in the first refit rounds,
+# but over SmolLM2's 30 blocks the mean final error came out 3 % higher and WikiText-2 74.87 against 71.78
+# (docs/results/scale/cpu); until that is understood the default keeps the Cholesky factor's path. When off, the
+# error-feedback pass does not keep its scaled errors either (a d_out x d_in float64 matrix).
 SHARE_FEEDBACK_FACTOR = False
 
 
@@ -56,8 +57,9 @@ def _ef_pass(
         kind, n, m, r = choose
         nm, ratio = ((n, m), None) if kind == "nm" else (None, r)
     if fb.perm is None:
-        return optq(w, gram, col_fn, mask, q.damping, hinv_chol=fb.chol, nm=nm, ratio=ratio, on_block=on_block,
-                    grid=grid, errors=True)
+        out = optq(w, gram, col_fn, mask, q.damping, hinv_chol=fb.chol, nm=nm, ratio=ratio, on_block=on_block,
+                   grid=grid, errors=SHARE_FEEDBACK_FACTOR)
+        return out if SHARE_FEEDBACK_FACTOR else (*out, None)
     if choose is not None:
         raise ValueError("act-order cannot be combined with choosing the mask in the same pass (SparseGPT)")
     perm, inv = fb.perm, torch.argsort(fb.perm)
