@@ -351,8 +351,7 @@ def compress_weight(
             errs: list[float] = []
             b1 = None
             for rnd in range(ad.refit_rounds + 1):
-                # the error itself only where the fit has no product to work from
-                a1, b1 = fit(w - cur.dense if product is None else w, product, b1)
+                a1, b1 = fit(w - cur.dense, product, b1)
                 aq = None
                 if ad.quantize:
                     ca, sa, a1 = quantize_grouped(a1, ad.bits, ad.group_size)
