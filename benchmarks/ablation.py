@@ -83,6 +83,23 @@ ROWS: dict[str, tuple[str, dict]] = {
                                                                 "calib": {"autocast": "bf16"}}))),
 }
 
+# #48: the kept weights tuned too (shadow weights through the quantizer, mask fixed) and the mask re-chosen on
+# W - B A inside the refit, on top of the best block-tuning row
+TUNED = merge(BEST, merge(TUNE, {"tune": {"steps": 128, "eval_every": 64, "batch_size": 1, "autocast": "bf16-base"},
+                                 "calib": {"autocast": "bf16"}}))
+ROWS.update({
+    "best-cal+remask": ("1 + 2 + 3 + the mask re-chosen on W - BA in each refit round (adapter.remask), calibration "
+                        "forwards in bfloat16",
+                        merge(BEST, {"adapter": {"remask": True}, "calib": {"autocast": "bf16"}})),
+    "tuned-remask": ("best+tune128x1s-bf16-cal with the mask re-chosen on W - BA in each refit round (adapter.remask)",
+                     merge(TUNED, {"adapter": {"remask": True}})),
+    "tuned-weights": ("best+tune128x1s-bf16-cal, also training the kept weights (tune.weights, lr 0.03 steps)",
+                      merge(TUNED, {"tune": {"weights": True, "weights_lr": 0.03}})),
+    "tuned-weights-remask": ("best+tune128x1s-bf16-cal + tune.weights (lr 0.03 steps) + adapter.remask",
+                             merge(TUNED, {"tune": {"weights": True, "weights_lr": 0.03},
+                                           "adapter": {"remask": True}})),
+})
+
 
 def table(res: dict) -> str:
     dense = res["rows"].get("dense", {}).get("ppl")

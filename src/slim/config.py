@@ -144,6 +144,9 @@ class AdapterConfig:
     group_size: int = 128
     damping: float = 0.01  # fullcov: relative damping of the Gram matrix
     refit_rounds: int = 3  # alternate: re-fit the adapters to the re-quantized weights' error (paper: 0)
+    # in each refit round, also re-choose the mask (the configured mask method) on W - B A, the weights the
+    # adapters leave to the sparse part (HASSLE-free, OATS); the refit keeps the best round, mask included
+    remask: bool = False
     allocation: str = "uniform"  # or "greedy": the same parameter budget per block, spread by error spectra
     svd: str = "auto"  # the fits' top-r SVD: "exact", "randomized" (subspace iteration), "auto" (randomized >= 1024)
 
@@ -154,6 +157,9 @@ class AdapterConfig:
             raise ConfigError(f"adapter.allocation must be 'uniform' or 'greedy', got {self.allocation!r}")
         if self.refit_rounds < 0:
             raise ConfigError(f"adapter.refit_rounds must be >= 0, got {self.refit_rounds}")
+        if self.remask and self.refit_rounds == 0:
+            raise ConfigError("adapter.remask re-chooses the mask inside the alternating refit: set "
+                              "adapter.refit_rounds >= 1")
         adapters = _methods().ADAPTERS
         if self.method not in adapters:
             raise ConfigError(
@@ -245,6 +251,17 @@ class TuneConfig:
     # affine matrix per attention head between v and o, opened off the diagonal epoch by epoch (its gradual
     # mask); all folded into the stored weights, norms and biases, so the stored layout stays the same
     let: bool = False
+    # also train the kept weights (3BASiL's transformer matching, EfficientQAT's block stage): shadow weights seen
+    # through the layer's quantizer with straight-through rounding, the mask fixed; the codes are re-quantized from
+    # them at the end (same checkpoint format)
+    weights: bool = False
+    # Adam's rate for the shadow weights, in units of each layer's mean quantization step (0.1 and up diverge on
+    # SmolLM2; 0.01-0.015 move too few codes: docs/results/ablation/weight-tune)
+    weights_lr: float = 3e-2
+    # with tune.weights: after training, also try the adapters re-fitted in closed form to the final weights'
+    # residual; the held-out loss decides between them and the tuned adapters (off: the tuned ones won 19 of 20
+    # SmolLM2 blocks in the probes, and the candidate costs two held-out passes a block)
+    adapter_refit: bool = False
     let_lr: float = 5e-3  # AffineQuant's let_lr (absolute; the clipping logits keep tune.lr)
     let_alpha: float = 0.5  # the scales' start: SmoothQuant's max|x|^alpha / max|W|^(1 - alpha)
     let_sf: float = 1.0  # AffineQuant's stability factor: weight of the opened off-diagonals
@@ -274,6 +291,11 @@ class TuneConfig:
         if self.let and not self.clipping:
             raise ConfigError("tune.let trains AffineQuant's transformation together with the learnable clipping "
                               "that requantizes the transformed weights: add tune.clipping")
+        if self.weights and self.clipping:
+            raise ConfigError("tune.weights and tune.clipping both re-quantize the weights (shadow weights through "
+                              "fixed scales, or OmniQuant's trained clipping): choose one")
+        if self.weights_lr <= 0:
+            raise ConfigError(f"tune.weights_lr must be > 0, got {self.weights_lr}")
         if self.let_lr <= 0 or not (0.0 <= self.let_alpha <= 1.0) or self.let_sf <= 0:
             raise ConfigError("tune.let_lr and tune.let_sf must be > 0 and tune.let_alpha in [0, 1]")
 
@@ -318,7 +340,7 @@ class CompressConfig:
             raise ConfigError(f"tune.clipping trains a learnable clipping (OmniQuant's): quant.method "
                               f"{self.quant.method!r} has none; use quant.method {' or '.join(learnable)}")
         if t.enabled and m.ADAPTERS[self.adapter.method].fit is None and not (
-                t.clipping or t.norms or (t.scales and quantizer.quantizes)):
+                t.clipping or t.norms or t.weights or (t.scales and quantizer.quantizes)):
             raise ConfigError("block tuning trains the adapters (with tune.scales also the quantizer scales, with "
                               "tune.clipping OmniQuant's clipping): this recipe has none of them; add adapters "
                               "(--adapter fullcov) or tune.scales")

@@ -16,6 +16,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..algorithms.affine import let_map
+from ..algorithms.methods import ADAPTERS
 from ..algorithms.stats import InputStats
 from ..config import CompressConfig, check_device
 from ..format.packed import SlimLinear, set_dense_cache
@@ -26,7 +27,7 @@ from ..phases import seconds as phase_seconds
 from ..testing.faults import fault
 from .capture import Activations, capture_block_inputs, run_block
 from .dist import Ranks
-from .solver import allocate_ranks, compress_weight, error_spectrum
+from .solver import allocate_ranks, closed_form_adapters, compress_weight, error_spectrum
 from .stream import BlockRun
 from .tune import tune_block
 
@@ -154,13 +155,15 @@ def _compress_blocks(model: nn.Module, calib_ids: torch.Tensor, cfg: CompressCon
                 if ranks.active:
                     cw = ranks.broadcast(solved.pop(k, None), o)
                     per_layer[f"{prefix}.{i}.{k}"] = _install(block, linears[k], k, cw, cfg, device)
+        refit = _adapter_refit(linears, stats, cfg) if tuning and cfg.tune.weights and cfg.tune.adapter_refit else None
         del stats
         if targets is not None:
             with phase("tune"):
                 tuned = tune_block(block, hidden, targets, kwargs, device, cfg.tune, seed=cfg.calib.seed + i,
                                    ranks=ranks, lwc_init=cfg.quant.lwc_init, config=model.config,
                                    clip_sources={k: lin.weight.data for k, lin in linears.items()},
-                                   on_step=_tune_progress(bar))
+                                   on_step=_tune_progress(bar), refit=refit)
+            del refit
             for k in linears:
                 per_layer[f"{prefix}.{i}.{k}"]["block_tune"] = tuned
             if teacher is not None:
@@ -188,6 +191,23 @@ def _compress_blocks(model: nn.Module, calib_ids: torch.Tensor, cfg: CompressCon
     resumed = {"resumed_at_block": start, "compress_seconds_all_pieces": run.seconds()} if start else {}
     return {"compress_seconds": elapsed, "phase_seconds": phase_seconds(), "layers": per_layer,
             **size_report(model), **resumed}
+
+
+def _adapter_refit(linears: dict[str, nn.Module], stats: dict[str, InputStats], cfg: CompressConfig,
+                   ) -> Callable[[str, SlimLinear], tuple[torch.Tensor, torch.Tensor] | None] | None:
+    """Block tuning's closed-form candidate for each layer's adapters after weight tuning: fitted to the dense
+    weight minus the tuned, re-quantized one, on the layer's calibration statistics (kept for this)."""
+    if ADAPTERS[cfg.adapter.method].fit is None:
+        return None
+
+    def refit(name: str, layer: SlimLinear) -> tuple[torch.Tensor, torch.Tensor] | None:
+        if name not in linears or name not in stats or not layer.layout.rank:
+            return None
+        with torch.no_grad():
+            scale = layer.input_scale.float() if layer.layout.input_scale else None
+            return closed_form_adapters(linears[name].weight.data, layer.dequantized_weight(), stats[name], cfg,
+                                        layer.layout.rank, scale)
+    return refit
 
 
 def _tune_progress(bar: Any) -> Callable[[int, int, float], None]:

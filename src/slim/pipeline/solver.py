@@ -157,6 +157,29 @@ def fit_adapter(
     return fit(err, stats, gram, rank, ad, factor, product, start)
 
 
+def closed_form_adapters(
+    w: torch.Tensor, q_dense: torch.Tensor, stats: InputStats, cfg: CompressConfig, rank: int,
+    input_scale: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A, B) fitted to W - Q by the configured adapter method for weights Q that were not solved here (tuned
+    ones), quantized as they will be stored; `input_scale`: the layer's (Q is then in the scaled space)."""
+    ad = cfg.adapter
+    w = w.detach().float().to(q_dense.device)
+    stats = stats.to(w.device)
+    if input_scale is not None:
+        w = w * input_scale[None, :].to(w.device)
+        stats = stats.scaled(input_scale.to(w.device))
+    gram = stats.mean_gram
+    factor = None
+    if ADAPTERS[ad.method].needs_gram and gram is not None:
+        factor = stats.cached(("factor", ad.damping), lambda: gram_factor(gram, ad.damping))
+    a, b = fit_adapter(w - q_dense, stats, gram, rank, ad, factor)
+    if ad.quantize:
+        a = quantize_grouped(a, ad.bits, ad.group_size)[2]
+        b = quantize_grouped(b, ad.bits, ad.group_size)[2]
+    return a, b
+
+
 def quantize_grouped(t: torch.Tensor, bits: int, group: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Group AbsMax along the last dim: (codes, scales, dequantized)."""
     scale = group_absmax_scale(t, bits, group)
@@ -285,6 +308,7 @@ def compress_weight(
     matrix of a method that does not use one, only for reporting the final error in the full metric.
     """
     q, ad = cfg.quant, cfg.adapter
+    given_mask = mask
     with phase("solve.prepare"):
         prep = stats.cache.pop(("prep", name), None) or prepare_weight(w, stats, cfg, mask, name)
     w, stats, mask, fb, params, factor = prep.w, prep.stats, prep.mask, prep.fb, prep.params, prep.factor
@@ -299,9 +323,18 @@ def compress_weight(
     def rel(err: torch.Tensor) -> float:
         return energy(err) / base
 
-    def quantize(target: torch.Tensor) -> QuantResult:
+    # adapter.remask: each refit round re-chooses the mask on W - B A (not for a mask the caller fixed)
+    remask = cfg.adapter.remask and given_mask is None and cfg.sparsity.kind != "dense"
+
+    def quantize(target: torch.Tensor, again: bool = False) -> QuantResult:
         with phase("solve.quantize"):
-            return quantize_masked(target, mask, q, gram, fb, params)
+            if not (again and remask):
+                return quantize_masked(target, mask, q, gram, fb, params)
+            masker = MASKS[cfg.sparsity.method]
+            if masker.in_feedback_pass and q.error_feedback and QUANTIZERS[q.method].quantizes and fb.perm is None:
+                sp = cfg.sparsity  # SparseGPT: the mask chosen inside the error-feedback pass, as at the start
+                return quantize_masked(target, None, q, gram, fb, params, choose=(sp.kind, *sp.nm, sp.ratio))
+            return quantize_masked(target, masker.choose(target, stats, cfg.sparsity, q), q, gram, fb, params)
 
     def fit(err: torch.Tensor, product: torch.Tensor | None = None,
             start: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -358,7 +391,7 @@ def compress_weight(
                     cb, sb, b1 = quantize_grouped(b1, ad.bits, ad.group_size)
                     aq = ((ca, cb), (sa, sb))
                 target = w - b1 @ a1
-                cur = quantize(target)
+                cur = quantize(target, again=True)
                 if product is None:
                     e = rel(target - cur.dense)
                 else:  # the next fit's product serves this measurement too
@@ -374,6 +407,10 @@ def compress_weight(
             info["refit_rel_errs"] = errs
         info.update({k + "_final": v for k, v in qr.info.items()})
         info["rank"] = rank
+    if qr.mask is not None:  # the kept state's mask (re-chosen in the refit with adapter.remask)
+        mask = qr.mask
+    if remask:
+        info["remask_changed"] = float((mask != prep.mask).float().mean())
     cw = CompressedWeight(
         mask, qr.codes, qr.dense if qr.codes is None else None, qr.scale, q.bits if qr.codes is not None else 0,
         qr.group_size, zero=qr.zero, lora_A=a, lora_B=b, adapter_group=ad.group_size, input_scale=input_scale,
