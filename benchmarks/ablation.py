@@ -156,7 +156,8 @@ def main() -> int:
         keep_paper_time(Path(args.out) / "results.json")
     res = run_grid(grid_rows, rows, Path(args.out), base, args.model, args.data_dir, args.limit, table,
                    [Path(r) for r in args.reuse], [r for r in args.redo.split(",") if r],
-                   parse_checkpoints(args.from_checkpoint, grid_rows), device=args.device)
+                   parse_checkpoints(args.from_checkpoint, grid_rows), device=args.device,
+                   c4_heldout=args.c4_heldout)
     print(table(res))
     return 0
 

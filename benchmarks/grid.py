@@ -22,7 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from slim.config import CompressConfig, merge
-from slim.data import calibration_ids, read_texts, wikitext2_ids
+from slim.data import calibration_ids, heldout_ids, read_texts, wikitext2_ids
 from slim.eval.perplexity import perplexity
 from slim.format.checkpoint import read_slim_config, versions, write_json
 from slim.models import load_model, resolve_model
@@ -95,6 +95,9 @@ def add_common_args(ap: argparse.ArgumentParser, with_eval: bool = True) -> None
                              "take hours) instead of compressing it here (repeatable)")
         ap.add_argument("--device", default="cpu", help="where rows are compressed and scored: cpu (default) or "
                         "cuda (recorded in results.json's machine; a row's recipe is the same on either)")
+        ap.add_argument("--c4-heldout", type=positive_int, default=None, metavar="N",
+                        help="also score each measured row on N windows of 2048 tokens of the C4 sample that no "
+                             "calibration window touches (held-out text of the calibration's distribution)")
     ap.add_argument("--data-dir", default=None, help="data directory (default: $SLIM_DATA_DIR, else ../shared/data)")
     ap.add_argument("--calib-samples", type=positive_int, default=None,
                     help="calibration windows instead of the recipes' 128, for quick checks (recorded in the results)")
@@ -206,7 +209,7 @@ def run_grid(
     rows: dict[str, tuple[str, dict[str, Any] | None]], names: list[str], out: Path, base: CompressConfig,
     model_name: str | None, data_dir: str | None, limit: int | None, render: Callable[[dict], str],
     reuse: list[Path] | None = None, redo: list[str] | None = None, checkpoints: dict[str, Path] | None = None,
-    device: str = "cpu",
+    device: str = "cpu", c4_heldout: int | None = None,
 ) -> dict:
     """Compress and evaluate each named row (config None = the dense model); returns the results dict.
 
@@ -214,6 +217,7 @@ def run_grid(
     --reuse file (see find_reusable) is copied with a note of where it came from. Rows in `redo` are measured
     again whatever OUT/results.json holds. Rows in `checkpoints` are scored from that checkpoint (see
     checkpoint_row) instead of being compressed here. `device` is where rows are compressed and scored.
+    `c4_heldout`: also each row's perplexity on that many held-out windows of the calibration text (`c4_ppl`).
     """
     out.mkdir(parents=True, exist_ok=True)
     rfile = out / "results.json"
@@ -230,6 +234,10 @@ def run_grid(
         return res
     model, tok, calib, prov = load_calibration(model_name, base, data_dir)
     ids, eval_prov = wikitext2_ids(tok, data_dir)
+    held = None
+    if c4_heldout:
+        c = base.calib
+        held = heldout_ids(tok, read_texts(c.data, data_dir)[0], c.n_samples, c.seqlen, c.seed, c4_heldout)
     res.update({"model": model_name or DEFAULT_MODEL_NAME, "machine": machine(),
                 "calib": calib_label(base),
                 "calib_data": prov, "eval_data": eval_prov, "command": "python " + " ".join(sys.argv)})
@@ -258,6 +266,9 @@ def run_grid(
                         "mean_rel_err_final": mean_err(rep["layers"]), "layers": rep["layers"]})
         ev = perplexity(model.to(device), ids, 2048, limit, device)
         row.update({"ppl": ev["ppl"], "eval_seconds": ev["seconds"]})
+        if held is not None:
+            ev_c4 = perplexity(model.to(device), held.reshape(-1), 2048, None, device)
+            row.update({"c4_ppl": ev_c4["ppl"], "c4_windows": ev_c4["windows"]})
         res["eval"] = {"windows": ev["windows"], "seqlen": ev["seqlen"]}
         save_row(out, res, name, row, render)
         print(f"[{name}] ppl {row['ppl']:.3f}  compress {row.get('compress_seconds', 0):.0f}s", flush=True)

@@ -138,18 +138,39 @@ def _hub_texts(name: str, max_chars: int) -> tuple[list[str], int]:
     return texts, docs
 
 
-def calibration_ids(tokenizer, texts: list[str], n_samples: int, seqlen: int, seed: int) -> torch.Tensor:
-    """n random windows of `seqlen` tokens from the documents joined by blank lines (one seed).
-
-    Joining makes windows longer than most C4 documents possible without repeating the few long ones.
-    """
+def _calibration_windows(tokenizer, texts: list[str], n_samples: int, seqlen: int,
+                         seed: int) -> tuple[torch.Tensor, list[int]]:
+    """The joined token stream and the start of each calibration window in it."""
     ids = tokenizer("\n\n".join(texts), return_tensors="pt", add_special_tokens=False).input_ids[0]
     if ids.numel() <= seqlen:
         raise DataError(f"calibration text has {ids.numel()} tokens, too few for one window of seqlen={seqlen}; give "
                         "more text (--calib-data) or shorter windows (--calib-seqlen)")
     g = torch.Generator().manual_seed(seed)
-    starts = torch.randint(0, ids.numel() - seqlen, (n_samples,), generator=g)
-    return torch.stack([ids[s : s + seqlen] for s in starts.tolist()])
+    return ids, torch.randint(0, ids.numel() - seqlen, (n_samples,), generator=g).tolist()
+
+
+def calibration_ids(tokenizer, texts: list[str], n_samples: int, seqlen: int, seed: int) -> torch.Tensor:
+    """n random windows of `seqlen` tokens from the documents joined by blank lines (one seed).
+
+    Joining makes windows longer than most C4 documents possible without repeating the few long ones.
+    """
+    ids, starts = _calibration_windows(tokenizer, texts, n_samples, seqlen, seed)
+    return torch.stack([ids[s : s + seqlen] for s in starts])
+
+
+def heldout_ids(tokenizer, texts: list[str], n_samples: int, seqlen: int, seed: int, windows: int,
+                length: int = 2048) -> torch.Tensor:
+    """Up to `windows` windows of `length` tokens of the same calibration text that no calibration window (of
+    `calibration_ids` with these arguments) touches, first ones first: held-out text of the calibration's own
+    distribution, to tell fitting the calibration text from fitting the language (the tokens are one stream)."""
+    ids, starts = _calibration_windows(tokenizer, texts, n_samples, seqlen, seed)
+    used = torch.zeros(ids.numel(), dtype=torch.bool)
+    for s in starts:
+        used[s : s + seqlen] = True
+    free = [a for a in range(0, ids.numel() - length + 1, length) if not bool(used[a : a + length].any())]
+    if not free:
+        raise DataError(f"the calibration text has no {length}-token window that calibration does not touch")
+    return torch.stack([ids[a : a + length] for a in free[:windows]])
 
 
 def wikitext2_rows(data_root: str | os.PathLike | None = None) -> tuple[list[str], dict]:
