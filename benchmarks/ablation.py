@@ -104,17 +104,18 @@ ROWS.update({
 def table(res: dict) -> str:
     dense = res["rows"].get("dense", {}).get("ppl")
     paper = res["rows"].get("paper", {})
-    lines = ["| row | recipe | WikiText-2 ppl | gap to dense | gap vs paper | compress s | time vs paper "
-             "| bits/weight | code |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| row | recipe | WikiText-2 ppl | gap to dense | gap vs paper | C4 held-out ppl | compress s "
+             "| time vs paper | bits/weight | code |", "|---|---|---|---|---|---|---|---|---|---|"]
     for name, r in res["rows"].items():
         gap = r["ppl"] - dense if dense else None
         pgap = paper.get("ppl", 0) - dense if dense and paper else None
         rel_gap = f"{gap / pgap:.2f}x" if gap is not None and pgap and name != "dense" else ""
         ref = paper.get("compress_seconds") if r.get("command") == paper.get("command") else r.get("paper_seconds")
         tvs = f"{r['compress_seconds'] / ref:.2f}x" if r.get("compress_seconds") and ref else ""
+        c4 = f"{r['c4_ppl']:.2f} ({r['c4_windows']} w)" if r.get("c4_ppl") else ""
         lines.append(
             f"| {name} | {r['description']} | {r['ppl']:.2f} | {'' if gap is None else f'{gap:.2f}'} | {rel_gap} | "
-            f"{r.get('compress_seconds', 0):.0f} | {tvs} | {r.get('bits_per_weight') or 16:.3f} | "
+            f"{c4} | {r.get('compress_seconds', 0):.0f} | {tvs} | {r.get('bits_per_weight') or 16:.3f} | "
             f"{(r.get('commit') or '')[:7]} |"
         )
     head = (f"# Ablation on {res['model']}\n\nWikiText-2 test, {res['eval']['windows']} windows x "
@@ -123,7 +124,9 @@ def table(res: dict) -> str:
             "Rows are measured one at a time, some in earlier sessions with earlier code (`code`: the commit, blank "
             "before commits were recorded); compression times vary by up to ±20 % between sessions on this shared "
             "CPU, so compare times only between rows of one command (docs/results/timing has side-by-side runs); "
-            "'time vs paper' divides by the paper row of the run that measured the row (`paper_seconds`).\n\n")
+            "'time vs paper' divides by the paper row of the run that measured the row (`paper_seconds`). "
+            "'C4 held-out' (rows run with `--c4-heldout N`): perplexity on N windows of 2048 tokens of the C4 "
+            "sample that no calibration window touches.\n\n")
     return head + "\n".join(lines) + "\n"
 
 

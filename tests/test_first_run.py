@@ -7,6 +7,7 @@ import sys
 import types
 
 import pytest
+import torch
 
 from slim import phases
 from slim.data import HUB_CHARS_PER_TOKEN, calibration_ids, read_texts
@@ -68,6 +69,26 @@ def test_shipped_sample_calibration_windows_unchanged(smollm2_tokenizer_dir, sha
     for (n, seqlen), want in SHIPPED_WINDOWS.items():
         ids = calibration_ids(tok, texts, n, seqlen, 0)
         assert hashlib.sha256(ids.numpy().tobytes()).hexdigest() == want, (n, seqlen)
+
+
+def test_heldout_windows_never_touch_calibration(smollm2_tokenizer_dir, shared_data):
+    """The C4 held-out windows (`--c4-heldout`) share no token position with the calibration windows."""
+    from transformers import AutoTokenizer
+
+    from slim.data import heldout_ids
+
+    tok = AutoTokenizer.from_pretrained(smollm2_tokenizer_dir)
+    texts, _ = read_texts("c4", shared_data)
+    ids = tok("\n\n".join(texts), return_tensors="pt", add_special_tokens=False).input_ids[0]
+    g = torch.Generator().manual_seed(0)
+    starts = torch.randint(0, ids.numel() - 512, (128,), generator=g).tolist()
+    held = heldout_ids(tok, texts, 128, 512, 0, 32)
+    assert held.shape == (32, 2048)
+    for w in held:
+        hits = [a for a in range(0, ids.numel() - 2047, 2048) if torch.equal(ids[a : a + 2048], w)]
+        assert len(hits) == 1
+        a = hits[0]
+        assert all(s + 512 <= a or s >= a + 2048 for s in starts)
 
 
 def test_kernel_build_is_announced_and_timed_as_its_own_phase(monkeypatch, tmp_path, caplog):

@@ -163,3 +163,31 @@ def test_remask_rechooses_the_mask_and_never_ends_worse(mask):
     assert not torch.equal(m, plain.mask)
     assert again.info["rel_err_final"] <= again.info["refit_rel_errs"][0] + 1e-12
     assert again.info["rel_err_final"] < plain.info["rel_err_compressed"]
+
+
+def test_attention_then_mlp_units_each_train_and_lower_the_error(monkeypatch):
+    """tune.units attn-mlp: the attention half trains against the dense state after attention (its own held-out
+    loss falls), then the MLP half against the block output; each half's layers change only in their own unit."""
+    import slim.pipeline.tune as tune
+
+    real, moved = tune._train, []
+
+    def watched(fwd, params, *a, **kw):
+        names = {id(p): n for n, p in fwd.named_parameters()}
+        before = [p.detach().clone() for p in params]
+        info = real(fwd, params, *a, **kw)
+        moved.append((type(fwd).__name__, {names.get(id(p), "?") for p in params},
+                      any(not torch.equal(p, b) for p, b in zip(params, before, strict=True))))
+        return info
+
+    monkeypatch.setattr(tune, "_train", watched)
+    _, rep = _compress({**TUNE, "weights": True, "units": "attn-mlp"}, layers=1)
+    info = next(iter(rep["layers"].values()))["block_tune"]
+    assert info["attn"]["holdout_after"] < info["attn"]["holdout_before"]
+    assert info["holdout_after"] < info["holdout_before"]
+    assert info["steps"] == info["attn"]["steps"] + TUNE["steps"] or info.get("stopped_early")
+    (k1, first, m1), (k2, second, m2) = moved
+    assert k1 == "UpTo" and k2 != "UpTo" and m1 and m2
+    assert all("self_attn" in n for n in first) and not any("self_attn" in n for n in second)
+    with pytest.raises(ConfigError, match="tune.units"):
+        CompressConfig.from_dict({"tune": {"units": "layer"}})

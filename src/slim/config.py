@@ -217,6 +217,7 @@ class CalibConfig:
 TUNE_TEACHERS = ("dense", "compressed")
 TUNE_SCHEDULES = ("cosine", "constant")
 TUNE_AUTOCAST = ("none", "bf16", "bf16-base")
+TUNE_UNITS = ("block", "attn-mlp")
 FINETUNE_AUTOCAST = ("none", "bf16-base", "bf16")
 
 
@@ -262,6 +263,10 @@ class TuneConfig:
     # residual; the held-out loss decides between them and the tuned adapters (off: the tuned ones won 19 of 20
     # SmolLM2 blocks in the probes, and the candidate costs two held-out passes a block)
     adapter_refit: bool = False
+    # "block": one unit, the block's output; "attn-mlp": the attention half first, against the dense block's state
+    # after attention (its residual sum), then the MLP half against the block's output, each for tune.steps
+    # (arXiv 2510.14444: about Pareto-optimal between per-layer and per-block reconstruction)
+    units: str = "block"
     let_lr: float = 5e-3  # AffineQuant's let_lr (absolute; the clipping logits keep tune.lr)
     let_alpha: float = 0.5  # the scales' start: SmoothQuant's max|x|^alpha / max|W|^(1 - alpha)
     let_sf: float = 1.0  # AffineQuant's stability factor: weight of the opened off-diagonals
@@ -294,6 +299,10 @@ class TuneConfig:
         if self.weights and self.clipping:
             raise ConfigError("tune.weights and tune.clipping both re-quantize the weights (shadow weights through "
                               "fixed scales, or OmniQuant's trained clipping): choose one")
+        if self.units not in TUNE_UNITS:
+            raise ConfigError(f"tune.units: unknown {self.units!r}; choose from {TUNE_UNITS}")
+        if self.units != "block" and self.let:
+            raise ConfigError("tune.let trains one transformation across the whole block: use tune.units block")
         if self.weights_lr <= 0:
             raise ConfigError(f"tune.weights_lr must be > 0, got {self.weights_lr}")
         if self.let_lr <= 0 or not (0.0 <= self.let_alpha <= 1.0) or self.let_sf <= 0:

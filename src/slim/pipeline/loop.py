@@ -29,7 +29,7 @@ from .capture import Activations, capture_block_inputs, run_block
 from .dist import Ranks
 from .solver import allocate_ranks, closed_form_adapters, compress_weight, error_spectrum
 from .stream import BlockRun
-from .tune import tune_block
+from .tune import UpTo, halves, tune_block
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +66,9 @@ def compress_model(
         "; CPU default seqlen is 512 (the paper uses 2048)" if device == "cpu" else "",
     )
     act_bytes = calib_ids.numel() * model.config.hidden_size * model.get_input_embeddings().weight.element_size()
-    copies = 4 if cfg.tune.enabled else 2  # a block's inputs and outputs (+ the teacher's inputs and targets)
+    copies = 2  # a block's inputs and outputs (+ the teacher's inputs and targets, + the states after attention)
+    if cfg.tune.enabled:
+        copies += 3 if cfg.tune.units == "attn-mlp" else 2
     spill = None
     if max_memory is not None and copies * act_bytes > max_memory / 4:
         spill = Path(tempfile.mkdtemp(prefix="slim-act-")) if run is None else run.dir / "activations"
@@ -109,12 +111,15 @@ def _compress_blocks(model: nn.Module, calib_ids: torch.Tensor, cfg: CompressCon
         # block tuning's targets: the dense block's outputs, before its linears are replaced; on the compressed
         # stream (block 0, or tune.teacher compressed) they are the statistics pass's own outputs
         own_stream = teacher is None or cfg.tune.teacher == "compressed"
-        targets = None
+        targets = mids = None
         with phase("calibrate"):
             if tuning:
                 targets = (Activations(spill, f"t{i:05d}") if own_stream
                            else run_block(block, teacher, kwargs, device, spill=spill, tag=f"t{i:05d}",
                                           autocast=fast))
+            if tuning and cfg.tune.units == "attn-mlp":  # the dense block's states after attention
+                mids = run_block(UpTo(block, halves(block)[0]), hidden if own_stream else teacher, kwargs, device,
+                                 spill=spill, tag=f"m{i:05d}", autocast=fast)
             stats, groups = _collect_stats(block, linears, hidden, kwargs, device, with_gram, jsq_clip=jsq_clip,
                                            with_abs=cfg.needs_abs, outputs=targets if own_stream else None,
                                            autocast=fast)
@@ -162,8 +167,10 @@ def _compress_blocks(model: nn.Module, calib_ids: torch.Tensor, cfg: CompressCon
                 tuned = tune_block(block, hidden, targets, kwargs, device, cfg.tune, seed=cfg.calib.seed + i,
                                    ranks=ranks, lwc_init=cfg.quant.lwc_init, config=model.config,
                                    clip_sources={k: lin.weight.data for k, lin in linears.items()},
-                                   on_step=_tune_progress(bar), refit=refit)
+                                   on_step=_tune_progress(bar), refit=refit, mid_targets=mids)
             del refit
+            if mids is not None:
+                mids.drop()
             for k in linears:
                 per_layer[f"{prefix}.{i}.{k}"]["block_tune"] = tuned
             if teacher is not None:

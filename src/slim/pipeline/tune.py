@@ -78,6 +78,44 @@ class _RoundThrough(torch.autograd.Function):
         return g * ok, None, None, None, None
 
 
+class _Stop(Exception):
+    """Raised by `UpTo`'s hook: the rest of the block is not needed."""
+
+
+class UpTo(nn.Module):
+    """A block run only up to the input of one of its modules, which it returns: with a LLaMA block's
+    post-attention norm, the state after attention (the residual sum), the first unit of tune.units attn-mlp."""
+
+    def __init__(self, block: nn.Module, name: str) -> None:
+        super().__init__()
+        self.block = block
+        self._at = [block.get_submodule(name)]  # a list: not registered twice
+        self.name = name
+
+    def forward(self, h: torch.Tensor, **kw: Any) -> torch.Tensor:
+        seen: list[torch.Tensor] = []
+
+        def stop(_mod: nn.Module, args: tuple[Any, ...]) -> None:
+            seen.append(args[0])
+            raise _Stop
+
+        handle = self._at[0].register_forward_pre_hook(stop)
+        try:
+            self.block(h, **kw)
+        except _Stop:
+            return seen[0]
+        finally:
+            handle.remove()
+        raise RuntimeError(f"the block never called {self.name}: it cannot be split there")
+
+
+def halves(block: nn.Module) -> tuple[str, set[str]]:
+    """(the module whose input is the state after attention, the attention linears' names) of a LLaMA-like or
+    OPT block (ValueError for others): tune.units attn-mlp's split."""
+    m = let_map(block)
+    return m.norms[1][0], {m.q, m.k, m.v, m.o}
+
+
 class TrainableLinear(nn.Module):
     """A SlimLinear opened for training: its dense base weight frozen, adapters (and scale gains) as parameters.
 
@@ -370,6 +408,7 @@ def tune_block(
     clip_sources: dict[str, torch.Tensor] | None = None, lwc_init: float = 4.0, config: Any = None,
     on_step: Callable[[int, int, float], None] | None = None,
     refit: Callable[[str, SlimLinear], tuple[torch.Tensor, torch.Tensor] | None] | None = None,
+    mid_targets: Sequence[torch.Tensor] | None = None,
 ) -> dict[str, Any]:
     """Train the adapters (and scale gains) of the block's SlimLinears to map `inputs` to `targets`, one
     calibration batch (or `cfg.batch_size` windows of one) per step; the block is modified in place. Returns what
@@ -380,6 +419,8 @@ def tune_block(
     With `cfg.weights`, the kept weights train too (shadow weights through the quantizer, mask fixed) and are
     re-quantized at the end; then `refit(name, layer)` (the closed-form adapters for a layer's final weights, or
     None) gives a second candidate for the adapters, kept where the held-out loss prefers it.
+    With `cfg.units` "attn-mlp", the attention layers train first against `mid_targets` (the dense block's
+    states after attention, `UpTo`), then the others against `targets`.
 
     Under torchrun (`ranks`), each rank holds its share of the batches: every step runs on the rank that holds
     its batch and the gradients reach the others by an all-reduce (a sum with zeros: exact), so every rank takes
@@ -427,8 +468,23 @@ def tune_block(
     info: dict[str, Any] = {"steps": 0}
     try:
         with torch.enable_grad():
-            info = _train(block, params, inputs, targets, kwargs, device, cfg, train_ids, hold_ids, seed, where,
-                          lrs, prepare, on_step)
+            if cfg.units == "block":
+                info = _train(block, params, inputs, targets, kwargs, device, cfg, train_ids, hold_ids, seed, where,
+                              lrs, prepare, on_step)
+            else:
+                if mid_targets is None:
+                    raise ValueError("tune.units attn-mlp needs the dense block's states after attention")
+                mid, attn = halves(block)
+                first = {id(p) for n, t in opened.items() if n in attn for p in trainable({n: t}).values()}
+                units = ((UpTo(block, mid), [p for p in params if id(p) in first], mid_targets),
+                         (block, [p for p in params if id(p) not in first], targets))
+                parts = []
+                for k, (fwd, ps, tg) in enumerate(units):
+                    for p in params:  # the other unit's parameters frozen: no gradients computed for them
+                        p.requires_grad_(any(p is q for q in ps))
+                    parts.append(_train(fwd, ps, inputs, tg, kwargs, device, cfg, train_ids, hold_ids, seed + k,
+                                        where, lrs, prepare, on_step))
+                info = {**parts[1], "attn": parts[0], "steps": parts[0]["steps"] + parts[1]["steps"]}
         if let is not None:
             let.settle()
     finally:
