@@ -492,8 +492,9 @@ def _load_presets() -> dict[str, dict[str, Any]]:
 # preset) are slim's own recipe: full-covariance adapters, OPTQ error feedback, alternating refit.
 PRESETS: dict[str, dict[str, Any]] = _load_presets()
 
-# --block-tune: the best block-tuning recipe measured (docs/accuracy-recovery.md; README's "default + block
-# tuning" row): small tuning steps, held-out checks far apart, bfloat16 where it pays on CPUs with AMX
+# --block-tune: the best adapter-only block-tuning recipe measured (docs/accuracy-recovery.md; README's "default +
+# block tuning" row): small tuning steps, held-out checks far apart, bfloat16 where it pays on CPUs with AMX.
+# --preset tuned (presets/tuned.yaml) adds tune.weights and adapter.remask to it
 BLOCK_TUNE: dict[str, Any] = {
     "tune": {"steps": 128, "batch_size": 1, "eval_every": 64, "autocast": "bf16-base"},
     "calib": {"autocast": "bf16"},

@@ -91,12 +91,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--data-dir", help="data folder (default: $SLIM_DATA_DIR or ../shared/data)")
     g = c.add_argument_group("recipe", "defaults < --preset < --block-tune < --config < flags < --set")
     g.add_argument("--preset", choices=sorted(PRESETS), metavar="NAME",
-                   help="a named recipe (src/slim/presets/NAME.yaml): paper (the SLiM paper's) or a method it "
-                        "compares against (docs/baselines.md): "
-                        + ", ".join(p for p in sorted(PRESETS) if p != "paper"))
+                   help="a named recipe (src/slim/presets/NAME.yaml): paper (the SLiM paper's), tuned (slim's "
+                        "most accurate one-shot recipe: the mask re-chosen in the refit, then block tuning of the "
+                        "kept weights and adapters; docs/accuracy-recovery.md) or a method the paper compares "
+                        "against (docs/baselines.md): "
+                        + ", ".join(p for p in sorted(PRESETS) if p not in ("paper", "tuned")))
     g.add_argument("--block-tune", action="store_true",
-                   help="tune each block's adapters by gradient steps after its closed form, with the best recipe "
-                        "measured: " + _set_form(BLOCK_TUNE))
+                   help="tune each block's adapters by gradient steps after its closed form (--preset tuned also "
+                        "re-chooses the mask and tunes the kept weights: more accurate): " + _set_form(BLOCK_TUNE))
     g.add_argument("--config", metavar="FILE",
                    help="YAML file with sections sparsity/quant/adapter/calib/tune and top-level keys (unknown keys "
                         "rejected)")
