@@ -163,6 +163,9 @@ def test_remask_rechooses_the_mask_and_never_ends_worse(mask):
     assert not torch.equal(m, plain.mask)
     assert again.info["rel_err_final"] <= again.info["refit_rel_errs"][0] + 1e-12
     assert again.info["rel_err_final"] < plain.info["rel_err_compressed"]
+    fixed = compress_weight(w, st, CompressConfig.from_dict({**base, "adapter": {"rank": 8, "remask": True}}),
+                            mask=plain.mask)  # a given mask (--mask-file) is kept, and the report says so
+    assert torch.equal(fixed.mask, plain.mask) and fixed.info["remask"].startswith("skipped")
 
 
 def test_attention_then_mlp_units_each_train_and_lower_the_error(monkeypatch):

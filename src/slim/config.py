@@ -256,8 +256,8 @@ class TuneConfig:
     # through the layer's quantizer with straight-through rounding, the mask fixed; the codes are re-quantized from
     # them at the end (same checkpoint format)
     weights: bool = False
-    # Adam's rate for the shadow weights, in units of each layer's mean quantization step (0.1 and up diverge on
-    # SmolLM2; 0.01-0.015 move too few codes: docs/results/ablation/weight-tune)
+    # Adam's rate for the shadow weights, in units of each layer's mean quantization step (on SmolLM2 0.1 fits the
+    # calibration text and 0.3 diverges; 0.01-0.015 move too few codes: docs/results/ablation/weight-tune)
     weights_lr: float = 3e-2
     # with tune.weights: after training, also try the adapters re-fitted in closed form to the final weights'
     # residual; the held-out loss decides between them and the tuned adapters (off: the tuned ones won 19 of 20

@@ -325,6 +325,8 @@ def compress_weight(
 
     # adapter.remask: each refit round re-chooses the mask on W - B A (not for a mask the caller fixed)
     remask = cfg.adapter.remask and given_mask is None and cfg.sparsity.kind != "dense"
+    if cfg.adapter.remask and given_mask is not None:
+        info["remask"] = "skipped: the mask was given (--mask-file)"
 
     def quantize(target: torch.Tensor, again: bool = False) -> QuantResult:
         with phase("solve.quantize"):
