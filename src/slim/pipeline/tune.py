@@ -156,7 +156,7 @@ class TrainableLinear(nn.Module):
             self.shadow = nn.Parameter(self.base.clone())
             if L.bits:
                 s = mod.scale.float()
-                self.register_buffer("qscale", s if L.group_size == 0 else expand_groups(s, L.d_in, L.group_size))
+                self.register_buffer("qscale", self._per_weight(s))
                 self.register_buffer("qzero", self._zero(mod) if L.zero_point else None)
         ad = mod.adapters()
         self.A = None if ad is None else nn.Parameter(ad[0].clone())
@@ -173,28 +173,26 @@ class TrainableLinear(nn.Module):
         fixed = self.up is None and self.gain is None and self.shadow is None
         self.register_buffer("base_low", self.base.to(base_dtype) if base_dtype is not None and fixed else None)
 
-    @staticmethod
-    def _zero(mod: SlimLinear) -> torch.Tensor:
+    def _per_weight(self, t: torch.Tensor) -> torch.Tensor:
+        """A per-tensor or per-group quantizer value (scale, gain, zero point) as it applies to each weight."""
+        L = self.layout
+        return t if L.group_size == 0 else expand_groups(t, L.d_in, L.group_size)
+
+    def _zero(self, mod: SlimLinear) -> torch.Tensor:
         """The layer's zero points, one per weight (d_out x d_in), as floats."""
         L = mod.layout
-        z = unpack_codes(mod.zero, L.bits, n_groups(L.d_in, L.group_size)).float()
-        return expand_groups(z, L.d_in, L.group_size)
+        return self._per_weight(unpack_codes(mod.zero, L.bits, n_groups(L.d_in, L.group_size)).float())
 
     def step_size(self) -> float:
         """The unit of tune.weights_lr: the layer's mean quantization step, or for fp16 values (no quantizer) the
         kept weights' RMS."""
-        if self.shadow is None:
-            return 1.0
         if not self.layout.bits:
             return max(float(self.shadow.detach()[self.keep].pow(2).mean().sqrt()), 1e-12)
         return float(self.qscale.mean())
 
     def _scale(self) -> torch.Tensor:
         """The quantizer's step per weight as the forward uses it (with tune.scales, times the trained gains)."""
-        L = self.layout
-        if self.gain is None:
-            return self.qscale
-        return self.qscale * (self.gain if L.group_size == 0 else expand_groups(self.gain, L.d_in, L.group_size))
+        return self.qscale if self.gain is None else self.qscale * self._per_weight(self.gain)
 
     def _shadow_weight(self) -> torch.Tensor:
         L = self.layout
@@ -225,8 +223,7 @@ class TrainableLinear(nn.Module):
             return lwc_fake_quant(src, L.bits, L.group_size, self.up, self.low, mm) * self.keep
         if self.gain is None:
             return self.base
-        g = self.gain if L.group_size == 0 else expand_groups(self.gain, L.d_in, L.group_size)
-        return self.base * g
+        return self.base * self._per_weight(self.gain)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         L = self.layout
@@ -271,9 +268,7 @@ class TrainableLinear(nn.Module):
         if self.shadow is not None:  # the codes re-quantized from the shadow weights, with the scales as stored
             pos = mod.kept_positions()
             if L.bits:
-                s = mod.scale.float()
-                s = s if L.group_size == 0 else expand_groups(s, L.d_in, L.group_size)
-                codes = quantize_codes(self.shadow.detach(), s, L.bits, self.qzero)
+                codes = quantize_codes(self.shadow.detach(), self._per_weight(mod.scale.float()), L.bits, self.qzero)
                 mod.values.copy_(pack_codes(codes.gather(1, pos), L.bits))
             else:
                 mod.values.copy_(self.shadow.detach().gather(1, pos).to(torch.float16))
@@ -611,8 +606,8 @@ def _train(block: nn.Module, params: list[nn.Parameter], inputs: Sequence[torch.
     groups: dict[float, list[nn.Parameter]] = {}
     for p in params:
         groups.setdefault(lr(p), []).append(p)
-    # fused: one kernel for every tensor of a group (6x faster than the per-tensor loop on a CPU; with shadow
-    # weights the update is a tenth of a step)
+    # fused: one kernel for every tensor of a group instead of a loop over tensors (with shadow weights, Adam's
+    # update is no longer a small share of a step)
     fused = all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
     opt = torch.optim.Adam([{"params": ps, "lr": r} for r, ps in groups.items()], fused=fused or None)
     if cfg.schedule == "cosine":
